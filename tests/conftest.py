@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny random timm models keep the suite fast on 2 CPU cores."""
+
+import os
+
+import pytest
+import timm
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+
+
+def tiny_vit(num_classes: int = 5, **kw) -> torch.nn.Module:
+    """A 2-block ViT on 32 px images (fused qkv, like every timm ViT)."""
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes,
+                             **{**TINY_VIT, **kw})
+
+
+@pytest.fixture
+def vit():
+    return tiny_vit()
+
+
+@pytest.fixture
+def images():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(4, 3, 32, 32, generator=g)
