@@ -12,7 +12,8 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -50,7 +51,8 @@ def read_json(path: str | os.PathLike) -> Any:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise TrimtuneError(f"{path} is not valid JSON ({e}); the file is damaged: re-create it") from e
+        raise TrimtuneError(
+            f"{path} is not valid JSON ({e}); the file is damaged: re-create it") from e
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
@@ -67,7 +69,8 @@ def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, 
     try:
         return load_file(str(path), device=device)
     except Exception as e:  # safetensors raises several error types for damaged files
-        raise TrimtuneError(f"{path} is damaged or not a safetensors file ({e}); re-create it") from e
+        raise TrimtuneError(
+            f"{path} is damaged or not a safetensors file ({e}); re-create it") from e
 
 
 def torch_save_atomic(obj: Any, path: str | os.PathLike) -> None:

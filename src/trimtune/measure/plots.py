@@ -1,0 +1,92 @@
+"""Plots people would rather look at than read: curves, confusion matrices, bar charts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ..checkpoint import atomic_path  # noqa: E402
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def read_jsonl(path) -> list[dict]:
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a crash: skip it
+                continue
+    return rows
+
+
+def plot_curves(metrics_jsonl, path, title: str = "") -> Path | None:
+    """Training loss (per logged step) and any eval accuracy (per epoch) from metrics.jsonl."""
+    rows = read_jsonl(metrics_jsonl)
+    steps = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
+    evals = [(r.get("epoch", i), {k: v for k, v in r.items() if "acc" in k})
+             for i, r in enumerate(rows) if any("acc" in k for k in r)]
+    if not steps:
+        return None
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 5, 3.5))
+    axes = np.atleast_1d(axes)
+    axes[0].plot(*zip(*steps), lw=1)
+    axes[0].set(xlabel="optimizer step", ylabel="training loss", title=title or "loss")
+    axes[0].set_yscale("log")
+    if evals:
+        keys = sorted({k for _, d in evals for k in d})
+        for k in keys:
+            pts = [(e, d[k]) for e, d in evals if k in d]
+            axes[1].plot(*zip(*pts), marker="o", label=k)
+        axes[1].set(xlabel="epoch", ylabel="accuracy", title="evaluation")
+        axes[1].legend()
+    return _save(fig, path)
+
+
+def plot_confusion(confusion: np.ndarray, classes, path, title: str = "") -> Path:
+    cm = np.asarray(confusion, dtype=float)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    n = len(cm)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * n, 0.8 + 0.5 * n))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    labels = list(classes) if classes else [str(i) for i in range(n)]
+    ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), labels, fontsize=8)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    ax.set(xlabel="predicted", ylabel="true", title=title or "confusion (row-normalised)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    return _save(fig, path)
+
+
+def plot_bars(groups: dict[str, dict[str, float]], path, ylabel: str, title: str = "") -> Path:
+    """Grouped bar chart: ``groups[series][category] = value``."""
+    series = list(groups)
+    cats = list(dict.fromkeys(c for s in series for c in groups[s]))
+    x = np.arange(len(cats))
+    w = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(cats)), 3.8))
+    for i, s in enumerate(series):
+        vals = [groups[s].get(c, np.nan) for c in cats]
+        ax.bar(x + (i - (len(series) - 1) / 2) * w, vals, w, label=s)
+    ax.set_xticks(x, cats, rotation=20, ha="right")
+    ax.set(ylabel=ylabel, title=title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
