@@ -1,0 +1,399 @@
+"""SNELLA bi-level sparsity allocation: the cross-layer budget competition.
+
+SNELLA (arXiv 2510.24037) lets the adapted layers compete for one global budget ``V(t)`` of
+non-zero update entries. The budget shrinks on AdaLoRA's cubic schedule from
+``V0 = sum_l (1 - s_init) m_l n_l`` to ``VT = sum_l (1 - s_target) m_l n_l``; every
+``interval`` steps (or epochs) it is split across layers in proportion to an AdaLoRA-style
+importance score (sensitivity x uncertainty of the factor parameters ``A``, ``B``). Each layer
+then turns its share into a sparsity ``s_l`` that its own magnitude competition (inside the
+layer, see :mod:`trimtune.tuners.snell`) enforces at every forward.
+
+The allocator is a training callback (see :func:`trimtune.train.fit`) and knows nothing of the
+layer internals beyond this contract: a *unit* is any sub-module with attributes ``snell_A``,
+``snell_B`` (parameters), ``sparsity`` (a settable float) and ``numel_update`` (``m * n``, the
+number of entries of its dense update). A fused ``qkv`` linear contributes three units.
+
+Under DDP/Accelerate ``after_optimizer_step`` runs after the gradients were all-reduced, so all
+ranks compute identical scores and sparsities without any extra communication.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import atomic_path
+from ..errors import TrimtuneError
+
+__all__ = ["cubic_budget", "allocate_budget", "find_units", "SnellaAllocator"]
+
+
+def _absolute(t: float, T: float) -> float:
+    """A schedule length given as a fraction of ``T`` (``0 < t < 1``) or as an absolute count."""
+    return t * T if 0 < t < 1 else float(t)
+
+
+def cubic_budget(t: float, T: float, V0: float, VT: float, t_init: float = 0,
+                 t_final: float = 0) -> float:
+    """AdaLoRA's cubic budget schedule.
+
+    ``V(t) = V0`` for ``t <= t_init``; ``VT`` for ``t > T - t_final``; otherwise
+    ``VT + (V0 - VT) * (1 - (t - t_init) / (T - t_final - t_init)) ** 3``.
+
+    Args:
+        t: current time (steps or epochs done).
+        T: total time, in the same unit.
+        V0: initial budget (number of non-zero update entries over all layers).
+        VT: final budget.
+        t_init: warm-up length, as a fraction of ``T`` (``0 < t_init < 1``) or a count.
+        t_final: final-phase length, as a fraction of ``T`` or a count.
+    """
+    t_i, t_f = _absolute(t_init, T), _absolute(t_final, T)
+    if t <= t_i:
+        return float(V0)
+    if t > T - t_f:
+        return float(VT)
+    frac = 1.0 - (t - t_i) / (T - t_f - t_i)
+    return float(VT + (V0 - VT) * frac ** 3)
+
+
+def allocate_budget(budget: float, scores: Sequence[float], capacities: Sequence[int]) -> list[int]:
+    """Split ``budget`` entries across layers by score, each capped at its capacity.
+
+    First ``b_l = floor(budget * score_l)`` capped at ``capacity_l``; the leftover (from caps) is
+    shared out again by score among the layers with room, until nothing is left or no layer has
+    room. The rounding remainder (fewer entries than layers) goes one entry each to the
+    highest-scoring layers with room, so ``sum(b) == min(floor(budget), sum(capacities))``.
+
+    Args:
+        budget: total number of entries to hand out.
+        scores: non-negative layer scores (any scale); all-zero means equal shares.
+        capacities: ``m_l * n_l`` per layer.
+
+    Returns:
+        Budgets ``b_l`` (ints, ``0 <= b_l <= capacity_l``).
+    """
+    if len(scores) != len(capacities):
+        raise TrimtuneError("allocate_budget: scores and capacities differ in length; pass one "
+                            "score per layer")
+    n = len(scores)
+    caps = [int(c) for c in capacities]
+    sc = [float(s) if math.isfinite(s) and s > 0 else 0.0 for s in scores]
+    b = [0] * n
+    left = min(int(math.floor(max(budget, 0.0))), sum(caps))
+    while left > 0:
+        room = [i for i in range(n) if b[i] < caps[i]]
+        if not room:
+            break
+        total = sum(sc[i] for i in room)
+        weights = {i: (sc[i] / total if total > 0 else 1.0 / len(room)) for i in room}
+        given = 0
+        for i in room:
+            g = min(int(math.floor(left * weights[i])), caps[i] - b[i])
+            b[i] += g
+            given += g
+        left -= given
+        if given == 0:  # rounding remainder: one entry each, best score first
+            for i in sorted(room, key=lambda i: (-weights[i], i)):
+                if left == 0:
+                    break
+                b[i] += 1
+                left -= 1
+    return b
+
+
+def find_units(model: nn.Module) -> dict[str, nn.Module]:
+    """All SNELL delta units of ``model`` by qualified name (modules with ``snell_A``,
+    ``snell_B`` and ``sparsity``), in ``named_modules`` order."""
+    return {name: m for name, m in model.named_modules()
+            if all(hasattr(m, a) for a in ("snell_A", "snell_B", "sparsity"))}
+
+
+def _numel_update(unit: nn.Module) -> int:
+    n = getattr(unit, "numel_update", None)
+    if n is None:
+        raise TrimtuneError(f"{type(unit).__name__} has no `numel_update` (m*n); SNELLA units "
+                            "must expose it: update trimtune.tuners.snell")
+    return int(n)
+
+
+@dataclass
+class _Defaults:
+    """Fallback schedule values for configs that lack a field (mirrors ``SnellaConfig``)."""
+
+    init_sparsity: float = 0.0
+    target_sparsity: float = 0.5
+    schedule_unit: str = "step"
+    t_init: float = 0
+    t_final: float = 0
+    interval: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    size_aware: bool = False
+
+
+class SnellaAllocator:
+    """Training callback that reallocates per-layer sparsity on SNELLA's cubic budget.
+
+    After each optimizer step (gradients still present) it updates, for every unit and for
+    ``theta`` in ``(A, B)``::
+
+        I    = |theta * grad|                       # sensitivity, same shape as theta
+        Ibar = beta1 * Ibar + (1 - beta1) * I       # smoothed sensitivity
+        U    = beta2 * U + (1 - beta2) * |I - Ibar| # uncertainty
+
+    The unit score is ``mean(Ibar_A * U_A) + mean(Ibar_B * U_B)`` (times ``m * n`` when
+    ``config.size_aware``), normalised to sum 1 over units (uniform when all are zero or not
+    finite). Every ``config.interval`` steps or epochs (``config.schedule_unit``) after the
+    warm-up ``t_init``, the budget ``V(t)`` (:func:`cubic_budget`) is split by
+    :func:`allocate_budget` and each unit gets
+    ``sparsity = min(clamp(1 - b_l / (m_l n_l), 0, 1), 1 - 1 / (m_l n_l))`` (at least one entry
+    survives). As in AdaLoRA, the allocation made on entering the final phase
+    (``t > T - t_final``) is kept fixed afterwards. During warm-up every unit keeps ``s_init``.
+
+    Args:
+        model: the adapted model; if ``None`` it is taken from ``state.model`` at train start.
+        config: a :class:`~trimtune.tuners.config.SnellaConfig` (fields ``init_sparsity``,
+            ``target_sparsity``, ``schedule_unit``, ``t_init``, ``t_final``, ``interval``,
+            ``beta1``, ``beta2``, ``size_aware``).
+        total_steps: total optimizer steps; defaults to ``state.total_steps``.
+
+    Attributes:
+        history: list of ``(step, {unit_name: sparsity})``, one entry at train start and one
+            per reallocation; see :meth:`plot_history`.
+    """
+
+    def __init__(self, model: nn.Module | None = None, config: Any = None,
+                 total_steps: int | None = None) -> None:
+        if config is None:
+            raise TrimtuneError("SnellaAllocator needs config=SnellaConfig(...): pass the same "
+                                "config given to trimtune.tuners.attach")
+        d = _Defaults()
+        self.config = config
+        self.s_init = float(getattr(config, "init_sparsity", d.init_sparsity))
+        self.s_target = float(getattr(config, "target_sparsity", d.target_sparsity))
+        self.unit = str(getattr(config, "schedule_unit", d.schedule_unit))
+        self.t_init = float(getattr(config, "t_init", d.t_init))
+        self.t_final = float(getattr(config, "t_final", d.t_final))
+        self.interval = int(getattr(config, "interval", d.interval))
+        self.beta1 = float(getattr(config, "beta1", d.beta1))
+        self.beta2 = float(getattr(config, "beta2", d.beta2))
+        self.size_aware = bool(getattr(config, "size_aware", d.size_aware))
+        if self.unit not in ("step", "epoch"):
+            raise TrimtuneError(f"schedule_unit={self.unit!r} is not known; use 'step' or 'epoch'")
+        if self.interval < 1:
+            raise TrimtuneError(f"interval={self.interval} must be >= 1 (reallocate every N units)")
+        for name, s in (("init_sparsity", self.s_init), ("target_sparsity", self.s_target)):
+            if not 0.0 <= s < 1.0:
+                raise TrimtuneError(f"{name}={s} is outside [0, 1); give the fraction of update "
+                                    "entries to zero, e.g. 0.7")
+        self.model = model
+        self.total_steps = total_steps
+        self.units: dict[str, nn.Module] = {}
+        self.ibar: dict[str, dict[str, torch.Tensor]] = {}
+        self.unc: dict[str, dict[str, torch.Tensor]] = {}
+        self.sparsity: dict[str, float] = {}
+        self.history: list[tuple[int, dict[str, float]]] = []
+        self.num_updates = 0  # importance updates done (optimizer steps seen)
+        self.epochs_done = 0
+        self.frozen = False  # final phase reached: allocation kept fixed
+        self._resumed = False
+        self._T: float | None = None
+        if model is not None:
+            self._bind(model)
+
+    # ------------------------------------------------------------------ set-up
+    def _bind(self, model: nn.Module) -> None:
+        self.model = model
+        self.units = find_units(model)
+        if not self.units:
+            raise TrimtuneError("SnellaAllocator found no SNELL units in the model; attach "
+                                "first: trimtune.tuners.attach(model, SnellaConfig(...))")
+        self.capacity = {n: _numel_update(u) for n, u in self.units.items()}
+
+    def horizon(self, state: Any = None) -> float:
+        """Total schedule length ``T`` in the schedule unit (steps or epochs)."""
+        total = self.total_steps or getattr(state, "total_steps", None)
+        if not total:
+            raise TrimtuneError("SnellaAllocator does not know the number of training steps; "
+                                "pass total_steps=... or run it inside trimtune.train.fit")
+        if self.unit == "step":
+            return float(total)
+        spe = getattr(state, "steps_per_epoch", None) or getattr(self, "_steps_per_epoch", None)
+        if not spe:
+            raise TrimtuneError("schedule_unit='epoch' needs state.steps_per_epoch; run inside "
+                                "trimtune.train.fit or use schedule_unit='step'")
+        self._steps_per_epoch = int(spe)
+        return float(math.ceil(total / spe))
+
+    def budget(self, t: float, T: float) -> float:
+        """``V(t)``: total non-zero entries allowed over all units at time ``t`` of ``T``."""
+        cap = sum(self.capacity.values())
+        V0 = (1.0 - self.s_init) * cap
+        VT = (1.0 - self.s_target) * cap
+        return cubic_budget(t, T, V0, VT, self.t_init, self.t_final)
+
+    def _push(self) -> None:
+        for name, s in self.sparsity.items():
+            self.units[name].sparsity = float(s)
+
+    # ------------------------------------------------------------------ callback protocol
+    def on_train_start(self, state: Any) -> None:
+        if self.model is None or not self.units:
+            self._bind(state.model)
+        self._T = self.horizon(state)
+        if self._resumed:
+            self._push()
+            return
+        self.sparsity = {n: min(self.s_init, 1.0 - 1.0 / self.capacity[n]) for n in self.units}
+        self._push()
+        self.history = [(int(getattr(state, "step", 0)), dict(self.sparsity))]
+
+    def after_optimizer_step(self, state: Any) -> None:
+        if self._T is None:
+            self.on_train_start(state)
+        self.update_importance()
+        if self.unit == "step":
+            t = int(state.step)
+            if t % self.interval == 0:
+                self.reallocate(t, self._T, step=t)
+
+    def on_epoch_end(self, state: Any) -> None:
+        if self.unit != "epoch":
+            return
+        if self._T is None:
+            self.on_train_start(state)
+        self.epochs_done += 1
+        if self.epochs_done % self.interval == 0:
+            self.reallocate(self.epochs_done, self._T, step=int(state.step))
+
+    # ------------------------------------------------------------------ importance
+    @torch.no_grad()
+    def update_importance(self) -> None:
+        """Fold the current gradients of every unit's ``A``, ``B`` into ``Ibar`` and ``U``."""
+        for name, unit in self.units.items():
+            for key, p in (("A", unit.snell_A), ("B", unit.snell_B)):
+                if p.grad is None:
+                    continue
+                ipt = (p.detach() * p.grad.detach()).abs().float()
+                ipt = torch.nan_to_num(ipt, nan=0.0, posinf=0.0, neginf=0.0)
+                ibar = self.ibar.setdefault(name, {}).get(key)
+                unc = self.unc.setdefault(name, {}).get(key)
+                if ibar is None:
+                    ibar, unc = torch.zeros_like(ipt), torch.zeros_like(ipt)
+                ibar, unc = ibar.to(ipt.device), unc.to(ipt.device)
+                ibar = self.beta1 * ibar + (1 - self.beta1) * ipt
+                unc = self.beta2 * unc + (1 - self.beta2) * (ipt - ibar).abs()
+                self.ibar[name][key], self.unc[name][key] = ibar, unc
+        self.num_updates += 1
+
+    def scores(self) -> dict[str, float]:
+        """Normalised unit scores (sum 1; uniform when no finite positive score exists)."""
+        raw = {}
+        for name in self.units:
+            s = 0.0
+            for key in ("A", "B"):
+                ibar = self.ibar.get(name, {}).get(key)
+                if ibar is not None:
+                    s += float((ibar * self.unc[name][key]).mean())
+            if self.size_aware:
+                s *= self.capacity[name]
+            raw[name] = s if math.isfinite(s) and s > 0 else 0.0
+        total = sum(raw.values())
+        if total <= 0 or not math.isfinite(total):
+            return {n: 1.0 / len(raw) for n in raw}
+        return {n: v / total for n, v in raw.items()}
+
+    # ------------------------------------------------------------------ allocation
+    def reallocate(self, t: float, T: float, step: int | None = None) -> dict[str, float]:
+        """Split ``V(t)`` across units by score and push the sparsities; returns them.
+
+        Does nothing during warm-up (``t <= t_init``) or once the final allocation is frozen.
+        """
+        if t <= _absolute(self.t_init, T) or self.frozen:
+            return dict(self.sparsity)
+        names = list(self.units)
+        sc = self.scores()
+        caps = [self.capacity[n] for n in names]
+        b = allocate_budget(self.budget(t, T), [sc[n] for n in names], caps)
+        for n, bl, c in zip(names, b, caps):
+            s = min(max(1.0 - bl / c, 0.0), 1.0)
+            self.sparsity[n] = min(s, 1.0 - 1.0 / c)
+        self._push()
+        if t > T - _absolute(self.t_final, T):
+            self.frozen = True
+        self.history.append((int(t if step is None else step), dict(self.sparsity)))
+        return dict(self.sparsity)
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: ``Ibar``, ``U`` per unit (tensors, on CPU),
+        counters, current sparsities and the history."""
+        def cpu(d: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+            return {n: {k: v.detach().cpu().clone() for k, v in kv.items()} for n, kv in d.items()}
+
+        return {"ibar": cpu(self.ibar), "unc": cpu(self.unc), "sparsity": dict(self.sparsity),
+                "history": [(s, dict(sp)) for s, sp in self.history],
+                "num_updates": self.num_updates, "epochs_done": self.epochs_done,
+                "frozen": self.frozen}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; sparsities are pushed to the units at once if the
+        model is known, else at ``on_train_start``."""
+        self.ibar = {n: dict(kv) for n, kv in d["ibar"].items()}
+        self.unc = {n: dict(kv) for n, kv in d["unc"].items()}
+        self.sparsity = {n: float(s) for n, s in d["sparsity"].items()}
+        self.history = [(int(s), dict(sp)) for s, sp in d["history"]]
+        self.num_updates = int(d["num_updates"])
+        self.epochs_done = int(d["epochs_done"])
+        self.frozen = bool(d["frozen"])
+        self._resumed = True
+        if self.units:
+            unknown = set(self.sparsity) - set(self.units)
+            if unknown:
+                raise TrimtuneError(f"allocator state names units not in the model "
+                                    f"({sorted(unknown)[:3]}...); resume with the same attach "
+                                    "config and base model")
+            self._push()
+
+    # ------------------------------------------------------------------ plotting
+    def plot_history(self, path: str | os.PathLike, title: str | None = None) -> None:
+        """Write a heat-map (units x time) of per-unit sparsity to ``path`` (png, pdf, svg)."""
+        if not self.history:
+            raise TrimtuneError("no allocation history yet; plot after training started")
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        names = list(self.history[0][1])
+        grid = torch.tensor([[sp.get(n, float("nan")) for _, sp in self.history] for n in names])
+        steps = [s for s, _ in self.history]
+        size = (max(4.0, 0.25 * len(steps) + 3), max(3.0, 0.2 * len(names) + 1))
+        fig, ax = plt.subplots(figsize=size)
+        im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
+                       interpolation="nearest")
+        ticks = _thin(range(len(steps)), 12)
+        ax.set_xticks(ticks, [str(steps[i]) for i in ticks])
+        rows = _thin(range(len(names)), 40)
+        ax.set_yticks(rows, [names[i] for i in rows], fontsize=6)
+        ax.set_xlabel("optimizer step")
+        ax.set_title(title or "SNELLA per-layer sparsity")
+        fig.colorbar(im, ax=ax, label="sparsity (fraction zeroed)")
+        fig.tight_layout()
+        fmt = os.path.splitext(str(path))[1].lstrip(".") or "png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=120)
+        plt.close(fig)
+
+
+def _thin(idx: Iterable[int], most: int) -> list[int]:
+    idx = list(idx)
+    step = max(1, math.ceil(len(idx) / most))
+    return idx[::step]

@@ -1,0 +1,232 @@
+"""SNELLA allocator: cubic schedule, budget split, importance ordering, resume, heat-map."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from trimtune.errors import TrimtuneError
+from trimtune.tuners.allocator import (
+    SnellaAllocator,
+    allocate_budget,
+    cubic_budget,
+    find_units,
+)
+
+
+class Unit(nn.Module):
+    """Stand-in for trimtune.tuners.snell.SparseDelta (same contract attribute names)."""
+
+    def __init__(self, d_in: int, d_out: int, r: int = 4) -> None:
+        super().__init__()
+        self.snell_A = nn.Parameter(torch.randn(d_in, r))
+        self.snell_B = nn.Parameter(torch.randn(d_out, r))
+        self.sparsity = 0.0
+        self.numel_update = d_in * d_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, d_in) -> (N, d_out)
+        return x @ (self.snell_A @ self.snell_B.T)
+
+
+class Net(nn.Module):
+    def __init__(self, sizes=((8, 8), (8, 8), (8, 32))) -> None:
+        super().__init__()
+        self.units = nn.ModuleList(Unit(i, o) for i, o in sizes)
+
+
+def cfg(**kw):
+    base = dict(init_sparsity=0.0, target_sparsity=0.5, schedule_unit="step", t_init=0,
+                t_final=0, interval=1, beta1=0.85, beta2=0.85, size_aware=False)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def state(model, step=0, total=10, spe=5):
+    return SimpleNamespace(model=model, step=step, total_steps=total, epoch=0,
+                           steps_per_epoch=spe, accelerator=None, out_dir=None)
+
+
+def fake_grads(model: nn.Module, scale: dict[int, float], g: torch.Generator) -> None:
+    for i, u in enumerate(model.units):
+        for p in (u.snell_A, u.snell_B):
+            p.grad = scale.get(i, 1.0) * torch.randn(p.shape, generator=g)
+
+
+# ---------------------------------------------------------------- schedule
+def test_cubic_budget_phases_and_formula():
+    T, V0, VT = 100, 1000.0, 300.0
+    assert cubic_budget(0, T, V0, VT, 10, 20) == V0
+    assert cubic_budget(10, T, V0, VT, 10, 20) == V0
+    assert cubic_budget(81, T, V0, VT, 10, 20) == VT
+    assert cubic_budget(T, T, V0, VT, 10, 20) == VT
+    t = 45
+    expected = VT + (V0 - VT) * (1 - (45 - 10) / (100 - 20 - 10)) ** 3
+    assert cubic_budget(t, T, V0, VT, 10, 20) == pytest.approx(expected)
+    # fractions of T mean the same as the absolute counts
+    assert cubic_budget(t, T, V0, VT, 0.1, 0.2) == pytest.approx(expected)
+    # monotone non-increasing
+    vals = [cubic_budget(s, T, V0, VT, 10, 20) for s in range(T + 1)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+
+
+# ---------------------------------------------------------------- budget split
+def test_allocate_budget_sums_and_capacity():
+    scores, caps = [0.5, 0.3, 0.2], [100, 1000, 1000]
+    b = allocate_budget(777.7, scores, caps)
+    assert sum(b) == 777
+    assert all(0 <= bl <= c for bl, c in zip(b, caps))
+
+
+def test_allocate_budget_caps_and_redistributes():
+    # layer 0 would get 0.9 * 500 = 450 > its capacity 100: the 350 extra goes to the others
+    b = allocate_budget(500, [0.9, 0.05, 0.05], [100, 1000, 1000])
+    assert b[0] == 100
+    assert sum(b) == 500
+    assert b[1] == b[2] == 200  # equal scores -> equal shares of the rest
+    # budget above total capacity: everyone full
+    assert allocate_budget(10**6, [1, 2, 3], [4, 5, 6]) == [4, 5, 6]
+    # all-zero / non-finite scores -> equal shares
+    assert allocate_budget(30, [0, float("nan"), 0], [100, 100, 100]) == [10, 10, 10]
+
+
+# ---------------------------------------------------------------- allocator
+def test_higher_importance_gets_lower_sparsity_and_budget_holds():
+    model = Net(((8, 8), (8, 8), (8, 8)))
+    alloc = SnellaAllocator(model, cfg(target_sparsity=0.6), total_steps=10)
+    st = state(model, total=10)
+    alloc.on_train_start(st)
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, 6):
+        fake_grads(model, {0: 10.0, 2: 0.1}, g)
+        st.step = step
+        alloc.after_optimizer_step(st)
+    s = [u.sparsity for u in model.units]
+    assert s[0] < s[1] < s[2]
+    # the kept entries match V(t) within rounding (one entry per unit)
+    kept = sum((1 - u.sparsity) * u.numel_update for u in model.units)
+    V = alloc.budget(5, 10)
+    assert abs(kept - V) <= 1 + 1e-6
+    assert all(0 <= x < 1 for x in s)
+    assert alloc.history[-1] == (5, {f"units.{i}": s[i] for i in range(3)})
+
+
+def test_sparsity_stays_below_one_and_end_reaches_target():
+    model = Net(((8, 8), (8, 8)))
+    alloc = SnellaAllocator(model, cfg(target_sparsity=0.9), total_steps=4)
+    st = state(model, total=4)
+    alloc.on_train_start(st)
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 5):
+        fake_grads(model, {0: 1e6, 1: 0.0}, g)  # unit 1 has zero importance
+        st.step = step
+        alloc.after_optimizer_step(st)
+    s1 = model.units[1].sparsity
+    assert s1 == pytest.approx(1 - 1 / 64)  # at least one entry survives
+    kept = sum((1 - u.sparsity) * u.numel_update for u in model.units)
+    assert kept == pytest.approx(0.1 * 128, abs=1)
+
+
+def test_warmup_keeps_init_sparsity_and_interval():
+    model = Net()
+    alloc = SnellaAllocator(model, cfg(init_sparsity=0.2, t_init=0.5, interval=2), total_steps=8)
+    st = state(model, total=8)
+    alloc.on_train_start(st)
+    assert all(u.sparsity == pytest.approx(0.2) for u in model.units)
+    g = torch.Generator().manual_seed(2)
+    for step in range(1, 9):
+        fake_grads(model, {0: 5.0}, g)
+        st.step = step
+        alloc.after_optimizer_step(st)
+        if step <= 4:
+            assert all(u.sparsity == pytest.approx(0.2) for u in model.units)
+    assert [s for s, _ in alloc.history] == [0, 6, 8]
+
+
+def test_epoch_schedule_and_size_aware():
+    model = Net(((8, 8), (8, 64)))
+    alloc = SnellaAllocator(model, cfg(schedule_unit="epoch", size_aware=True))
+    st = state(model, total=10, spe=5)  # 2 epochs
+    alloc.on_train_start(st)
+    g = torch.Generator().manual_seed(3)
+    for step in range(1, 11):
+        fake_grads(model, {}, g)
+        st.step = step
+        alloc.after_optimizer_step(st)
+        if step % 5 == 0:
+            alloc.on_epoch_end(st)
+    assert [s for s, _ in alloc.history] == [0, 5, 10]
+    kept = sum((1 - u.sparsity) * u.numel_update for u in model.units)
+    assert kept == pytest.approx(0.5 * (64 + 512), abs=2)
+
+
+def test_resume_continues_identically(tmp_path):
+    def run(model, alloc, steps, g):
+        st = state(model, total=12)
+        alloc.on_train_start(st)
+        for step in steps:
+            fake_grads(model, {0: 3.0, 2: 0.3}, g)
+            st.step = step
+            alloc.after_optimizer_step(st)
+
+    torch.manual_seed(0)
+    ref_model = Net()
+    torch.manual_seed(0)
+    model = Net()
+    ref = SnellaAllocator(ref_model, cfg(target_sparsity=0.7), total_steps=12)
+    run(ref_model, ref, range(1, 13), torch.Generator().manual_seed(7))
+
+    first = SnellaAllocator(model, cfg(target_sparsity=0.7), total_steps=12)
+    g = torch.Generator().manual_seed(7)
+    run(model, first, range(1, 7), g)
+    path = tmp_path / "alloc.pt"
+    torch.save(first.state_dict(), path)
+    for u in model.units:
+        u.sparsity = 0.0  # a fresh process would not have these
+    second = SnellaAllocator(None, cfg(target_sparsity=0.7), total_steps=12)
+    second.load_state_dict(torch.load(path, weights_only=True))
+    run(model, second, range(7, 13), g)
+
+    assert second.history == ref.history
+    assert [u.sparsity for u in model.units] == [u.sparsity for u in ref_model.units]
+    for n in ref.ibar:
+        for k in ("A", "B"):
+            assert torch.equal(ref.ibar[n][k], second.ibar[n][k])
+            assert torch.equal(ref.unc[n][k], second.unc[n][k])
+
+
+def test_heatmap_written(tmp_path):
+    model = Net()
+    alloc = SnellaAllocator(model, cfg(), total_steps=3)
+    st = state(model, total=3)
+    alloc.on_train_start(st)
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, 4):
+        fake_grads(model, {1: 4.0}, g)
+        st.step = step
+        alloc.after_optimizer_step(st)
+    out = tmp_path / "plots" / "sparsity.png"
+    alloc.plot_history(out)
+    assert out.is_file() and out.read_bytes()[:4] == b"\x89PNG"
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_bad_inputs():
+    with pytest.raises(TrimtuneError, match="config"):
+        SnellaAllocator(Net())
+    with pytest.raises(TrimtuneError, match="schedule_unit"):
+        SnellaAllocator(Net(), cfg(schedule_unit="minute"))
+    with pytest.raises(TrimtuneError, match="target_sparsity"):
+        SnellaAllocator(Net(), cfg(target_sparsity=1.0))
+    with pytest.raises(TrimtuneError, match="no SNELL units"):
+        SnellaAllocator(nn.Linear(2, 2), cfg())
+    alloc = SnellaAllocator(Net(), cfg())
+    with pytest.raises(TrimtuneError, match="total_steps"):
+        alloc.on_train_start(SimpleNamespace(model=alloc.model, step=0, total_steps=None))
+
+
+def test_find_units_names():
+    assert list(find_units(Net())) == ["units.0", "units.1", "units.2"]
+    assert math.isclose(sum(SnellaAllocator(Net(), cfg()).scores().values()), 1.0)
