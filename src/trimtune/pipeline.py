@@ -1,0 +1,337 @@
+"""The pipeline verbs that join the rooms: load a model from any source, distill, fine-tune,
+evaluate, save, merge.
+
+This is the only module (besides the CLI) that imports both the methods (``lowrank``,
+``tuners``) and the training loop (``train``): the loop stays method-agnostic, and each
+method plugs in an objective or a callback here.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from . import __version__
+from .checkpoint import read_json, read_safetensors, write_json, write_safetensors
+from .data import build_transform, load_dataset
+from .errors import TrimtuneError
+from .lowrank import is_compressed, load_compressed, save_compressed
+from .measure import evaluate_model
+from .measure.plots import plot_confusion, plot_curves
+from .models import arch_of, build_from_arch, create_backbone
+from .train import TrainConfig, fit
+from .tuners import SnellaAllocator, SnellaConfig, SnellConfig, attach, prepare_method
+from .tuners import merge as merge_snell
+from .tuners.baselines import merge_method
+
+METHODS = ("snella", "snell", "lora", "dora", "adalora", "full", "linear", "bitfit",
+           "masked-sparse")
+SNELL_METHODS = ("snella", "snell")
+
+# --------------------------------------------------------------------------- models
+
+
+def load_model(spec: str | nn.Module, *, num_classes: int | None = None,
+               img_size: int | None = None, weights: str | None = None) -> nn.Module:
+    """A model from a timm / zoo name, a compressed-model or merged-model folder, or a
+    fine-tuning run folder (base + adapter). ``num_classes`` replaces the head when it differs."""
+    if isinstance(spec, nn.Module):
+        model = spec
+    else:
+        path = Path(spec)
+        if path.is_dir() and (path / "run.json").is_file():
+            model = load_run(path)
+        elif path.is_dir() and (path / "trimtune.json").is_file():
+            model = load_compressed(path)
+        elif path.is_dir():
+            raise TrimtuneError(
+                f"{path} is a folder but holds neither trimtune.json (a model written by "
+                "`trimtune compress/distill/merge`) nor run.json (a `trimtune finetune` run)")
+        else:
+            model = create_backbone(str(spec), weights=weights, num_classes=num_classes,
+                                    img_size=img_size)
+    if num_classes is not None and getattr(model, "num_classes", num_classes) != num_classes:
+        model.reset_classifier(num_classes)
+        arch = getattr(model, "trimtune_arch", None)
+        if arch is not None:
+            arch["kwargs"]["num_classes"] = num_classes
+    return model
+
+
+# --------------------------------------------------------------------------- objectives
+
+
+class ClassificationObjective:
+    """Cross-entropy on labelled batches ``(images, labels)``; label smoothing optional."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def __call__(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
+        x, y = batch
+        logits = model(x)
+        loss = self.loss(logits, y)
+        acc = (logits.argmax(-1) == y).float().mean()
+        return loss, {"ce": loss.detach(), "train_acc": acc}
+
+
+# --------------------------------------------------------------------------- finetune
+
+
+@dataclass
+class FinetuneConfig:
+    """What to tune and how. ``train`` holds the loop's settings (epochs, lr, batch size...)."""
+
+    method: str = "snella"
+    rank: int = 8
+    kernel: str | None = None  # default: mixture for snella, piecewise for snell
+    sparsity: float = 0.7  # snell: fixed fraction zeroed; snella: the target of the schedule
+    init_sparsity: float = 0.0  # snella: fraction zeroed at the start of the schedule
+    density: float | None = None  # masked-sparse: fraction of each weight that trains
+    protocol: str = "vtab"  # vtab: resize only; fgvc: random-resized crop + flip
+    label_smoothing: float = 0.0
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, epochs=10))
+    method_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise TrimtuneError(f"unknown method {self.method!r}; choose one of "
+                                f"{', '.join(METHODS)}")
+        if self.protocol not in ("vtab", "fgvc"):
+            raise TrimtuneError(f"unknown protocol {self.protocol!r}; choose vtab or fgvc")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _tuner_config(cfg: FinetuneConfig):
+    common = dict(rank=cfg.rank, **cfg.method_kwargs)
+    if cfg.kernel:
+        common["kernel"] = cfg.kernel
+    if cfg.method == "snell":
+        return SnellConfig(sparsity=cfg.sparsity, **common)
+    return SnellaConfig(target_sparsity=cfg.sparsity, init_sparsity=cfg.init_sparsity, **common)
+
+
+def prepare(model: nn.Module, cfg: FinetuneConfig, *, total_steps: int | None = None,
+            calibration=None) -> tuple[nn.Module, list]:
+    """Freeze the base and add the method's trainable parts; returns (model, callbacks)."""
+    if cfg.method in SNELL_METHODS:
+        tcfg = _tuner_config(cfg)
+        attach(model, tcfg)
+        callbacks = [SnellaAllocator(model, tcfg, total_steps=total_steps)] \
+            if cfg.method == "snella" else []
+        return model, callbacks
+    kw = dict(cfg.method_kwargs)
+    if cfg.method == "masked-sparse":
+        kw["density"] = cfg.density if cfg.density is not None else 1.0 - cfg.sparsity
+        if calibration is not None:
+            kw["calibration"] = calibration
+    if cfg.method == "adalora" and total_steps:
+        kw["total_step"] = total_steps
+    return prepare_method(model, cfg.method, rank=cfg.rank, **kw)
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if k in names or _is_method_buffer(k)}
+
+
+def _is_method_buffer(key: str) -> bool:
+    # masks / kernel constants that belong to the adapter, not to the base model
+    return any(t in key for t in ("snell_", "lora_", "grad_mask", "kernel."))
+
+
+@dataclass
+class FinetuneResult:
+    model: nn.Module
+    out_dir: Path | None
+    best: dict | None
+    test: dict | None
+    history: list
+
+
+def finetune(model: nn.Module | str, data: Dataset | str, config: FinetuneConfig | None = None,
+             *, eval_data: Dataset | str | None = None, test_data: Dataset | str | None = None,
+             base_spec: dict | None = None) -> FinetuneResult:
+    """Fine-tune ``model`` on ``data`` with ``config.method``.
+
+    Model selection uses ``eval_data`` only (best validation epoch); without it the last
+    epoch is kept. ``test_data`` is evaluated once, at the end, on the selected weights.
+    The run folder (``config.train.out_dir``) receives run.json, metrics.jsonl, the adapter
+    and plots.
+    """
+    cfg = config or FinetuneConfig()
+    seed = cfg.train.seed
+    probe = _as_dataset(data, "train", None, seed)
+    if isinstance(model, str):
+        base_spec = base_spec or {"model": model, "num_classes": probe.num_classes}
+        model = load_model(model, num_classes=probe.num_classes)
+    elif getattr(model, "num_classes", probe.num_classes) != probe.num_classes:
+        model.reset_classifier(probe.num_classes)
+    tf_train = build_transform(model, train=True, protocol=cfg.protocol)
+    tf_eval = build_transform(model, train=False, protocol=cfg.protocol)
+    train_ds = _as_dataset(data, "train", tf_train, seed)
+    eval_ds = _as_dataset(eval_data, "val", tf_eval, seed)
+    test_ds = _as_dataset(test_data, "test", tf_eval, seed)
+
+    tc = cfg.train
+    steps_per_epoch = -(-len(train_ds) // (tc.batch_size * tc.grad_accum))
+    total_steps = tc.max_steps or steps_per_epoch * tc.epochs
+    model, callbacks = prepare(model, cfg, total_steps=total_steps)
+
+    out = Path(tc.out_dir) if tc.out_dir else None
+    best: dict = {}
+
+    def eval_fn(m: nn.Module) -> dict:
+        if eval_ds is None:
+            return {}
+        r = evaluate_model(m, eval_ds, batch_size=max(64, tc.batch_size), progress=False)
+        if not best or r.top1 > best["val_acc"]:
+            best.update(val_acc=r.top1, state=_trainable_state(m))
+        return {"val_acc": r.top1}
+
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "run.json", {
+            "trimtune_version": __version__, "kind": "finetune", "config": cfg.to_dict(),
+            "base": base_spec or _base_spec(model), "data": _describe_data(data, train_ds),
+        })
+    result = fit(model, train_ds, ClassificationObjective(cfg.label_smoothing), tc,
+                 callbacks=callbacks, eval_fn=eval_fn if eval_ds is not None else None)
+    if best:
+        model.load_state_dict(best["state"], strict=False)
+    test = None
+    if test_ds is not None:
+        r = evaluate_model(model, test_ds, batch_size=max(64, tc.batch_size))
+        test = r.to_dict()
+        if out:
+            plot_confusion(r.confusion, r.classes, out / "confusion.png",
+                           title=f"{cfg.method}: test top-1 {r.top1:.3f}")
+    if out:
+        save(model, out / "adapter", method=cfg.method)
+        summary = {"best_val_acc": best.get("val_acc"), "test_top1": test and test["top1"],
+                   "test": test}
+        write_json(out / "results.json", summary)
+        if (out / "metrics.jsonl").is_file():
+            plot_curves(out / "metrics.jsonl", out / "curves.png", title=cfg.method)
+        for cb in callbacks:
+            if hasattr(cb, "plot_history"):
+                cb.plot_history(out / "sparsity.png")
+    return FinetuneResult(model=model, out_dir=out, best={"val_acc": best.get("val_acc")},
+                          test=test, history=getattr(result, "history", []))
+
+
+def split_spec(spec: str, default_split: str) -> tuple[str, str]:
+    """``"fashion-mnist:1k@val"`` -> ``("fashion-mnist:1k", "val")``."""
+    name, _, split = spec.rpartition("@") if "@" in spec else (spec, "", "")
+    return name, split or default_split
+
+
+def _as_dataset(data, split: str, transform, seed: int = 0) -> Dataset | None:
+    if data is None or not isinstance(data, str):
+        return data
+    name, split = split_spec(data, split)
+    return load_dataset(name, split, transform=transform, seed=seed)
+
+
+def _describe_data(spec, ds) -> dict:
+    return {"spec": spec if isinstance(spec, str) else getattr(ds, "spec", type(ds).__name__),
+            "num_images": len(ds), "num_classes": getattr(ds, "num_classes", None)}
+
+
+def _base_spec(model: nn.Module) -> dict:
+    if is_compressed(model):
+        return {"arch": arch_of(model), "compressed": model.trimtune_lowrank}
+    return {"arch": arch_of(model)}
+
+
+# --------------------------------------------------------------------------- save / load / merge
+
+
+def save(model: nn.Module, out_dir: str | Path, *, method: str | None = None) -> Path:
+    """Adapter-only save: the trainable tensors and what is needed to rebuild them.
+
+    Works for every method: the base is rebuilt from run.json, the method re-attached, and
+    these tensors loaded on top.
+    """
+    out_dir = Path(out_dir)
+    state = _trainable_state(model)
+    meta = getattr(model, "trimtune_adapter", None)
+    write_safetensors(out_dir / "adapter_model.safetensors", state,
+                      metadata={"format": "pt", "trimtune_version": __version__})
+    write_json(out_dir / "adapter_config.json", {
+        "method": method or (meta or {}).get("method"), "base": _base_spec(model),
+        "tuner": _jsonable(meta), "num_tensors": len(state),
+        "num_parameters": int(sum(v.numel() for v in state.values())),
+        "trimtune_version": __version__})
+    return out_dir
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, default=lambda o: dataclasses.asdict(o)
+                                 if dataclasses.is_dataclass(o) else str(o)))
+
+
+def load_run(run_dir: str | Path) -> nn.Module:
+    """Rebuild a fine-tuned model from a run folder: base + method + adapter tensors."""
+    run_dir = Path(run_dir)
+    run = read_json(run_dir / "run.json")
+    try:
+        cfg_d = dict(run["config"])
+        cfg_d["train"] = TrainConfig(**cfg_d["train"])
+        cfg = FinetuneConfig(**cfg_d)
+        base = run["base"]
+    except (KeyError, TypeError) as e:
+        raise TrimtuneError(f"{run_dir / 'run.json'} is incomplete or from another version "
+                            f"({e}); re-run `trimtune finetune`") from e
+    if "model" in base:
+        model = load_model(base["model"], num_classes=base.get("num_classes"))
+    elif "compressed" in base:
+        model = build_from_arch(base["arch"])
+        from .lowrank.io import apply_ranks
+        apply_ranks(model, base["compressed"])
+    else:
+        model = build_from_arch(base["arch"])
+    state = read_safetensors(run_dir / "adapter" / "adapter_model.safetensors")
+    model, _ = prepare(model, cfg, total_steps=1)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise TrimtuneError(f"adapter in {run_dir} does not fit its base: unexpected tensors "
+                            f"{unexpected[:5]}; was run.json edited?")
+    _restore_sparsity(model, run_dir / "adapter" / "adapter_config.json")
+    model.eval()
+    return model
+
+
+def _restore_sparsity(model: nn.Module, config_path: Path) -> None:
+    tuner = (read_json(config_path).get("tuner") or {})
+    for name, s in (tuner.get("sparsity") or {}).items():
+        mod = model.get_submodule(name)
+        mod.sparsity = float(s)
+
+
+def merge(model: nn.Module, method: str | None = None) -> nn.Module:
+    """Fold the fine-tuned update into the base weights: a plain model, no extra cost."""
+    method = method or (getattr(model, "trimtune_adapter", None) or {}).get("method")
+    if method in SNELL_METHODS or hasattr(model, "trimtune_adapter"):
+        return merge_snell(model)
+    return merge_method(model, method)
+
+
+def save_model(model: nn.Module, out_dir: str | Path) -> Path:
+    """A plain (merged or compressed) model folder: model.safetensors + trimtune.json."""
+    model = copy.deepcopy(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    save_compressed(model, out_dir)
+    return Path(out_dir)
