@@ -1,0 +1,98 @@
+"""Configuration, live state and result of :func:`trimtune.train.fit`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch.nn as nn
+
+from ..errors import TrimtuneError
+
+
+@dataclass
+class TrainConfig:
+    """Everything the one training loop needs; method-specific knobs live in the objective.
+
+    ``batch_size`` is per process: the global batch is ``batch_size * num_processes *
+    grad_accum``. The learning-rate schedule (warm-up + cosine to ``min_lr``) always spans
+    ``epochs`` full epochs; ``max_steps`` only stops the run early (with a checkpoint), so a
+    stopped run resumes onto exactly the schedule of an uninterrupted one.
+    """
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.0
+    warmup_steps: int | None = None  # overrides warmup_epochs when set
+    clip_grad: float | None = None
+    grad_accum: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    ema: float | None = None  # EMA decay (timm ModelEmaV3), None = off
+    seed: int = 0
+    out_dir: str | Path = "runs/train"
+    ckpt_every: int | None = None  # optimizer steps between checkpoints; None = final only
+    log_every: int = 10
+    num_workers: int = 0
+    max_steps: int | None = None
+    resume: bool | Literal["auto"] = "auto"
+    progress: bool = True
+    select_metric: str | None = None  # e.g. "val_acc": keep the best trainable weights in best/
+    select_mode: Literal["max", "min"] = "max"
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise TrimtuneError(msg)
+
+        need(self.epochs >= 1, f"epochs={self.epochs}: set epochs to 1 or more")
+        need(self.batch_size >= 1, f"batch_size={self.batch_size}: set batch_size to 1 or more")
+        need(self.grad_accum >= 1, f"grad_accum={self.grad_accum}: set grad_accum to 1 or more")
+        need(self.lr > 0, f"lr={self.lr}: set a positive learning rate, e.g. lr=1e-4")
+        need(self.mixed_precision in ("no", "fp16", "bf16"),
+             f"mixed_precision={self.mixed_precision!r}: use 'no', 'fp16' or 'bf16'")
+        need(self.resume in (True, False, "auto"),
+             f"resume={self.resume!r}: use True, False or 'auto'")
+        need(self.ema is None or 0.0 < self.ema < 1.0,
+             f"ema={self.ema}: give an EMA decay in (0, 1), e.g. 0.9998, or None")
+        need(self.max_steps is None or self.max_steps >= 1,
+             f"max_steps={self.max_steps}: set it to 1 or more, or None")
+        need(self.select_mode in ("max", "min"),
+             f"select_mode={self.select_mode!r}: use 'max' or 'min'")
+        self.out_dir = Path(self.out_dir)
+
+
+@dataclass
+class TrainState:
+    """What callbacks see: ``model`` is the unwrapped model, ``step`` the optimizer steps done."""
+
+    model: nn.Module
+    accelerator: Any
+    optimizer: Any
+    config: TrainConfig
+    out_dir: Path
+    total_steps: int
+    steps_per_epoch: int
+    step: int = 0
+    epoch: int = 0
+    logs: dict[str, float] = field(default_factory=dict)
+    should_stop: bool = False  # a callback may set it: the loop checkpoints and returns
+
+
+@dataclass
+class TrainResult:
+    """Final metrics (last logs + last eval), per-log history, and where things were written."""
+
+    metrics: dict[str, float]
+    history: list[dict[str, Any]]
+    step: int
+    epoch: int
+    out_dir: Path
+    checkpoint: Path | None = None
+    best: Path | None = None
+    metrics_file: Path | None = None
+    stopped_early: bool = False
+    ema: nn.Module | None = None  # the timm ModelEmaV3 (``.module`` is the averaged model)

@@ -1,0 +1,291 @@
+"""The one training loop (distillation and fine-tuning alike), on Hugging Face Accelerate.
+
+Method-agnostic: a method plugs in an *objective* ``objective(model, batch) -> (loss, logs)``
+(optionally with ``setup(accelerator)``) and *callbacks* (``on_train_start``,
+``after_optimizer_step``, ``on_epoch_end``, ``state_dict``, ``load_state_dict``). Runs on CPU,
+one GPU, or several processes under ``accelerate launch`` / ``torchrun`` (DDP; gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import GradientAccumulationPlugin, send_to_device, set_seed
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..checkpoint import write_json, write_safetensors
+from ..errors import TrimtuneError
+from .checkpointing import (checkpoint_path, load_checkpoint, rng_state, save_checkpoint,
+                            set_rng_state)
+from .config import TrainConfig, TrainResult, TrainState
+from .sampler import EpochSampler
+
+Objective = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]]
+
+
+def fit(model: nn.Module, train_data: Dataset, objective: Objective, config: TrainConfig,
+        callbacks: Sequence[Any] = (), eval_fn: Callable[[nn.Module], dict] | None = None
+        ) -> TrainResult:
+    """Train ``model`` in place on ``train_data`` by minimising ``objective``; see the module doc.
+
+    Args:
+        model: any ``nn.Module``; only parameters with ``requires_grad`` are optimised (AdamW,
+            no weight decay on 1-D params and ``model.no_weight_decay()`` names).
+        train_data: a map-style dataset; batches are collated by the default collate and moved
+            to the device before ``objective(model, batch)`` is called.
+        objective: ``(model, batch) -> (loss, {name: value})``.
+        config: a :class:`TrainConfig`.
+        callbacks: objects with any of the optional callback methods.
+        eval_fn: ``eval_fn(model) -> dict`` called (unwrapped model, eval mode) at each epoch end.
+    Returns:
+        A :class:`TrainResult`.
+    """
+    cfg, out = config, Path(config.out_dir)
+    accelerator = _make_accelerator(cfg)
+    main = accelerator.is_main_process
+    set_seed(cfg.seed)
+    if not hasattr(train_data, "__len__"):
+        raise TrimtuneError("train_data has no length: pass a map-style Dataset (not a DataLoader "
+                            "or iterable) so the loop can shuffle and resume it")
+    sampler = EpochSampler(len(train_data), cfg.batch_size, seed=cfg.seed,
+                           rank=accelerator.process_index, world=accelerator.num_processes)
+    steps_per_epoch = sampler.num_batches // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise TrimtuneError(
+            f"{len(train_data)} samples make no full step of batch_size={cfg.batch_size} x "
+            f"{accelerator.num_processes} process(es) x grad_accum={cfg.grad_accum}: lower them")
+    sampler.num_batches = steps_per_epoch * cfg.grad_accum  # an epoch = whole optimizer steps
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup = (cfg.warmup_steps if cfg.warmup_steps is not None
+              else round(cfg.warmup_epochs * steps_per_epoch))
+
+    if not any(p.requires_grad for p in model.parameters()):
+        raise TrimtuneError("the model has no trainable parameters: unfreeze some, or attach "
+                            "a tuner")
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup),
+                                  lr_min=cfg.min_lr, warmup_t=warmup, warmup_lr_init=cfg.min_lr,
+                                  warmup_prefix=True, t_in_epochs=False)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw = accelerator.unwrap_model(model)
+    ema = ModelEmaV3(raw, decay=cfg.ema) if cfg.ema else None
+    if hasattr(objective, "setup"):
+        objective.setup(accelerator)  # e.g. move a frozen teacher to the device (never prepared)
+    state = TrainState(model=raw, accelerator=accelerator, optimizer=optimizer, config=cfg,
+                       out_dir=out, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+
+    # ---- resume -------------------------------------------------------------------------------
+    ckpt_file, best_value = checkpoint_path(out), None
+    if cfg.resume is True or (cfg.resume == "auto" and ckpt_file.is_file()):
+        ck = load_checkpoint(ckpt_file)
+        if (ck["total_steps"], ck["steps_per_epoch"]) != (total_steps, steps_per_epoch):
+            raise TrimtuneError(
+                f"checkpoint in {out} is for {ck['total_steps']} steps of "
+                f"{ck['steps_per_epoch']} per epoch, this run has {total_steps} of "
+                f"{steps_per_epoch}: use the same data, batch size, processes and epochs, or "
+                f"set resume=False / another out_dir")
+        raw.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        if ema is not None and ck.get("ema") is not None:
+            ema.load_state_dict(ck["ema"])
+        for i, cb in enumerate(callbacks):
+            if hasattr(cb, "load_state_dict") and f"{i}" in ck["callbacks"]:
+                cb.load_state_dict(ck["callbacks"][f"{i}"])
+        set_rng_state(ck["rng"])
+        state.step, best_value = ck["step"], ck.get("best_value")
+    scheduler.step_update(num_updates=state.step)
+    state.epoch = state.step // steps_per_epoch
+
+    def checkpoint() -> Path | None:
+        if main:
+            save_checkpoint(out, {
+                "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
+                "callbacks": {f"{i}": cb.state_dict() for i, cb in enumerate(callbacks)
+                              if hasattr(cb, "state_dict")},
+                "rng": rng_state(), "step": state.step, "epoch": state.epoch,
+                "batch": (state.step % steps_per_epoch) * cfg.grad_accum,
+                "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+                "best_value": best_value})
+        accelerator.wait_for_everyone()
+        return ckpt_file
+
+    # ---- logging ------------------------------------------------------------------------------
+    history: list[dict[str, Any]] = []
+    tb = _tensorboard(out) if main else None
+    metrics_file = out / "metrics.jsonl"
+
+    def log(record: dict[str, Any]) -> None:
+        history.append(record)
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            with open(metrics_file, "a") as f:  # append-only log, one JSON object per line
+                f.write(json.dumps(record) + "\n")
+            for k, v in record.items():
+                if tb is not None and isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    tb.add_scalar(k, v, record["step"])
+
+    _call(callbacks, "on_train_start", state)
+    bar = tqdm(total=total_steps, initial=state.step, disable=not (cfg.progress and main),
+               dynamic_ncols=True, desc="train")
+    running: dict[str, float] = {}
+    n_logged, t0, seen, stopped = 0, time.perf_counter(), 0, False
+    model.train()
+    # ---- the loop -----------------------------------------------------------------------------
+    while state.step < total_steps and not stopped:
+        epoch, done_in_epoch = state.epoch, state.step % steps_per_epoch
+        sampler.set_epoch(epoch, skip_batches=done_in_epoch * cfg.grad_accum)
+        loader = DataLoader(train_data, batch_size=cfg.batch_size, sampler=sampler,
+                            num_workers=cfg.num_workers, drop_last=True,
+                            generator=torch.Generator().manual_seed(cfg.seed + epoch),
+                            pin_memory=accelerator.device.type == "cuda")
+        for batch in loader:
+            batch = send_to_device(batch, accelerator.device)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    loss, logs = objective(model, batch)
+                _check_finite(loss, logs, state, accelerator, ckpt_file, cfg)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.clip_grad:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                optimizer.step()
+                if accelerator.sync_gradients:  # gradients are still there: allocators read them
+                    state.step += 1
+                    _call(callbacks, "after_optimizer_step", state)
+                optimizer.zero_grad(set_to_none=True)
+            seen += _batch_len(batch) * accelerator.num_processes
+            for k, v in {"loss": loss, **logs}.items():
+                v = float(torch.as_tensor(v).detach())
+                running[k] = running.get(k, 0.0) + v / cfg.grad_accum
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step_update(num_updates=state.step)
+            if ema is not None:
+                ema.update(raw, step=state.step)
+            n_logged += 1
+            if state.step % cfg.log_every == 0 or state.step == total_steps:
+                rate = seen / max(time.perf_counter() - t0, 1e-9)
+                state.logs = {k: v / n_logged for k, v in running.items()}
+                lr = optimizer.param_groups[0]["lr"]
+                log({"step": state.step, "epoch": epoch, **state.logs, "lr": lr, "img_per_s": rate})
+                bar.set_postfix(loss=f"{state.logs['loss']:.4g}", lr=f"{lr:.2e}",
+                                img_s=f"{rate:.0f}")
+                running, n_logged, t0, seen = {}, 0, time.perf_counter(), 0
+            bar.update(1)
+            state.epoch = state.step // steps_per_epoch
+            stopped = state.should_stop or state.step >= (cfg.max_steps or total_steps + 1)
+            if stopped or (cfg.ckpt_every and state.step % cfg.ckpt_every == 0):
+                checkpoint()
+            if stopped:
+                break
+        if stopped:
+            break
+        # ---- epoch end: callbacks, evaluation, best weights -------------------------------------
+        state.epoch = epoch + 1
+        _call(callbacks, "on_epoch_end", state)
+        if eval_fn is not None:
+            model.eval()
+            with torch.no_grad():
+                val = {k: float(v) for k, v in eval_fn(raw).items()}
+            model.train()
+            log({"step": state.step, "epoch": epoch, **val})
+            state.logs.update(val)
+            best_value = _keep_best(raw, val, best_value, cfg, out, main)
+        stopped = state.should_stop
+    bar.close()
+    final = checkpoint()
+    if tb is not None:
+        tb.close()
+    best = out / "best" if cfg.select_metric and (out / "best").is_dir() else None
+    return TrainResult(metrics=dict(state.logs), history=history, step=state.step,
+                       epoch=state.epoch, out_dir=out, checkpoint=final, best=best,
+                       metrics_file=metrics_file, stopped_early=state.step < total_steps, ema=ema)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def _make_accelerator(cfg: TrainConfig) -> Accelerator:
+    mp = cfg.mixed_precision
+    if mp != "no" and not torch.cuda.is_available():
+        warnings.warn(f"mixed_precision={mp!r} needs a GPU: training in float32 on the CPU",
+                      stacklevel=3)
+        mp = "no"
+    # Accelerate keeps process-wide singletons: reset the per-run parts so successive fit()
+    # calls in one process (distill, then finetune) may use other settings.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    plugin = GradientAccumulationPlugin(num_steps=cfg.grad_accum, sync_with_dataloader=False)
+    return Accelerator(mixed_precision=mp, gradient_accumulation_plugin=plugin, cpu=False)
+
+
+def _call(callbacks: Iterable[Any], hook: str, state: TrainState) -> None:
+    for cb in callbacks:
+        fn = getattr(cb, hook, None)
+        if fn is not None:
+            fn(state)
+
+
+def _batch_len(batch: Any) -> int:
+    x = batch[0] if isinstance(batch, (list, tuple)) else batch
+    if isinstance(x, dict):
+        x = next(iter(x.values()))
+    return len(x)
+
+
+def _check_finite(loss: torch.Tensor, logs: dict[str, Any], state: TrainState,
+                  accelerator: Accelerator, ckpt_file: Path, cfg: TrainConfig) -> None:
+    """Stop with a clear message on a non-finite loss (all processes agree, no hang)."""
+    bad = torch.tensor(float(not torch.isfinite(loss.detach()).all()), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    if bad.item() == 0:
+        return
+    terms = [k for k, v in logs.items() if not math.isfinite(float(v))] or ["loss"]
+    kept = "no checkpoint was written yet"
+    if ckpt_file.is_file():
+        good = load_checkpoint(ckpt_file)["step"]
+        kept = f"the last good checkpoint is kept: {ckpt_file} (step {good})"
+    raise TrimtuneError(
+        f"non-finite loss ({float(loss.detach())}) at optimizer step {state.step + 1} "
+        f"(epoch {state.epoch}), term(s): {', '.join(terms)}; {kept}. Fix: lower lr "
+        f"(now {cfg.lr:g}), set clip_grad, disable fp16 (mixed_precision='no' or 'bf16'), "
+        f"then resume")
+
+
+def _keep_best(raw: nn.Module, val: dict[str, float], best_value: float | None, cfg: TrainConfig,
+               out: Path, main: bool) -> float | None:
+    """Save the trainable parameters to ``out/best/`` when ``cfg.select_metric`` improved."""
+    if not cfg.select_metric:
+        return best_value
+    if cfg.select_metric not in val:
+        raise TrimtuneError(f"select_metric={cfg.select_metric!r} is not in eval_fn's result "
+                            f"{sorted(val)}: return it from eval_fn or change select_metric")
+    v = val[cfg.select_metric]
+    better = best_value is None or (v > best_value if cfg.select_mode == "max" else v < best_value)
+    if better and main:
+        trainable = {n: p for n, p in raw.named_parameters() if p.requires_grad}
+        write_safetensors(out / "best" / "model.safetensors", trainable)
+        write_json(out / "best" / "best.json", {cfg.select_metric: v, **val})
+    return v if better else best_value
+
+
+def _tensorboard(out: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out / "tb"))
