@@ -1,0 +1,318 @@
+"""``compress()``: replace a model's linear layers by truncated-SVD factorisations (PELA §1).
+
+Which layers: every ``nn.Linear`` except those whose qualified name matches a skip pattern
+(``norm``, ``head``, ``patch_embed``, ``downsample``) and those with fewer than 10 outputs. User
+``include`` patterns (regex, ``re.search`` on the qualified name, like PEFT's ``target_modules``)
+replace that default selection; ``exclude`` patterns are always removed.
+
+Which rank (one policy, plus per-layer ``overrides``):
+
+- ``ratio=c``: the authors' rule ``r = floor(in * out / (c * (in + out)))``;
+- ``energy=e``: the smallest r whose singular values keep a fraction e of ``||W||_F^2``;
+- ``rank=r``: a fixed rank (clamped to ``min(in, out)``).
+
+A layer whose rank would not save parameters (``r * (in + out) >= in * out``) stays dense unless
+``keep_dense_if_no_saving=False``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import TrimtuneError
+from .layers import LowRankLinear, truncated_svd
+
+DEFAULT_SKIP: tuple[str, ...] = ("norm", "head", "patch_embed", "downsample")
+MIN_OUT_FEATURES = 10
+RANDOMIZED_MIN_DIM = 4096  # svd="auto" uses torch.svd_lowrank when min(in, out) >= this
+
+__all__ = ["compress", "is_compressed", "factorised_layers", "select_layers", "rank_for",
+           "get_arch", "DEFAULT_SKIP"]
+
+
+# ----------------------------------------------------------------------------- architecture
+def _local_arch_of(model: nn.Module) -> dict[str, Any]:
+    """Fallback for ``trimtune.models.arch_of``: timm architecture name + num_classes/img_size,
+    checked by rebuilding it on the meta device and comparing parameter shapes."""
+    import timm
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture")
+    if not name:
+        raise TrimtuneError(
+            "cannot tell which architecture this model is (no pretrained_cfg['architecture']): "
+            "create it with trimtune.create_backbone or set model.trimtune_arch = "
+            "{'arch': <timm name>, 'kwargs': {...}}")
+    kwargs: dict[str, Any] = {}
+    if getattr(model, "num_classes", None) is not None:
+        kwargs["num_classes"] = int(model.num_classes)
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        kwargs["img_size"] = list(img_size) if isinstance(img_size, (tuple, list)) else img_size
+    arch = {"arch": name, "kwargs": kwargs}
+    try:
+        with torch.device("meta"):
+            ref = timm.create_model(name, pretrained=False, **kwargs)
+    except Exception as e:
+        raise TrimtuneError(f"cannot rebuild architecture {name!r} with {kwargs} ({e}): set "
+                            "model.trimtune_arch = {'arch': ..., 'kwargs': {...}}") from e
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    if mine != theirs:
+        raise TrimtuneError(
+            f"model differs from timm {name!r} with {kwargs} (custom kwargs?): create it with "
+            "trimtune.create_backbone or set model.trimtune_arch = {'arch': ..., 'kwargs': {...}}")
+    return arch
+
+
+def get_arch(model: nn.Module) -> dict[str, Any]:
+    """``model.trimtune_arch`` if set, else ``trimtune.models.arch_of(model)`` (or a local
+    fallback while ``trimtune.models`` is absent). Raises TrimtuneError if it cannot be told."""
+    arch = getattr(model, "trimtune_arch", None)
+    if arch is not None:
+        return copy.deepcopy(arch)
+    try:
+        from ..models import arch_of  # type: ignore[attr-defined]
+    except ImportError:
+        return _local_arch_of(model)
+    return arch_of(model)
+
+
+# ----------------------------------------------------------------------------- selection
+def _linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every plain ``nn.Linear`` that can be swapped (not inside ``nn.MultiheadAttention``,
+    which reads ``out_proj.weight`` directly)."""
+    inside_mha = {f"{n}.out_proj" for n, m in model.named_modules()
+                  if isinstance(m, nn.MultiheadAttention)}
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and n not in inside_mha}
+
+
+def _as_patterns(p: str | Iterable[str] | None, what: str) -> list[str]:
+    if p is None:
+        return []
+    pats = [p] if isinstance(p, str) else list(p)
+    for pat in pats:
+        try:
+            re.compile(pat)
+        except re.error as e:
+            raise TrimtuneError(f"{what} pattern {pat!r} is not a valid regex ({e}): fix it") from e
+    return pats
+
+
+def select_layers(model: nn.Module, include=None, exclude=None,
+                  min_out_features: int = MIN_OUT_FEATURES) -> tuple[dict[str, nn.Linear], list]:
+    """Linear layers ``compress`` would factorise, and the skip patterns that applied.
+
+    Returns:
+        ``({name: linear}, skip_patterns)``.
+    """
+    linears = _linears(model)
+    if not linears:
+        raise TrimtuneError("the model has no nn.Linear layer to factorise: pass a Transformer "
+                            "(e.g. a timm ViT) or a model built from nn.Linear layers")
+    inc = _as_patterns(include, "include")
+    exc = _as_patterns(exclude, "exclude")
+    for what, pats in (("include", inc), ("exclude", exc)):
+        for pat in pats:
+            if not any(re.search(pat, n) for n in linears):
+                raise TrimtuneError(
+                    f"{what} pattern {pat!r} matches no linear layer: check the names with "
+                    f"describe(model) or model.named_modules() (e.g. {next(iter(linears))!r})")
+    if inc:
+        chosen = {n: m for n, m in linears.items() if any(re.search(p, n) for p in inc)}
+        skip = list(exc)
+    else:
+        chosen = {n: m for n, m in linears.items()
+                  if not any(re.search(p, n) for p in DEFAULT_SKIP)
+                  and m.out_features >= min_out_features}
+        skip = list(DEFAULT_SKIP) + exc
+    chosen = {n: m for n, m in chosen.items() if not any(re.search(p, n) for p in exc)}
+    if not chosen:
+        raise TrimtuneError("no linear layer left to factorise after include/exclude and the "
+                            f"default skips {DEFAULT_SKIP}: widen include or narrow exclude")
+    return chosen, skip
+
+
+# ----------------------------------------------------------------------------- rank policies
+def rank_for(in_features: int, out_features: int, *, ratio: float | None = None,
+             energy: float | None = None, rank: int | None = None,
+             spectrum: torch.Tensor | None = None, total_energy: float | None = None) -> int:
+    """Rank of one layer under one policy (ratio: authors' rule; energy: needs ``spectrum``)."""
+    full = min(in_features, out_features)
+    if rank is not None:
+        return min(int(rank), full)
+    if energy is not None:
+        s2 = spectrum.double() ** 2
+        total = float(s2.sum()) if total_energy is None else total_energy
+        kept = torch.cumsum(s2, 0) / max(total, 1e-300)
+        r = int(torch.searchsorted(kept, torch.tensor(energy - 1e-12, dtype=kept.dtype))) + 1
+        return max(1, min(r, full))
+    assert ratio is not None
+    return max(1, min(full, math.floor(in_features * out_features
+                                       / (ratio * (in_features + out_features)))))
+
+
+def _check_policy(ratio, energy, rank, overrides, svd) -> dict[str, Any]:
+    if energy is not None and rank is not None:
+        raise TrimtuneError("give one rank policy: energy=... or rank=..., not both")
+    if (energy is not None or rank is not None) and ratio != 2.0:
+        raise TrimtuneError("give one rank policy: ratio=..., energy=... or rank=..., not several")
+    if energy is not None:
+        if not (isinstance(energy, (int, float)) and 0 < energy <= 1):
+            raise TrimtuneError(f"energy={energy!r} must be in (0, 1] (fraction of the squared "
+                                "singular values kept): e.g. energy=0.9")
+        policy: dict[str, Any] = {"type": "energy", "energy": float(energy)}
+    elif rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+            raise TrimtuneError(f"rank={rank!r} must be a positive integer: e.g. rank=64")
+        policy = {"type": "rank", "rank": rank}
+    else:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 1:
+            raise TrimtuneError(f"ratio={ratio!r} must be > 1 (each layer keeps about 1/ratio of "
+                                "its weights): e.g. ratio=2 (DeiT-B), 1.5 (Swin-B), 3")
+        policy = {"type": "ratio", "ratio": float(ratio)}
+    for pat, r in (overrides or {}).items():
+        _as_patterns(pat, "overrides")
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise TrimtuneError(f"overrides[{pat!r}] = {r!r} must be a positive integer rank")
+    if svd not in ("auto", "full", "randomized"):
+        raise TrimtuneError(f"svd={svd!r}: use 'auto', 'full' or 'randomized'")
+    if svd == "randomized" and energy is not None:
+        raise TrimtuneError("the energy policy needs the full spectrum: use svd='full' or 'auto'")
+    policy["overrides"] = dict(overrides or {})
+    return policy
+
+
+# ----------------------------------------------------------------------------- compress
+def compress(
+    model: nn.Module,
+    ratio: float = 2.0,
+    *,
+    energy: float | None = None,
+    rank: int | None = None,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    overrides: Mapping[str, int] | None = None,
+    svd: str = "auto",
+    svd_dtype: torch.dtype = torch.float32,
+    keep_dense_if_no_saving: bool = True,
+    min_out_features: int = MIN_OUT_FEATURES,
+    inplace: bool = False,
+    return_spectra: bool = False,
+):
+    """Factorise the linear layers of ``model`` by truncated SVD (PELA).
+
+    Args:
+        model: any ``nn.Module`` (typically a timm ViT / DeiT / Swin / DINOv2).
+        ratio: compression ratio c of the authors' rule ``r = floor(in*out / (c*(in+out)))``.
+        energy: instead of ``ratio``: keep the smallest r with ``sum(S[:r]^2) >= energy *
+            ||W||_F^2``; in (0, 1].
+        rank: instead of ``ratio``: a fixed rank, clamped to ``min(in, out)``.
+        include: regex(es); when given, only matching linears are candidates (no default skips).
+        exclude: regex(es) of linears to keep dense (added to the default skips).
+        overrides: ``{regex: rank}``; the first pattern matching a layer sets its rank.
+        svd: ``"full"``, ``"randomized"`` (``torch.svd_lowrank``) or ``"auto"`` (randomized when
+            ``min(in, out) >= 4096`` and the policy does not need the whole spectrum).
+        svd_dtype: dtype the SVD runs in (``torch.float64`` for bit-exact work).
+        keep_dense_if_no_saving: leave a layer dense when ``r*(in+out) >= in*out``.
+        min_out_features: linears with fewer outputs stay dense (default skip rule only).
+        inplace: modify ``model`` instead of a deep copy.
+        return_spectra: also return ``{layer name: singular values (float32 CPU)}``.
+
+    Returns:
+        the compressed model (``model.trimtune_lowrank`` records ``ranks``, ``policy``, ``skip``,
+        ``energy`` (kept fraction per layer) and ``kept_dense``; ``model.trimtune_arch`` is kept;
+        ``model.trimtune_spectra`` holds the singular values for :func:`plot_spectra`), or
+        ``(model, spectra)`` when ``return_spectra``.
+    """
+    policy = _check_policy(ratio, energy, rank, overrides, svd)
+    if is_compressed(model):
+        raise TrimtuneError("this model is already compressed: compress the original model, or "
+                            "pass rank/overrides to compress again from a dense model")
+    chosen, skip = select_layers(model, include, exclude, min_out_features)
+    if energy is not None and any(m.weight.is_meta for m in chosen.values()):
+        raise TrimtuneError("the energy policy needs real weights, not a meta-device model: "
+                            "use ratio= or rank= to plan ranks on the meta device")
+    override_pats = list((overrides or {}).items())
+    for pat, _ in override_pats:
+        if not any(re.search(pat, n) for n in chosen):
+            raise TrimtuneError(f"overrides pattern {pat!r} matches no layer being factorised: "
+                                f"check the names (e.g. {next(iter(chosen))!r})")
+    try:
+        arch = get_arch(model)
+    except TrimtuneError:
+        arch = None  # compress works on any model; save_compressed will ask for the arch
+
+    out = model if inplace else copy.deepcopy(model)
+    modules = dict(out.named_modules())
+    ranks: dict[str, int] = {}
+    kept_energy: dict[str, float] = {}
+    kept_dense: dict[str, str] = {}
+    spectra: dict[str, torch.Tensor] = {}
+    for name in chosen:
+        lin: nn.Linear = modules[name]
+        n_in, n_out = lin.in_features, lin.out_features
+        r_over = next((r for pat, r in override_pats if re.search(pat, name)), None)
+        need_spectrum = r_over is None and energy is not None
+        method = svd
+        if svd == "auto":
+            method = ("randomized" if min(n_in, n_out) >= RANDOMIZED_MIN_DIM
+                      and not need_spectrum else "full")
+        meta = lin.weight.is_meta  # planning on the meta device: ranks and sizes, no values
+        total = None if meta else float(lin.weight.detach().double().pow(2).sum())
+        usv = None
+        if need_spectrum:
+            usv = truncated_svd(lin.weight, min(n_in, n_out), svd="full", dtype=svd_dtype)
+        r = (min(r_over, n_in, n_out) if r_over is not None else
+             rank_for(n_in, n_out, ratio=policy.get("ratio"), energy=energy, rank=rank,
+                      spectrum=None if usv is None else usv[1], total_energy=total))
+        if keep_dense_if_no_saving and r * (n_in + n_out) >= n_in * n_out:
+            kept_dense[name] = f"rank {r} saves no parameters"
+            continue
+        if method == "randomized" and r >= min(n_in, n_out):
+            method = "full"
+        parent_name, _, attr = name.rpartition(".")
+        ranks[name] = r
+        if meta:
+            setattr(modules[parent_name] if parent_name else out, attr, LowRankLinear(
+                n_in, n_out, r, bias=lin.bias is not None, device="meta", dtype=lin.weight.dtype))
+            continue
+        if usv is None:
+            usv = truncated_svd(lin.weight, r, svd=method, dtype=svd_dtype)
+        setattr(modules[parent_name] if parent_name else out, attr,
+                LowRankLinear.from_svd(lin, *usv, rank=r))
+        s = usv[1].detach().float().cpu()
+        kept_energy[name] = min(1.0, float((s[:r].double() ** 2).sum()) / max(total, 1e-300))
+        spectra[name] = s
+    if not ranks:
+        raise TrimtuneError("no layer would save parameters at this policy (every rank >= "
+                            "in*out/(in+out)): use a larger ratio / smaller rank or energy, or "
+                            "keep_dense_if_no_saving=False")
+    policy.update(svd=svd, keep_dense_if_no_saving=keep_dense_if_no_saving,
+                  include=_as_patterns(include, "include") or None,
+                  exclude=_as_patterns(exclude, "exclude") or None,
+                  min_out_features=min_out_features)
+    out.trimtune_lowrank = {"ranks": ranks, "policy": policy, "skip": skip,
+                            "energy": kept_energy, "kept_dense": kept_dense}
+    out.trimtune_spectra = spectra
+    if arch is not None:
+        out.trimtune_arch = arch
+    return (out, spectra) if return_spectra else out
+
+
+def is_compressed(model: nn.Module) -> bool:
+    """True if ``model`` contains at least one :class:`LowRankLinear`."""
+    return any(isinstance(m, LowRankLinear) for m in model.modules())
+
+
+def factorised_layers(model: nn.Module) -> dict[str, LowRankLinear]:
+    """``{qualified name: LowRankLinear}`` in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}

@@ -1,0 +1,172 @@
+"""The compressed-model format: a folder with ``model.safetensors`` and ``trimtune.json``.
+
+``trimtune.json`` holds everything needed to rebuild the module tree without the original
+model or a download: the timm architecture and its kwargs, the number of classes, the rank of
+every factorised layer, the rank policy, the skip patterns, the package and format versions.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import read_json, read_safetensors, write_json, write_safetensors
+from ..errors import TrimtuneError
+from .compress import factorised_layers, get_arch
+from .layers import LowRankLinear
+
+FORMAT = "trimtune.compressed"
+FORMAT_VERSION = 1
+CONFIG_NAME = "trimtune.json"
+WEIGHTS_NAME = "model.safetensors"
+REQUIRED = ("format", "format_version", "arch", "ranks")
+
+__all__ = ["save_compressed", "load_compressed", "build_from_arch", "FORMAT_VERSION"]
+
+
+def build_from_arch(arch: dict[str, Any]) -> nn.Module:
+    """Random-init module tree for ``{"arch": timm name, "kwargs": {...}}``, no download
+    (``trimtune.models.build_from_arch`` when present, else ``timm.create_model``)."""
+    if not isinstance(arch, dict) or not isinstance(arch.get("arch"), str):
+        raise TrimtuneError(f"bad architecture record {arch!r}: expected "
+                            "{'arch': <timm name>, 'kwargs': {...}}; re-save the model")
+    try:
+        from ..models import build_from_arch as _build  # type: ignore[attr-defined]
+    except ImportError:
+        _build = None
+    if _build is not None:
+        return _build(arch)
+    import timm
+
+    name, kwargs = arch["arch"], dict(arch.get("kwargs") or {})
+    if not timm.is_model(name):
+        raise TrimtuneError(f"unknown architecture {name!r} in {CONFIG_NAME}: the file is damaged "
+                            "or needs a newer timm; re-save the model")
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except Exception as e:
+        raise TrimtuneError(f"cannot build {name!r} with kwargs {kwargs} ({e}): the "
+                            f"{CONFIG_NAME} is damaged; re-save the model") from e
+
+
+def _factorise_tree(model: nn.Module, ranks: dict[str, int]) -> None:
+    """Replace each listed ``nn.Linear`` of a freshly built model by an empty LowRankLinear."""
+    modules = dict(model.named_modules())
+    for name, r in ranks.items():
+        lin = modules.get(name)
+        if not isinstance(lin, nn.Linear):
+            raise TrimtuneError(f"{CONFIG_NAME} lists layer {name!r}, which is not a linear layer "
+                                "of this architecture: the file is damaged; re-save the model")
+        full = min(lin.in_features, lin.out_features)
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= full:
+            raise TrimtuneError(f"{CONFIG_NAME}: rank {r!r} of {name!r} does not fit its "
+                                f"{lin.in_features}->{lin.out_features} shape (1..{full}): "
+                                "the file is damaged; re-save the model")
+        w = lin.weight
+        new = LowRankLinear(lin.in_features, lin.out_features, r, bias=lin.bias is not None,
+                            device=w.device, dtype=w.dtype)
+        parent, _, attr = name.rpartition(".")
+        setattr(modules[parent] if parent else model, attr, new)
+
+
+def _check_state(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor],
+                 where: str) -> None:
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    if missing or unexpected:
+        raise TrimtuneError(
+            f"{where} does not match the architecture in {CONFIG_NAME}: missing keys "
+            f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected keys "
+            f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; re-save the model")
+    bad = [(k, tuple(got[k].shape), tuple(v.shape)) for k, v in expected.items()
+           if tuple(got[k].shape) != tuple(v.shape)]
+    if bad:
+        k, g, e = bad[0]
+        raise TrimtuneError(f"{where}: tensor {k!r} has shape {g}, the architecture expects {e} "
+                            f"({len(bad)} mismatched); the files do not belong together; "
+                            "re-save the model")
+
+
+def save_compressed(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write ``model.safetensors`` + ``trimtune.json`` (atomically) into ``directory``.
+
+    The architecture must be known (``model.trimtune_arch``, set by ``create_backbone`` and
+    kept by ``compress``); it is checked by rebuilding the tree on the meta device.
+    """
+    from .. import __version__
+
+    layers = factorised_layers(model)
+    if not layers:
+        raise TrimtuneError("the model has no factorised layer: run trimtune.compress(model) "
+                            "first (a dense model is saved with the usual timm tools)")
+    arch = get_arch(model)
+    record = copy.deepcopy(getattr(model, "trimtune_lowrank", None) or {})
+    ranks = {n: m.rank for n, m in layers.items()}
+    state = model.state_dict()
+    with torch.device("meta"):
+        ref = build_from_arch(arch)
+    _factorise_tree(ref, ranks)
+    _check_state(ref.state_dict(), state, "the model")
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "trimtune_version": __version__,
+        "arch": arch,
+        "num_classes": getattr(model, "num_classes", None),
+        "ranks": ranks,
+        "policy": record.get("policy"),
+        "skip": record.get("skip"),
+        "energy": record.get("energy"),
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # weights first: a folder whose json exists is complete
+    write_safetensors(directory / WEIGHTS_NAME, dict(state),
+                      metadata={"format": "pt", "trimtune_format": FORMAT})
+    write_json(directory / CONFIG_NAME, config)
+    return directory
+
+
+def load_compressed(directory: str | os.PathLike, device: str | torch.device = "cpu"
+                    ) -> nn.Module:
+    """Rebuild a compressed model from ``directory`` alone (no download) and load its weights
+    strictly. Raises TrimtuneError naming the problem if a file is missing or damaged."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise TrimtuneError(f"{directory} is not a folder: pass the folder save_compressed wrote")
+    config = read_json(directory / CONFIG_NAME)
+    if not isinstance(config, dict):
+        raise TrimtuneError(f"{directory / CONFIG_NAME} is not a trimtune record; re-save it")
+    missing = [k for k in REQUIRED if k not in config]
+    if missing:
+        raise TrimtuneError(f"{directory / CONFIG_NAME} lacks field(s) {missing}: the file is "
+                            "damaged or not written by save_compressed; re-save the model")
+    if config["format"] != FORMAT:
+        raise TrimtuneError(f"{directory / CONFIG_NAME} has format {config['format']!r}, not "
+                            f"{FORMAT!r}: load it with the matching trimtune function")
+    if config["format_version"] != FORMAT_VERSION:
+        raise TrimtuneError(f"format version {config['format_version']!r} is not supported (this "
+                            f"trimtune reads {FORMAT_VERSION}): upgrade trimtune or re-save")
+    ranks = config["ranks"]
+    if not isinstance(ranks, dict) or not ranks:
+        raise TrimtuneError(f"{directory / CONFIG_NAME}: 'ranks' must be a non-empty "
+                            "{layer: rank} mapping; re-save the model")
+    arch = copy.deepcopy(config["arch"])
+    num_classes = config.get("num_classes")
+    if isinstance(arch, dict) and num_classes is not None:
+        arch.setdefault("kwargs", {}).setdefault("num_classes", num_classes)
+    model = build_from_arch(arch)
+    _factorise_tree(model, ranks)
+    state = read_safetensors(directory / WEIGHTS_NAME)
+    _check_state(model.state_dict(), state, str(directory / WEIGHTS_NAME))
+    model.load_state_dict(state, strict=True)
+    model.trimtune_arch = arch
+    model.trimtune_lowrank = {"ranks": dict(ranks), "policy": config.get("policy"),
+                              "skip": config.get("skip"), "energy": config.get("energy") or {},
+                              "kept_dense": {}}
+    return model.to(device).eval()

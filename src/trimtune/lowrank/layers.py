@@ -1,0 +1,149 @@
+"""The factorised linear layer of PELA and its truncated-SVD initialisation.
+
+A dense ``nn.Linear`` with weight ``W`` (out x in) becomes two linears with no activation in
+between::
+
+    x (..., in) -> first: Linear(in, r, bias=False) -> (..., r)
+                -> second: Linear(r, out, bias=<original bias>) -> (..., out)
+
+so ``W ~= W2 @ W1`` with ``W1 = sqrt(S_r) V_r^T`` (r x in) and ``W2 = U_r sqrt(S_r)`` (out x r):
+the optimal rank-r approximation (Eckart-Young) with the singular values split evenly, so the
+two factors have equal Frobenius norms.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..errors import TrimtuneError
+
+SvdMethod = Literal["full", "randomized"]
+
+
+def truncated_svd(
+    weight: torch.Tensor,
+    rank: int,
+    svd: SvdMethod = "full",
+    dtype: torch.dtype = torch.float32,
+    niter: int = 4,
+    oversample: int = 10,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Leading ``rank`` singular triplets of ``weight`` (out x in), computed on its device.
+
+    Args:
+        weight: matrix of shape (out, in).
+        rank: number of singular triplets to keep, 1 <= rank <= min(out, in).
+        svd: ``"full"`` (``torch.linalg.svd``, exact; returns the whole spectrum) or
+            ``"randomized"`` (``torch.svd_lowrank``, for very large layers; the spectrum it
+            returns has only ``rank + oversample`` values).
+        dtype: dtype the decomposition runs in (float64 for bit-exact tests).
+
+    Returns:
+        ``U`` (out x rank), ``S`` (k,) with k >= rank: every singular value computed, descending,
+        and ``Vh`` (rank x in).
+    """
+    w = weight.detach().to(dtype)
+    if svd == "full":
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    elif svd == "randomized":
+        q = min(rank + oversample, min(w.shape))
+        u, s, v = torch.svd_lowrank(w, q=q, niter=niter)
+        vh = v.mT
+    else:
+        raise TrimtuneError(f"unknown svd method {svd!r}: use 'full', 'randomized' or 'auto'")
+    return u[:, :rank], s, vh[:rank]
+
+
+class LowRankLinear(nn.Module):
+    """``nn.Linear(in, out)`` factorised as ``second(first(x))`` through a rank-``r`` bottleneck.
+
+    Args:
+        in_features: input size.
+        out_features: output size.
+        rank: bottleneck size r; parameters r * (in + out) (+ out for the bias).
+        bias: whether ``second`` carries a bias (the original layer's bias).
+
+    Shape:
+        - Input: (*, in_features)
+        - Output: (*, out_features)
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if not (isinstance(rank, int) and 1 <= rank <= min(in_features, out_features)):
+            raise TrimtuneError(
+                f"rank {rank!r} does not fit a {in_features}->{out_features} layer: "
+                f"use an integer between 1 and {min(in_features, out_features)}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.rank = rank
+        self.first = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.second = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    @property
+    def weight_product(self) -> torch.Tensor:
+        """The dense weight ``W2 @ W1`` this layer computes, shape (out, in)."""
+        return self.second.weight @ self.first.weight
+
+    def to_dense(self) -> nn.Linear:
+        """A plain ``nn.Linear`` computing the same function (W = W2 @ W1, same bias)."""
+        w = self.second.weight
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.second.bias is not None,
+                          device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.weight_product)
+            if self.second.bias is not None:
+                dense.bias.copy_(self.second.bias)
+        return dense
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, svd: SvdMethod = "full",
+                    svd_dtype: torch.dtype = torch.float32,
+                    return_spectrum: bool = False):
+        """Factorise ``linear`` by truncated SVD, singular values split evenly.
+
+        Args:
+            linear: the dense layer (weight out x in); left unchanged.
+            rank: bottleneck size r.
+            svd: ``"full"`` or ``"randomized"`` (see :func:`truncated_svd`).
+            svd_dtype: dtype the SVD runs in; the factors take ``linear.weight``'s dtype.
+            return_spectrum: also return the computed singular values (descending, float32).
+
+        Returns:
+            the new ``LowRankLinear`` (on ``linear``'s device), or ``(layer, S)``.
+        """
+        u, s, vh = truncated_svd(linear.weight, rank, svd=svd, dtype=svd_dtype)
+        layer = cls.from_svd(linear, u, s, vh, rank)
+        if return_spectrum:
+            return layer, s.detach().float().cpu()
+        return layer
+
+    @classmethod
+    def from_svd(cls, linear: nn.Linear, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor,
+                 rank: int) -> LowRankLinear:
+        """Build the layer from a precomputed SVD of ``linear.weight``: ``u`` (out x >=rank),
+        ``s`` (>=rank,), ``vh`` (>=rank x in); bias copied from ``linear``."""
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
+                    device=w.device, dtype=w.dtype)
+        u, vh = u[:, :rank], vh[:rank]
+        root = s[:rank].sqrt()
+        with torch.no_grad():
+            layer.first.weight.copy_(root[:, None] * vh)     # (r, in)
+            layer.second.weight.copy_(u * root[None, :])     # (out, r)
+            if linear.bias is not None:
+                layer.second.bias.copy_(linear.bias)
+        for p in layer.parameters():
+            p.requires_grad_(w.requires_grad)
+        return layer
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, bias={self.second.bias is not None}")
