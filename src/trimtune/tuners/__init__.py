@@ -1,0 +1,39 @@
+"""Fine-tuning methods: SNELL / SNELLA (kernelised sparse updates) and the usual baselines.
+
+    model = attach(model, SnellaConfig(rank=32, target_sparsity=0.7))   # in place
+    ...train (SnellaAllocator callback for SNELLA)...
+    save_adapter(model, "runs/ft"); plain = merge(model)
+"""
+
+from .config import DEFAULT_TARGETS, SnellaConfig, SnellConfig, config_from_dict
+from .inject import (
+    attach,
+    detach,
+    find_targets,
+    format_summary,
+    iter_snell_layers,
+    iter_units,
+    merge,
+    trainable_summary,
+)
+from .io import load_adapter, save_adapter
+from .kernels import (
+    InnerProductKernel,
+    Kernel,
+    MixtureKernel,
+    PiecewiseLinearKernel,
+    RBFKernel,
+    SigmoidKernel,
+    create_kernel,
+    safe_cdist,
+)
+from .snell import SnellLinear, SparseDelta, magnitude_threshold, sparsify
+
+__all__ = [
+    "DEFAULT_TARGETS", "SnellConfig", "SnellaConfig", "config_from_dict",
+    "attach", "detach", "merge", "find_targets", "iter_snell_layers", "iter_units",
+    "trainable_summary", "format_summary", "save_adapter", "load_adapter",
+    "Kernel", "PiecewiseLinearKernel", "MixtureKernel", "InnerProductKernel", "RBFKernel",
+    "SigmoidKernel", "create_kernel", "safe_cdist",
+    "SparseDelta", "SnellLinear", "magnitude_threshold", "sparsify",
+]
