@@ -29,6 +29,19 @@ from .kernels import (
 )
 from .snell import SnellLinear, SparseDelta, magnitude_threshold, sparsify
 
+# written beside this package by another engineer: the SNELLA allocator and the baselines
+from .allocator import SnellaAllocator, allocate_budget, cubic_budget, find_units  # noqa: E402
+from .baselines import (  # noqa: E402
+    METHODS,
+    TARGET_SUFFIXES,
+    AdaLoraCallback,
+    adalora_orth_loss,
+    merge_method,
+    prepare_method,
+    target_linears,
+    trainable_parameters,
+)
+
 __all__ = [
     "DEFAULT_TARGETS", "SnellConfig", "SnellaConfig", "config_from_dict",
     "attach", "detach", "merge", "find_targets", "iter_snell_layers", "iter_units",
@@ -36,4 +49,7 @@ __all__ = [
     "Kernel", "PiecewiseLinearKernel", "MixtureKernel", "InnerProductKernel", "RBFKernel",
     "SigmoidKernel", "create_kernel", "safe_cdist",
     "SparseDelta", "SnellLinear", "magnitude_threshold", "sparsify",
+    "SnellaAllocator", "allocate_budget", "cubic_budget", "find_units",
+    "METHODS", "TARGET_SUFFIXES", "AdaLoraCallback", "adalora_orth_loss", "merge_method",
+    "prepare_method", "target_linears", "trainable_parameters",
 ]
