@@ -1,0 +1,390 @@
+"""Baseline fine-tuning methods that SNELL / SNELLA are compared against.
+
+One verb, :func:`prepare_method`, turns a (plain or compressed) timm model into a model ready
+for :func:`trimtune.train.fit` with one of these methods:
+
+===============  ============================================================================
+``full``         every parameter trains
+``linear``       only ``modules_to_save`` (the classifier ``head``) trains: a linear probe
+``bitfit``       every bias plus the head
+``lora``         PEFT LoRA on the target linears (+ head)
+``dora``         PEFT DoRA (``LoraConfig(use_dora=True)``) on the target linears (+ head)
+``adalora``      PEFT AdaLoRA on the target linears (+ head); needs the returned callback
+``masked-sparse`` the dense weights of the target linears train through a FIXED gradient mask
+                 of a given density (SPT / GPS style memory reference, see below)
+===============  ============================================================================
+
+Target layers are those SNELL adapts: in every timm ViT block the fused ``attn.qkv``, the
+``attn.proj``, ``mlp.fc1`` and ``mlp.fc2`` linears. **The fused qkv stays fused**: LoRA on it
+trains ``r * (d + 3d)`` numbers per block, whereas LoRA on split q, k, v (the SNELL authors'
+layout) trains ``3 * r * 2d``. On a model compressed by :func:`trimtune.lowrank.compress`, a
+target that became a low-rank pair gets its adapter on both factor linears ``.first`` and
+``.second`` (``r * (in + rank) + r * (rank + out)`` numbers).
+
+The PEFT layers are injected in place with :func:`peft.inject_adapter_in_model` (AdaLoRA: its
+tuner class, kept inside the returned callback): the model stays a plain ``nn.Module``, never a
+``PeftModel``. The head is made trainable directly (no ``ModulesToSaveWrapper`` copy).
+:func:`merge_method` folds the adapters back into plain ``nn.Linear`` layers.
+
+AdaLoRA's orthogonality regulariser lives in ``PeftModel.forward`` in PEFT; with a plain model
+add :func:`adalora_orth_loss` to the objective's loss if you want it (the default objective
+does not).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import TrimtuneError
+
+__all__ = [
+    "METHODS",
+    "TARGET_SUFFIXES",
+    "prepare_method",
+    "merge_method",
+    "target_linears",
+    "trainable_parameters",
+    "AdaLoraCallback",
+    "adalora_orth_loss",
+]
+
+METHODS = ("full", "linear", "bitfit", "lora", "dora", "adalora", "masked-sparse")
+TARGET_SUFFIXES = ("qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+_OPTIONS: dict[str, tuple[str, ...]] = {
+    "full": (), "linear": (), "bitfit": (), "lora": ("dropout",), "dora": ("dropout",),
+    "adalora": ("dropout", "init_r", "total_step", "tinit", "tfinal", "deltaT", "beta1",
+                "beta2", "orth_reg_weight"),
+    "masked-sparse": ("density", "sparsity", "batches", "loss_fn", "mask_init", "seed"),
+}
+_ADALORA_PLACEHOLDER_STEPS = 10**9  # replaced by the real total at train start
+
+
+def _matches(name: str, patterns: str | Sequence[str]) -> bool:
+    """PEFT rule: a regex string must fully match; list entries match the name or a suffix."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _is_factorised(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "first", None), nn.Linear) and isinstance(
+        getattr(module, "second", None), nn.Linear)
+
+
+def target_linears(model: nn.Module, target_modules: str | Sequence[str] | None = None
+                   ) -> list[str]:
+    """Qualified names of the ``nn.Linear`` layers a method adapts.
+
+    Args:
+        model: a timm model, plain or compressed (low-rank layers with ``.first``/``.second``).
+        target_modules: regex (full match) or list of names / name suffixes, as in PEFT;
+            default :data:`TARGET_SUFFIXES`.
+
+    Returns:
+        Names of linear layers; a matched low-rank layer contributes ``name.first`` and
+        ``name.second``.
+    """
+    patterns = TARGET_SUFFIXES if target_modules is None else target_modules
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if not name or not _matches(name, patterns):
+            continue
+        if _is_factorised(module):
+            names += [f"{name}.first", f"{name}.second"]
+        elif isinstance(module, nn.Linear):
+            names.append(name)
+    if not names:
+        raise TrimtuneError(f"no linear layer of {type(model).__name__} matches target_modules="
+                            f"{patterns!r}; pass names such as 'qkv' or 'mlp.fc1' that exist "
+                            "in model.named_modules()")
+    return names
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Number of parameter entries with ``requires_grad`` (shared tensors counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _train_modules(model: nn.Module, modules_to_save: Iterable[str]) -> None:
+    """Make every parameter of the named modules trainable (names or suffixes)."""
+    patterns = list(modules_to_save or ())
+    found = set()
+    for name, module in model.named_modules():
+        for p in patterns:
+            if name == p or name.endswith("." + p):
+                found.add(p)
+                for q in module.parameters():
+                    q.requires_grad_(True)
+    missing = set(patterns) - found
+    if missing:
+        raise TrimtuneError(f"modules_to_save {sorted(missing)} not found in the model; pass "
+                            "the classifier's name (timm: model.default_cfg['classifier']) or ()")
+
+
+def prepare_method(model: nn.Module, method: str, *, rank: int = 8, alpha: float | None = None,
+                   target_modules: str | Sequence[str] | None = None,
+                   modules_to_save: Sequence[str] = ("head",), **kw: Any
+                   ) -> tuple[nn.Module, list[Any]]:
+    """Set ``model`` up (in place) for fine-tuning with a baseline ``method``.
+
+    Args:
+        model: a plain or compressed timm model.
+        method: one of :data:`METHODS`.
+        rank: LoRA / DoRA rank; AdaLoRA's *target* average rank (``init_r`` defaults to
+            ``ceil(1.5 * rank)``).
+        alpha: LoRA scaling numerator (``lora_alpha``); default ``rank`` (scale 1).
+        target_modules: which linears to adapt, see :func:`target_linears`.
+        modules_to_save: modules trained in full besides the adapters (default the head).
+        **kw: per method:
+            ``dropout`` (lora/dora/adalora, default 0);
+            adalora: ``init_r``, ``total_step`` (default: ``state.total_steps`` at train
+            start), ``tinit``, ``tfinal``, ``deltaT``, ``beta1``, ``beta2``, ``orth_reg_weight``;
+            masked-sparse: ``density`` (fraction of entries that train, default 0.3) or
+            ``sparsity`` (= 1 - density), ``batches`` (iterable of ``(images, labels)``),
+            ``loss_fn`` (default cross-entropy), ``mask_init`` ("gradient" | "magnitude" |
+            "random"), ``seed``.
+
+    Returns:
+        ``(model, callbacks)``: the same model object, and the training callbacks the method
+        needs (only AdaLoRA has one).
+    """
+    if method not in METHODS:
+        raise TrimtuneError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    unknown = set(kw) - set(_OPTIONS[method])
+    if unknown:
+        raise TrimtuneError(f"method {method!r} does not take {sorted(unknown)}; it takes "
+                            f"{list(_OPTIONS[method]) or 'no extra options'}")
+    callbacks: list[Any] = []
+    if method == "full":
+        model.requires_grad_(True)
+    elif method in ("linear", "bitfit"):
+        model.requires_grad_(False)
+        if method == "bitfit":
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.requires_grad_(True)
+        _train_modules(model, modules_to_save)
+    elif method in ("lora", "dora"):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        targets = target_linears(model, target_modules)
+        config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
+                            lora_dropout=kw.pop("dropout", 0.0), target_modules=targets,
+                            use_dora=method == "dora", bias="none")
+        model.requires_grad_(False)
+        inject_adapter_in_model(config, model)
+        _train_adapters(model)
+        _train_modules(model, modules_to_save)
+    elif method == "adalora":
+        callbacks.append(_prepare_adalora(model, rank, alpha, target_modules, kw))
+        _train_modules(model, modules_to_save)
+    else:
+        _prepare_masked_sparse(model, target_modules, kw)
+        _train_modules(model, modules_to_save)
+    model.trimtune_method = {"method": method, "rank": rank, "alpha": alpha}
+    return model, callbacks
+
+
+def _train_adapters(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+
+# ---------------------------------------------------------------------------- AdaLoRA
+def _prepare_adalora(model: nn.Module, rank: int, alpha: float | None,
+                     target_modules: str | Sequence[str] | None, kw: dict) -> AdaLoraCallback:
+    from peft import AdaLoraConfig
+    from peft.tuners.adalora import AdaLoraModel
+
+    targets = target_linears(model, target_modules)
+    total = kw.pop("total_step", None)
+    config = AdaLoraConfig(
+        init_r=kw.pop("init_r", math.ceil(1.5 * rank)), target_r=rank,
+        lora_alpha=alpha if alpha is not None else rank, lora_dropout=kw.pop("dropout", 0.0),
+        target_modules=targets, total_step=total or _ADALORA_PLACEHOLDER_STEPS,
+        tinit=kw.pop("tinit", 0), tfinal=kw.pop("tfinal", 0), deltaT=kw.pop("deltaT", 1),
+        beta1=kw.pop("beta1", 0.85), beta2=kw.pop("beta2", 0.85),
+        orth_reg_weight=kw.pop("orth_reg_weight", 0.5))
+    model.requires_grad_(False)
+    # AdaLoRA keeps its rank allocator on the tuner object: build the tuner (it injects the
+    # SVD layers into ``model`` in place) and keep it in the callback, not around the model.
+    tuner = AdaLoraModel(model, config, "default")
+    _train_adapters(model)
+    return AdaLoraCallback(tuner, total_known=total is not None)
+
+
+class AdaLoraCallback:
+    """Training callback running AdaLoRA's ``update_and_allocate`` after each optimizer step.
+
+    PEFT expects the 0-based index of the step just taken, after ``optimizer.step()`` and
+    before ``zero_grad()``; the training loop calls ``after_optimizer_step`` there with
+    ``state.step`` = steps done, so the index is ``state.step - 1``.
+    """
+
+    def __init__(self, tuner: nn.Module, total_known: bool = True) -> None:
+        self.tuner = tuner
+        self.total_known = total_known
+
+    @property
+    def config(self) -> Any:
+        return self.tuner.peft_config["default"]
+
+    def on_train_start(self, state: Any) -> None:
+        if not self.total_known:
+            total = getattr(state, "total_steps", None)
+            if not total:
+                raise TrimtuneError("AdaLoRA needs the number of training steps; pass "
+                                    "total_step=... to prepare_method or train with fit()")
+            cfg = self.config
+            if cfg.tinit >= total - cfg.tfinal:
+                raise TrimtuneError(f"AdaLoRA tinit={cfg.tinit} + tfinal={cfg.tfinal} leave no "
+                                    f"budgeting phase in {total} steps; lower them")
+            self.tuner.rankallocator.set_total_step(int(total))
+            self.total_known = True
+
+    def after_optimizer_step(self, state: Any) -> None:
+        self.tuner.update_and_allocate(int(state.step) - 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        ra = self.tuner.rankallocator
+        return {"ipt": dict(ra.ipt), "exp_avg_ipt": dict(ra.exp_avg_ipt),
+                "exp_avg_unc": dict(ra.exp_avg_unc), "rank_pattern": self.config.rank_pattern,
+                "total_step": self.config.total_step}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        ra = self.tuner.rankallocator
+        ra.ipt, ra.exp_avg_ipt, ra.exp_avg_unc = (dict(d["ipt"]), dict(d["exp_avg_ipt"]),
+                                                  dict(d["exp_avg_unc"]))
+        self.config.rank_pattern = d["rank_pattern"]
+        ra.set_total_step(int(d["total_step"]))
+        self.total_known = True
+
+
+def adalora_orth_loss(model: nn.Module) -> torch.Tensor:
+    """AdaLoRA's orthogonality regulariser ``mean ||P P^T - I||_F`` over its ``lora_A`` and
+    ``lora_B`` (as in ``AdaLoraModel.forward``); multiply by ``orth_reg_weight``."""
+    terms = []
+    for name, p in model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and p.requires_grad:
+            cov = p @ p.T if "lora_A" in name else p.T @ p
+            terms.append(torch.linalg.matrix_norm(cov - torch.eye(len(cov), device=p.device)))
+    if not terms:
+        raise TrimtuneError("no AdaLoRA factors found; prepare the model with method='adalora'")
+    return torch.stack(terms).mean()
+
+
+# ---------------------------------------------------------------------------- masked sparse
+def _prepare_masked_sparse(model: nn.Module, target_modules: str | Sequence[str] | None,
+                           kw: dict) -> None:
+    """Dense target weights train through a fixed gradient mask (SPT / GPS memory reference).
+
+    The mask keeps ``density`` of the entries of every target weight (per layer, like SNELL's
+    per-layer sparsity). Entries are picked by the largest accumulated ``|grad|`` over
+    ``batches`` (SPT/GPS-style, default when batches are given), else by the largest
+    ``|weight|`` ("magnitude", default without batches) or at random ("random", seeded).
+    The mask is a non-persistent buffer ``trimtune_grad_mask`` on the layer, applied by a
+    ``register_hook`` on the weight, so the whole matrix still sits in the optimizer: the
+    memory cost of SPT/GPS. Biases of target layers stay frozen. Decoupled weight decay
+    (AdamW) still moves masked-out entries: use ``weight_decay=0`` for exact sparsity.
+    """
+    density = kw.pop("density", None)
+    sparsity = kw.pop("sparsity", None)
+    if density is None:
+        density = 1.0 - sparsity if sparsity is not None else 0.3
+    if not 0.0 < density <= 1.0:
+        raise TrimtuneError(f"masked-sparse density={density} must be in (0, 1]; e.g. "
+                            "density=0.3 (or sparsity=0.7)")
+    batches = kw.pop("batches", None)
+    loss_fn: Callable = kw.pop("loss_fn", nn.functional.cross_entropy)
+    mask_init = kw.pop("mask_init", None) or ("gradient" if batches is not None else "magnitude")
+    seed = kw.pop("seed", 0)
+    if mask_init not in ("gradient", "magnitude", "random"):
+        raise TrimtuneError(f"mask_init={mask_init!r} unknown; use gradient, magnitude or random")
+    if mask_init == "gradient" and batches is None:
+        raise TrimtuneError("mask_init='gradient' needs batches=[(images, labels), ...]")
+
+    names = target_linears(model, target_modules)
+    layers = {n: model.get_submodule(n) for n in names}
+    model.requires_grad_(False)
+    if mask_init == "gradient":
+        scores = _gradient_scores(model, layers, batches, loss_fn)
+    elif mask_init == "magnitude":
+        scores = {n: m.weight.detach().abs() for n, m in layers.items()}
+    else:
+        g = torch.Generator().manual_seed(seed)
+        scores = {n: torch.rand(m.weight.shape, generator=g) for n, m in layers.items()}
+    for n, layer in layers.items():
+        w = layer.weight
+        k = max(1, round(density * w.numel()))
+        mask = torch.zeros(w.numel(), dtype=w.dtype, device=w.device)
+        mask[scores[n].flatten().topk(k).indices.to(w.device)] = 1
+        layer.register_buffer("trimtune_grad_mask", mask.view_as(w), persistent=False)
+        w.requires_grad_(True)
+        layer._trimtune_mask_hook = w.register_hook(
+            lambda grad, layer=layer: grad * layer.trimtune_grad_mask)
+
+
+def _gradient_scores(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable,
+                     loss_fn: Callable) -> dict[str, torch.Tensor]:
+    """Accumulated ``|dL/dW|`` of each target weight over ``batches``; grads left cleared."""
+    scores = {n: torch.zeros_like(m.weight) for n, m in layers.items()}
+    for m in layers.values():
+        m.weight.requires_grad_(True)
+    device = next(model.parameters()).device
+    n_batches = 0
+    for x, y in batches:
+        loss = loss_fn(model(x.to(device)), y.to(device))
+        grads = torch.autograd.grad(loss, [m.weight for m in layers.values()])
+        for n, g in zip(layers, grads):
+            scores[n] += g.abs()
+        n_batches += 1
+    if n_batches == 0:
+        raise TrimtuneError("batches is empty; give a few (images, labels) batches or "
+                            "mask_init='magnitude'")
+    for m in layers.values():
+        m.weight.requires_grad_(False)
+    return scores
+
+
+# ---------------------------------------------------------------------------- merge
+def merge_method(model: nn.Module, method: str | None = None) -> nn.Module:
+    """Fold a baseline's update into plain layers, in place; returns ``model``.
+
+    LoRA / DoRA / AdaLoRA: every PEFT layer is merged (``layer.merge()``) and replaced by its
+    base ``nn.Linear``, so the result is a plain timm model again. masked-sparse: the gradient
+    hooks and masks are removed (the weights already hold the update). full / linear / bitfit:
+    nothing to do. ``method`` defaults to the one :func:`prepare_method` recorded.
+    """
+    method = method or getattr(model, "trimtune_method", {}).get("method")
+    if method is None or method not in METHODS:
+        raise TrimtuneError(f"merge_method: unknown method {method!r}; pass one of "
+                            f"{', '.join(METHODS)}")
+    if method in ("lora", "dora", "adalora"):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        peft_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+        if not peft_layers:
+            raise TrimtuneError(f"no {method} layers in the model: nothing to merge (was it "
+                                "prepared with prepare_method, or merged already?)")
+        for name, layer in peft_layers:
+            with torch.no_grad():
+                layer.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, layer.get_base_layer())
+    elif method == "masked-sparse":
+        for module in model.modules():
+            hook = getattr(module, "_trimtune_mask_hook", None)
+            if hook is not None:
+                hook.remove()
+                del module._trimtune_mask_hook
+                del module.trimtune_grad_mask
+    if hasattr(model, "trimtune_method"):
+        del model.trimtune_method
+    return model
