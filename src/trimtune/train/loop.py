@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import GradientAccumulationPlugin, send_to_device, set_seed
+from accelerate.utils import (DistributedDataParallelKwargs, GradientAccumulationPlugin,
+                               send_to_device, set_seed)
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
@@ -55,7 +56,7 @@ def fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tra
         A :class:`TrainResult`.
     """
     cfg, out = config, Path(config.out_dir)
-    accelerator = _make_accelerator(cfg)
+    accelerator = _make_accelerator(cfg, getattr(objective, "find_unused_parameters", False))
     main = accelerator.is_main_process
     set_seed(cfg.seed)
     if not hasattr(train_data, "__len__"):
@@ -218,7 +219,7 @@ def fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tra
 
 
 # ---- helpers ------------------------------------------------------------------------------------
-def _make_accelerator(cfg: TrainConfig) -> Accelerator:
+def _make_accelerator(cfg: TrainConfig, find_unused: bool) -> Accelerator:
     mp = cfg.mixed_precision
     if mp != "no" and not torch.cuda.is_available():
         warnings.warn(f"mixed_precision={mp!r} needs a GPU: training in float32 on the CPU",
@@ -229,7 +230,9 @@ def _make_accelerator(cfg: TrainConfig) -> Accelerator:
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     plugin = GradientAccumulationPlugin(num_steps=cfg.grad_accum, sync_with_dataloader=False)
-    return Accelerator(mixed_precision=mp, gradient_accumulation_plugin=plugin, cpu=False)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(find_unused))
+    return Accelerator(mixed_precision=mp, gradient_accumulation_plugin=plugin,
+                       kwargs_handlers=[ddp])
 
 
 def _call(callbacks: Iterable[Any], hook: str, state: TrainState) -> None:

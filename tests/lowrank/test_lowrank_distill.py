@@ -1,0 +1,135 @@
+"""PELA distillation objective and weight-perturbation regulariser, on tiny random ViTs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from trimtune.errors import TrimtuneError
+from trimtune.lowrank import LowRankLinear, compress, factorised_layers
+from trimtune.lowrank.distill import (DistillConfig, DistillObjective, set_trainable,
+                                      teacher_weights, weight_perturbation)
+from trimtune.train import TrainConfig, fit
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+
+
+def teacher_vit(num_classes: int = 5):
+    import timm
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes,
+                             **TINY)
+
+
+def full_rank(teacher):
+    """Exact factorisation of every linear (rank = min(in, out)): same function as the teacher."""
+    return compress(teacher, rank=32, exclude=["head"], keep_dense_if_no_saving=False)
+
+
+@pytest.fixture
+def x():
+    return torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def test_loss_is_zero_for_full_rank_student(x):
+    teacher = teacher_vit()
+    student = full_rank(teacher)
+    assert len(factorised_layers(student)) == 8  # qkv, proj, fc1, fc2 in 2 blocks
+    for form in ("max", "smooth"):
+        obj = DistillObjective(teacher, final_weight=1.0, logits_weight=1.0, logits_loss="kl",
+                               temperature=2.0, ce_weight=0.0, reg_weight=1.0, reg_form=form)
+        loss, logs = obj(student, x)
+        assert set(logs) == {"block", "final", "logits", "reg"}
+        assert loss.item() < 1e-9, logs
+    # ... and clearly non-zero for a real (ratio 2) compression
+    loss, logs = DistillObjective(teacher, reg_weight=1.0)(compress(teacher, ratio=2.0), x)
+    assert logs["block"] > 1e-6 and logs["reg"] > 1e-6
+
+
+def test_full_token_sequence_and_one_student_forward(x):
+    teacher = teacher_vit()
+    student = compress(teacher, ratio=2.0)
+    calls = []
+    student.blocks[0].register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    DistillObjective(teacher, logits_weight=1.0)(student, (x, torch.tensor([0, 1, -1, 2])))
+    assert calls == [torch.Size([4, 1 + 16, 32])]  # one forward, cls token + 4x4 patches
+
+
+def test_labels_optional(x):
+    teacher = teacher_vit()
+    student = compress(teacher, ratio=2.0)
+    obj = DistillObjective(teacher)
+    assert "ce" not in obj(student, x)[1]
+    assert "ce" not in obj(student, (x, torch.full((4,), -1)))[1]
+    assert "ce" in obj(student, (x, torch.tensor([0, 1, -1, 2])))[1]
+
+
+def test_regulariser_gradient_reaches_only_student_factors():
+    teacher = teacher_vit()
+    student = compress(teacher, ratio=2.0)
+    with torch.no_grad():
+        for layer in factorised_layers(student).values():
+            layer.first.weight.add_(0.01 * torch.randn_like(layer.first.weight))
+    tw = teacher_weights(teacher, list(factorised_layers(student)))
+    for form in ("max", "smooth"):
+        student.zero_grad(set_to_none=True)
+        weight_perturbation(student, tw, eps=1e-3, form=form).backward()
+        factor_ids = {id(p) for m in factorised_layers(student).values()
+                      for p in (m.first.weight, m.second.weight)}
+        for name, p in student.named_parameters():
+            if id(p) in factor_ids:
+                assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+            else:
+                assert p.grad is None, name
+        assert all(p.grad is None for p in teacher.parameters())
+    # smooth: every element of the difference gets gradient, max: only one per factor product
+    student.zero_grad(set_to_none=True)
+    w = factorised_layers(student)["blocks.0.attn.qkv"]
+    weight_perturbation(student, tw, form="smooth").backward()
+    assert (w.second.weight.grad != 0).float().mean() > 0.9
+    with pytest.raises(TrimtuneError, match="no teacher weight"):
+        weight_perturbation(student, {}, form="max")
+
+
+def test_fit_trains_student_never_teacher(tmp_path):
+    teacher = teacher_vit()
+    before = copy.deepcopy(teacher.state_dict())
+    student = compress(teacher, ratio=2.0)
+    s_before = copy.deepcopy(student.state_dict())
+    data = TensorDataset(torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 3, -1, -1, 4, 0]))
+    cfg = DistillConfig(train=TrainConfig(epochs=1, batch_size=4, lr=1e-3, out_dir=tmp_path,
+                                          progress=False, resume=False),
+                        reg_weight=1.0, logits_weight=0.5, trainable="factors")
+    set_trainable(student, cfg.trainable)
+    in_opt = {}
+
+    class Spy:
+        def on_train_start(self, state):
+            ids = {id(p) for g in state.optimizer.param_groups for p in g["params"]}
+            in_opt["teacher"] = any(id(p) in ids for p in teacher.parameters())
+            in_opt["n"] = len(ids)
+
+    res = fit(student, data, cfg.objective(teacher), cfg.train, callbacks=[Spy()])
+    assert res.step == 2 and {"block", "logits", "reg"} <= set(res.metrics)
+    assert not in_opt["teacher"] and in_opt["n"] == 2 * 8  # factors only: 2 per layer
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training
+    s_after = student.state_dict()
+    assert not torch.equal(s_after["blocks.0.mlp.fc1.first.weight"],
+                           s_before["blocks.0.mlp.fc1.first.weight"])
+    assert torch.equal(s_after["head.weight"], s_before["head.weight"])  # frozen: not a factor
+
+
+def test_bad_settings_are_clear_errors():
+    teacher = teacher_vit()
+    with pytest.raises(TrimtuneError, match="logits_loss"):
+        DistillObjective(teacher, logits_loss="l1")
+    with pytest.raises(TrimtuneError, match="trainable"):
+        DistillConfig(trainable="some")
+    with pytest.raises(TrimtuneError, match="no factorised layer"):
+        set_trainable(teacher_vit(), "factors")
+    assert isinstance(factorised_layers(compress(teacher))["blocks.0.mlp.fc1"], LowRankLinear)
