@@ -230,3 +230,35 @@ def test_bad_inputs():
 def test_find_units_names():
     assert list(find_units(Net())) == ["units.0", "units.1", "units.2"]
     assert math.isclose(sum(SnellaAllocator(Net(), cfg()).scores().values()), 1.0)
+
+
+def test_with_real_snella_layers(images):
+    """The allocator drives the real SparseDelta units of an attached tiny ViT."""
+    import sys
+    from pathlib import Path
+
+    from trimtune.tuners import SnellaConfig, attach, iter_units
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from conftest import tiny_vit
+
+    model = attach(tiny_vit(), SnellaConfig(rank=4, init_sparsity=0.2, target_sparsity=0.6))
+    units = dict(iter_units(model))
+    config = SnellaConfig(rank=4, init_sparsity=0.2, target_sparsity=0.6)
+    alloc = SnellaAllocator(config=config)
+    st = state(model, total=3)
+    alloc.on_train_start(st)
+    assert set(alloc.units) == set(units) and len(units) == 2 * 6  # q, k, v split + 3
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    labels = torch.arange(len(images)) % 5
+    for step in range(1, 4):
+        nn.functional.cross_entropy(model(images), labels).backward()
+        opt.step()
+        st.step = step
+        alloc.after_optimizer_step(st)
+        opt.zero_grad()
+    kept = sum((1 - u.sparsity) * u.numel_update for u in units.values())
+    total = sum(u.numel_update for u in units.values())
+    assert kept == pytest.approx(0.4 * total, abs=len(units))
+    assert len({round(u.sparsity, 6) for u in units.values()}) > 1  # layers differ
+    assert all(math.isfinite(v) for v in alloc.scores().values())
