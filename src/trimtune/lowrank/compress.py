@@ -163,7 +163,7 @@ def rank_for(in_features: int, out_features: int, *, ratio: float | None = None,
 def _check_policy(ratio, energy, rank, overrides, svd) -> dict[str, Any]:
     if energy is not None and rank is not None:
         raise TrimtuneError("give one rank policy: energy=... or rank=..., not both")
-    if (energy is not None or rank is not None) and ratio != 2.0:
+    if (energy is not None or rank is not None) and ratio not in (None, 2.0):
         raise TrimtuneError("give one rank policy: ratio=..., energy=... or rank=..., not several")
     if energy is not None:
         if not (isinstance(energy, (int, float)) and 0 < energy <= 1):
@@ -175,6 +175,7 @@ def _check_policy(ratio, energy, rank, overrides, svd) -> dict[str, Any]:
             raise TrimtuneError(f"rank={rank!r} must be a positive integer: e.g. rank=64")
         policy = {"type": "rank", "rank": rank}
     else:
+        ratio = 2.0 if ratio is None else ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 1:
             raise TrimtuneError(f"ratio={ratio!r} must be > 1 (each layer keeps about 1/ratio of "
                                 "its weights): e.g. ratio=2 (DeiT-B), 1.5 (Swin-B), 3")
@@ -194,7 +195,7 @@ def _check_policy(ratio, energy, rank, overrides, svd) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- compress
 def compress(
     model: nn.Module,
-    ratio: float = 2.0,
+    ratio: float | None = 2.0,
     *,
     energy: float | None = None,
     rank: int | None = None,

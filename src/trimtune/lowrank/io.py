@@ -26,7 +26,8 @@ CONFIG_NAME = "trimtune.json"
 WEIGHTS_NAME = "model.safetensors"
 REQUIRED = ("format", "format_version", "arch", "ranks")
 
-__all__ = ["save_compressed", "load_compressed", "build_from_arch", "FORMAT_VERSION"]
+__all__ = ["save_compressed", "load_compressed", "factorise_like", "build_from_arch",
+           "FORMAT_VERSION"]
 
 
 def build_from_arch(arch: dict[str, Any]) -> nn.Module:
@@ -54,8 +55,17 @@ def build_from_arch(arch: dict[str, Any]) -> nn.Module:
                             f"{CONFIG_NAME} is damaged; re-save the model") from e
 
 
-def _factorise_tree(model: nn.Module, ranks: dict[str, int]) -> None:
-    """Replace each listed ``nn.Linear`` of a freshly built model by an empty LowRankLinear."""
+def factorise_like(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
+    """Replace, in place, each listed ``nn.Linear`` by an (uninitialised) LowRankLinear of the
+    given rank, so a compressed state dict can be loaded into a freshly built ``model``.
+
+    Args:
+        model: a dense model of the recorded architecture.
+        ranks: ``{qualified layer name: rank}`` (``model.trimtune_lowrank["ranks"]``).
+
+    Returns:
+        ``model``. Raises TrimtuneError if a name is not a linear layer or a rank does not fit.
+    """
     modules = dict(model.named_modules())
     for name, r in ranks.items():
         lin = modules.get(name)
@@ -72,6 +82,7 @@ def _factorise_tree(model: nn.Module, ranks: dict[str, int]) -> None:
                             device=w.device, dtype=w.dtype)
         parent, _, attr = name.rpartition(".")
         setattr(modules[parent] if parent else model, attr, new)
+    return model
 
 
 def _check_state(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor],
@@ -110,7 +121,7 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike) -> Path:
     state = model.state_dict()
     with torch.device("meta"):
         ref = build_from_arch(arch)
-    _factorise_tree(ref, ranks)
+    factorise_like(ref, ranks)
     _check_state(ref.state_dict(), state, "the model")
     config = {
         "format": FORMAT,
@@ -161,7 +172,7 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device = "
     if isinstance(arch, dict) and num_classes is not None:
         arch.setdefault("kwargs", {}).setdefault("num_classes", num_classes)
     model = build_from_arch(arch)
-    _factorise_tree(model, ranks)
+    factorise_like(model, ranks)
     state = read_safetensors(directory / WEIGHTS_NAME)
     _check_state(model.state_dict(), state, str(directory / WEIGHTS_NAME))
     model.load_state_dict(state, strict=True)

@@ -52,7 +52,7 @@ def _spectra_and_ranks(source, ranks) -> tuple[dict[str, torch.Tensor], dict[str
     return {n: spectra[n] for n in ranks}, ranks
 
 
-def plot_spectra(model_or_original, ranks=None, path: str | os.PathLike = "spectra.png",
+def plot_spectra(model_or_original, ranks=None, path: str | os.PathLike | None = None,
                  max_panels: int = 48, dpi: int = 100) -> Path:
     """One small log-y panel per factorised layer: singular values, chosen rank marked.
 
@@ -60,6 +60,7 @@ def plot_spectra(model_or_original, ranks=None, path: str | os.PathLike = "spect
         model_or_original: the compressed model (uses the spectra ``compress`` kept), the
             original dense model (computes ``svdvals``), or ``{layer: singular values}``.
         ranks: ``{layer: rank}``, a compressed model, or None (read from the first argument).
+            ``plot_spectra(compressed, "spectra.png")`` (a path in second place) also works.
         path: PNG file to write (atomically).
         max_panels: plot at most this many layers (evenly spaced through the model).
 
@@ -68,6 +69,10 @@ def plot_spectra(model_or_original, ranks=None, path: str | os.PathLike = "spect
     """
     from matplotlib.figure import Figure  # Agg canvas, no pyplot state, no display needed
 
+    if isinstance(ranks, (str, os.PathLike)) and path is None:
+        ranks, path = None, ranks
+    if path is None:
+        raise TrimtuneError("plot_spectra needs a path: plot_spectra(model, path='spectra.png')")
     spectra, ranks = _spectra_and_ranks(model_or_original, ranks)
     names = list(ranks)
     if len(names) > max_panels:

@@ -1,0 +1,224 @@
+"""compress(): exactness at full rank, Eckart-Young at rank r, the authors' rank rule, policies,
+selection patterns, other architectures and every bad input."""
+
+import math
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from trimtune.errors import TrimtuneError
+from trimtune.lowrank import (LowRankLinear, compress, factorised_layers, is_compressed,
+                              rank_for)
+
+FULL = dict(rank=10**6, keep_dense_if_no_saving=False)  # rank clamped to min(in, out)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@torch.no_grad()
+def test_full_rank_reproduces_outputs(vit, images):
+    vit.eval()
+    lr = compress(vit, **FULL).eval()
+    layers = factorised_layers(lr)
+    assert len(layers) == 8  # qkv, proj, fc1, fc2 of 2 blocks
+    assert all(m.rank == min(m.in_features, m.out_features) for m in layers.values())
+    assert torch.allclose(lr(images), vit(images), atol=1e-5, rtol=0)
+    # deep copy by default: the original is untouched
+    assert not is_compressed(vit) and is_compressed(lr)
+
+
+@torch.no_grad()
+def test_to_dense_matches_factorised(vit, images):
+    lr = compress(vit, rank=7).eval()
+    x = torch.randn(3, 5, 64)
+    for m in factorised_layers(lr).values():
+        dense = m.to_dense()
+        assert isinstance(dense, nn.Linear) and dense.weight.shape == (m.out_features, m.in_features)
+        assert torch.allclose(dense(x[..., :m.in_features]), m(x[..., :m.in_features]), atol=1e-5)
+
+
+@torch.no_grad()
+def test_eckart_young_error_and_balanced_factors(vit):
+    r = 11
+    lr = compress(vit, rank=r)
+    orig = dict(vit.named_modules())
+    for name, m in factorised_layers(lr).items():
+        w = orig[name].weight.double()
+        s = torch.linalg.svdvals(w)
+        expected = float(s[r:].pow(2).sum().sqrt())
+        err = float((m.weight_product.double() - w).norm())
+        assert err == pytest.approx(expected, rel=1e-4)
+        n1, n2 = m.first.weight.norm(), m.second.weight.norm()
+        assert float(n1) == pytest.approx(float(n2), rel=1e-4)  # sqrt(S) in each factor
+        assert torch.equal(m.second.bias, orig[name].bias)
+        kept = float(s[:r].pow(2).sum() / s.pow(2).sum())
+        assert lr.trimtune_lowrank["energy"][name] == pytest.approx(kept, rel=1e-4)
+
+
+def test_from_linear_randomized_close_to_full():
+    torch.manual_seed(0)
+    # a matrix with a decaying spectrum, as trained weights have
+    u, _ = torch.linalg.qr(torch.randn(96, 48))
+    v, _ = torch.linalg.qr(torch.randn(80, 48))
+    lin = nn.Linear(80, 96)
+    with torch.no_grad():
+        lin.weight.copy_(u @ torch.diag(0.8 ** torch.arange(48.0)) @ v.T)
+    full = LowRankLinear.from_linear(lin, 8, svd="full")
+    rand = LowRankLinear.from_linear(lin, 8, svd="randomized")
+    e_full = float((full.weight_product - lin.weight).norm())
+    e_rand = float((rand.weight_product - lin.weight).norm())
+    assert e_rand == pytest.approx(e_full, rel=1e-3)
+
+
+def test_authors_rank_rule_deit_base_counts():
+    with torch.device("meta"):  # shapes only: ranks and counts need no weights
+        deit = timm.create_model("deit_base_patch16_224", pretrained=False)
+    before = sum(p.numel() for p in deit.parameters())
+    lr = compress(deit, ratio=2.0, inplace=True)
+    after = sum(p.numel() for p in lr.parameters())
+    assert before / 1e6 == pytest.approx(86.57, abs=0.01)
+    assert after / 1e6 == pytest.approx(44.08, abs=0.01)
+    ranks = lr.trimtune_lowrank["ranks"]
+    assert len(ranks) == 48
+    for i in range(12):
+        assert ranks[f"blocks.{i}.attn.qkv"] == 288
+        assert ranks[f"blocks.{i}.attn.proj"] == 192
+        assert ranks[f"blocks.{i}.mlp.fc1"] == ranks[f"blocks.{i}.mlp.fc2"] == 307
+    assert isinstance(lr.head, nn.Linear) and isinstance(lr.patch_embed.proj, nn.Conv2d)
+
+
+@pytest.mark.parametrize("c", [1.5, 2.0, 3.0])
+def test_ratio_rule_formula(vit, c):
+    lr = compress(vit, ratio=c)
+    for m in factorised_layers(lr).values():
+        i, o = m.in_features, m.out_features
+        assert m.rank == math.floor(i * o / (c * (i + o)))
+        assert m.rank * (i + o) < i * o
+
+
+def test_energy_policy_smallest_rank(vit):
+    e = 0.8
+    lr = compress(vit, energy=e)
+    orig = dict(vit.named_modules())
+    for name, m in factorised_layers(lr).items():
+        s2 = torch.linalg.svdvals(orig[name].weight.double()).pow(2)
+        frac = torch.cumsum(s2, 0) / s2.sum()
+        assert frac[m.rank - 1] >= e - 1e-9
+        if m.rank > 1:
+            assert frac[m.rank - 2] < e
+        assert lr.trimtune_lowrank["energy"][name] >= e - 1e-6
+    assert lr.trimtune_lowrank["policy"]["type"] == "energy"
+
+
+def test_default_skips_and_no_saving_layers_stay_dense():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("fc", nn.Linear(64, 64))
+    model.add_module("wide", nn.Linear(64, 256))
+    model.add_module("norm_proj", nn.Linear(64, 64))   # name contains "norm"
+    model.add_module("small", nn.Linear(64, 8))        # out_features < 10
+    model.add_module("head", nn.Linear(8, 20))
+    lr = compress(model, ratio=2.0)
+    assert set(factorised_layers(lr)) == {"fc", "wide"}
+    # rank 40 on a 64x64 layer saves nothing (40 * 128 >= 64 * 64): stays dense, reported
+    lr = compress(model, overrides={"^fc$": 40})
+    assert set(factorised_layers(lr)) == {"wide"}
+    assert "fc" in lr.trimtune_lowrank["kept_dense"]
+    with pytest.raises(TrimtuneError, match="keep_dense_if_no_saving"):
+        compress(model, rank=64)
+    lr = compress(model, rank=64, keep_dense_if_no_saving=False)
+    assert lr.trimtune_lowrank["ranks"] == {"fc": 64, "wide": 64}
+
+
+def test_include_exclude_overrides(vit):
+    lr = compress(vit, include=r"mlp\.fc\d", exclude=r"blocks\.1\.", overrides={"fc2": 3})
+    ranks = lr.trimtune_lowrank["ranks"]
+    assert set(ranks) == {"blocks.0.mlp.fc1", "blocks.0.mlp.fc2"}
+    assert ranks["blocks.0.mlp.fc2"] == 3 and ranks["blocks.0.mlp.fc1"] == rank_for(64, 256,
+                                                                                     ratio=2.0)
+    # Swin recipe: keep attn.proj on top of the default skips
+    lr = compress(vit, exclude=[r"attn\.proj"])
+    assert not any("proj" in n for n in factorised_layers(lr))
+    assert "head" in lr.trimtune_lowrank["skip"] and r"attn\.proj" in lr.trimtune_lowrank["skip"]
+
+
+def test_inplace_keeps_arch_and_grad_flags(vit):
+    vit.blocks[0].attn.qkv.weight.requires_grad_(False)
+    out = compress(vit, inplace=True)
+    assert out is vit and is_compressed(vit)
+    assert vit.trimtune_arch["arch"] == "vit_tiny_patch16_224"
+    assert vit.blocks[0].attn.qkv.first.weight.requires_grad is False
+    assert vit.blocks[0].mlp.fc1.first.weight.requires_grad is True
+
+
+def test_return_spectra(vit):
+    lr, spectra = compress(vit, return_spectra=True)
+    assert set(spectra) == set(factorised_layers(lr))
+    s = spectra["blocks.0.attn.qkv"]
+    assert s.shape == (64,) and torch.all(s[:-1] >= s[1:])
+    assert lr.trimtune_spectra is not None
+
+
+@torch.no_grad()
+def test_swin_tiny_config():
+    torch.manual_seed(0)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=32,
+                             depths=(1, 1), num_heads=(1, 2), window_size=4, img_size=32,
+                             patch_size=2, num_classes=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    names = set(factorised_layers(compress(swin)))
+    assert "layers.0.blocks.0.attn.qkv" in names
+    assert not any("downsample" in n or "head" in n for n in names)
+    full = compress(swin, **FULL).eval()
+    assert _rel(full(x), swin(x)) < 1e-5
+    assert torch.allclose(full.forward_features(x), swin.forward_features(x), atol=1e-5)
+
+
+@torch.no_grad()
+def test_dinov2_small_fused_qkv_layer_scale():
+    torch.manual_seed(0)
+    dino = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=56,
+                             num_classes=4).eval()
+    x = torch.randn(1, 3, 56, 56)
+    lr = compress(dino, ratio=2.0).eval()
+    ranks = lr.trimtune_lowrank["ranks"]
+    assert ranks["blocks.0.attn.qkv"] == rank_for(384, 1152, ratio=2.0) == 144
+    assert hasattr(lr.blocks[0], "ls1") and len(ranks) == 48
+    full = compress(dino, **FULL).eval()
+    assert torch.allclose(full.forward_features(x), dino.forward_features(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(ratio=1.0), "ratio"),
+    (dict(ratio=0.5), "ratio"),
+    (dict(energy=0.0), "energy"),
+    (dict(energy=1.5), "energy"),
+    (dict(rank=0), "rank"),
+    (dict(rank=-3), "rank"),
+    (dict(rank=2.5), "rank"),
+    (dict(energy=0.9, rank=4), "one rank policy"),
+    (dict(include="nothing_like_this"), "matches no linear"),
+    (dict(exclude=["qkv", "nope$"]), "matches no linear"),
+    (dict(include="qkv", exclude="qkv"), "no linear layer left"),
+    (dict(overrides={"head": 3}), "overrides"),
+    (dict(overrides={"qkv": 0}), "overrides"),
+    (dict(include="[unclosed"), "regex"),
+    (dict(svd="magic"), "svd"),
+    (dict(energy=0.9, svd="randomized"), "full spectrum"),
+])
+def test_bad_inputs_raise_clear_errors(vit, kwargs, words):
+    with pytest.raises(TrimtuneError, match=words):
+        compress(vit, **kwargs)
+
+
+def test_model_without_linear_and_double_compress(vit):
+    with pytest.raises(TrimtuneError, match="no nn.Linear"):
+        compress(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+    with pytest.raises(TrimtuneError, match="already compressed"):
+        compress(compress(vit))
+    with pytest.raises(TrimtuneError, match="does not fit"):
+        LowRankLinear(8, 4, rank=5)
