@@ -22,9 +22,17 @@ def data_config(model_or_cfg: nn.Module | Mapping[str, Any] | int) -> dict[str, 
 
     A dict may give ``input_size`` (C, H, W) or ``img_size``, and any of ``mean``, ``std``,
     ``interpolation``, ``crop_pct``; missing keys take timm's defaults. An int is an image size.
+
+    For a model, timm's ``pretrained_cfg`` gives mean / std / interpolation; the input size is
+    the one the model was built for (``patch_embed.img_size`` of a ViT created with
+    ``img_size=...``), since timm leaves ``pretrained_cfg["input_size"]`` at the original size.
     """
     if isinstance(model_or_cfg, nn.Module):
-        return resolve_data_config(model=model_or_cfg)
+        cfg = resolve_data_config(model=model_or_cfg)
+        built = getattr(getattr(model_or_cfg, "patch_embed", None), "img_size", None)
+        if isinstance(built, (tuple, list)) and len(built) == 2 and all(built):
+            cfg["input_size"] = (cfg["input_size"][0], int(built[0]), int(built[1]))
+        return cfg
     if isinstance(model_or_cfg, int):
         model_or_cfg = {"img_size": model_or_cfg}
     if not isinstance(model_or_cfg, Mapping):
