@@ -1,0 +1,153 @@
+"""attach / merge / detach / trainable_summary on tiny timm ViTs and compressed models."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from trimtune.errors import TrimtuneError
+from trimtune.tuners import (
+    SnellaConfig,
+    SnellConfig,
+    SnellLinear,
+    attach,
+    detach,
+    iter_units,
+    merge,
+    trainable_summary,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import tiny_vit  # noqa: E402
+
+
+def test_attach_wraps_default_targets_and_freezes(vit, images):
+    attach(vit, SnellConfig(rank=4, sparsity=0.5))
+    info = vit.trimtune_adapter
+    assert info["targets"] == [f"blocks.{i}.{n}" for i in range(2)
+                               for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    assert isinstance(vit.blocks[0].attn.qkv, SnellLinear)
+    assert len(vit.blocks[0].attn.qkv.snell_units) == 3  # q, k, v updates
+    assert [u.out_features for u in vit.blocks[0].attn.qkv.snell_units] == [64, 64, 64]
+    assert vit.blocks[0].attn.proj.dropout.__class__ is nn.Identity  # as the authors
+    trainable = {n for n, p in vit.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in vit.named_parameters()
+                         if ".snell_units." in n or n.startswith("head.") or n == "cls_token"}
+    assert len(dict(iter_units(vit))) == 2 * 6
+    out = vit(images)
+    out.sum().backward()
+    assert all(p.grad is None for n, p in vit.named_parameters() if not p.requires_grad)
+
+
+def test_merge_equals_adapted_eval_output_and_restores_plain_model(vit, images):
+    ref = tiny_vit()
+    attach(vit, SnellaConfig(rank=4, init_sparsity=0.4))
+    with torch.no_grad():  # move head and kernel scalars away from init
+        for n, p in vit.named_parameters():
+            if p.requires_grad and p.dim() <= 1:
+                p.add_(0.1)
+    vit.eval()
+    y = vit(images)
+    merge(vit)
+    assert not any(isinstance(m, SnellLinear) for m in vit.modules())
+    assert not hasattr(vit, "trimtune_adapter")
+    assert type(vit) is type(ref)
+    assert vit.state_dict().keys() == ref.state_dict().keys()
+    assert all(p.requires_grad for p in vit.parameters())
+    torch.testing.assert_close(vit(images), y, atol=1e-5, rtol=0)
+
+
+def test_detach_restores_base_weights(vit, images):
+    w = vit.blocks[1].mlp.fc2.weight.detach().clone()
+    attach(vit, SnellConfig(rank=2))
+    detach(vit)
+    assert isinstance(vit.blocks[1].mlp.fc2, nn.Linear)
+    assert torch.equal(vit.blocks[1].mlp.fc2.weight, w)
+    attach(vit, SnellConfig(rank=2))  # attachable again
+
+
+def test_bad_attach_inputs(vit):
+    with pytest.raises(TrimtuneError, match="match no nn.Linear"):
+        attach(vit, SnellConfig(target_modules=["nothing_here"]))
+    attach(vit, SnellConfig(rank=2, target_modules="mlp\\.fc1"))
+    assert vit.trimtune_adapter["targets"] == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
+    with pytest.raises(TrimtuneError, match="already has an adapter"):
+        attach(vit, SnellConfig(rank=2))
+    with pytest.raises(TrimtuneError, match="nothing to merge"):
+        merge(tiny_vit())
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(rank=5, segments=2), "not divisible"), (dict(sparsity=1.0), r"\[0, 1\)"),
+    (dict(sparsity=-0.2), r"\[0, 1\)"), (dict(kernel="cosine"), "unknown kernel"),
+    (dict(sparsify="hard"), "unknown sparsify"),
+])
+def test_bad_config(kw, match):
+    with pytest.raises(TrimtuneError, match=match):
+        SnellConfig(**kw)
+
+
+def test_config_dict_round_trip():
+    for cfg in (SnellConfig(rank=16, target_modules=["qkv", "fc1"]),
+                SnellaConfig(rank=8, target_sparsity=0.6, schedule_unit="epoch")):
+        back = SnellConfig.from_dict(cfg.to_dict())
+        assert type(back) is type(cfg) and back == cfg
+    assert SnellaConfig(init_sparsity=0.2).sparsity == 0.2
+    with pytest.raises(TrimtuneError, match=r"\[0, 1\)"):
+        SnellaConfig(target_sparsity=1.2)
+
+
+class HandLowRank(nn.Module):
+    """Stand-in named like trimtune.lowrank.LowRankLinear (first / second)."""
+
+    def __init__(self, d_in, d_out, r):
+        super().__init__()
+        self.first, self.second = nn.Linear(d_in, r, bias=False), nn.Linear(r, d_out)
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+def compressed_vit():
+    try:
+        from trimtune.lowrank import compress
+    except ImportError:
+        compress = None
+    model = tiny_vit()
+    if compress is not None:
+        return compress(model, ratio=2.0)
+    for blk in model.blocks:
+        blk.attn.qkv = HandLowRank(64, 192, 16)
+        blk.mlp.fc1 = HandLowRank(64, 256, 16)
+    return model
+
+
+def test_compressed_model_factors_are_targets_and_merge_exact(images):
+    model = compressed_vit()
+    attach(model, SnellConfig(rank=4, sparsity=0.3))
+    targets = model.trimtune_adapter["targets"]
+    assert "blocks.0.attn.qkv.first" in targets and "blocks.0.attn.qkv.second" in targets
+    assert len(model.get_submodule("blocks.0.attn.qkv.second").snell_units) == 3
+    assert len(model.get_submodule("blocks.0.attn.qkv.first").snell_units) == 1
+    model.eval()
+    y = model(images)
+    merge(model)
+    torch.testing.assert_close(model(images), y, atol=1e-5, rtol=0)
+
+
+def test_vit_base_r32_adapter_count():
+    """ViT-B/16, r = 32 on q, k, v, proj, fc1, fc2: the notes' 5,309,184 = A/B + cls token."""
+    with torch.device("meta"):
+        model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100)
+    attach(model, SnellConfig(rank=32))
+    s = trainable_summary(model)
+    ab = sum(p.numel() for n, p in model.named_parameters()
+             if n.endswith(("snell_A", "snell_B")))
+    assert ab == s["adapter"] == 12 * 32 * (8 * 768 + 2 * (768 + 3072)) == 5_308_416
+    assert ab + model.cls_token.numel() == 5_309_184
+    assert s["kernel"] == 0 and s["other"] == 768 * 100 + 100 + 768
+    assert s["trainable"] == s["adapter"] + s["kernel"] + s["other"]
+    assert 0 < s["percent"] < 100

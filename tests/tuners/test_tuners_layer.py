@@ -1,0 +1,144 @@
+"""Sparse delta layer: mask counts, competition, gradients, memory saved for backward, merge."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from trimtune.errors import TrimtuneError
+from trimtune.tuners.kernels import create_kernel
+from trimtune.tuners.snell import SnellLinear, SparseDelta, magnitude_threshold, sparsify
+
+
+def unit(d_in=6, d_out=10, rank=4, kernel="piecewise", sparsity=0.5, mode="code", seed=0,
+         recompute=True):
+    torch.manual_seed(seed)
+    return SparseDelta(d_in, d_out, rank, create_kernel(kernel, 2), sparsity=sparsity,
+                       sparsify=mode, recompute=recompute)
+
+
+@pytest.mark.parametrize("mode", ["code", "soft"])
+@pytest.mark.parametrize("s", [0.0, 0.3, 0.5, 0.75, 0.99])
+def test_number_of_zeros_is_floor_s_mn(mode, s):
+    u = unit(sparsity=s, mode=mode)
+    dws = u.delta()
+    assert dws.shape == (6, 10)
+    assert int((dws == 0).sum()) == math.floor(s * 60 + 1e-9)
+
+
+def test_sparsify_forms():
+    dw = torch.tensor([[0.5, -0.2], [0.1, -0.9]])
+    t = magnitude_threshold(dw, 0.5)  # k = 2 -> t = 0.2
+    assert float(t) == pytest.approx(0.2)
+    torch.testing.assert_close(sparsify(dw, t, "code"), torch.tensor([[0.25, 0.0], [0.0, -0.81]]))
+    torch.testing.assert_close(sparsify(dw, t, "soft"), torch.tensor([[0.15, 0.0], [0.0, -0.63]]))
+    torch.testing.assert_close(sparsify(dw, magnitude_threshold(dw, 0.0), "code"), dw * dw.abs())
+    torch.testing.assert_close(sparsify(dw, t, "none"), dw)
+
+
+def test_mask_follows_current_factors():
+    u = unit(sparsity=0.5)
+    before = u.delta() != 0
+    with torch.no_grad():
+        u.snell_A.copy_(torch.randn_like(u.snell_A))
+    after = u.delta() != 0
+    assert not torch.equal(before, after)
+    assert int((~after).sum()) == 30
+
+
+def test_sparsity_settable_and_validated():
+    u = unit(sparsity=0.2)
+    u.sparsity = 0.9
+    assert int((u.delta() == 0).sum()) == 54
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(TrimtuneError, match=r"\[0, 1\)"):
+            u.sparsity = bad
+    with pytest.raises(TrimtuneError, match="not divisible"):
+        SparseDelta(6, 10, 3, create_kernel("piecewise", 2))
+
+
+@pytest.mark.parametrize("kernel", ["piecewise", "mixture", "inner"])
+@pytest.mark.parametrize("mode", ["code", "soft"])
+def test_recomputing_backward_equals_plain_autograd(kernel, mode):
+    x = torch.randn(3, 5, 6)
+    grads = []
+    for recompute in (True, False):
+        u = unit(kernel=kernel, mode=mode, recompute=recompute)
+        xi = x.clone().requires_grad_(True)
+        y = u(xi)
+        assert y.shape == (3, 5, 10)
+        (y * torch.linspace(-1, 1, 10)).sum().backward()
+        grads.append([xi.grad] + [p.grad for p in u.parameters()])
+    names = ["x"] + [n for n, _ in u.named_parameters()]
+    for n, g1, g2 in zip(names, *grads):
+        assert g1 is not None and torch.isfinite(g1).all(), n
+        torch.testing.assert_close(g1, g2, msg=n)
+
+
+def test_grads_reach_factors_and_kernel_not_frozen_base_even_at_zero_distance():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 6)
+    u = SparseDelta(6, 6, 4, create_kernel("mixture", 2), sparsity=0.3)
+    with torch.no_grad():
+        u.snell_B.copy_(u.snell_A)  # rows of A and B coincide: zero distances on the diagonal
+    layer = SnellLinear(base, [u])
+    layer(torch.randn(2, 6)).pow(2).sum().backward()
+    assert base.weight.grad is None and base.bias.grad is None
+    assert not base.weight.requires_grad
+    for n, p in u.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    assert {n for n, _ in u.named_parameters()} == {
+        "snell_A", "snell_B", "kernel.alpha", "kernel.gamma", "kernel.beta"}
+
+
+def saved_bytes(fn):
+    """Bytes of distinct tensors autograd saves while running ``fn``."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.data_ptr(), t.numel(), t.dtype)] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def branch_bytes(batch, rank, d=48):
+    torch.manual_seed(0)
+    u = SparseDelta(d, d, rank, create_kernel("mixture", 2), sparsity=0.5)
+    x = torch.randn(batch, 3, d, requires_grad=True)
+    return saved_bytes(lambda: u(x))
+
+
+def test_saved_for_backward_scales_with_batch_and_rank_not_weight():
+    d = 48
+    b1, b2 = branch_bytes(1, 4), branch_bytes(2, 4)
+    r8 = branch_bytes(1, 8)
+    assert b2 - b1 == 3 * d * 4  # one more sample of activations (3 tokens x d float32)
+    assert r8 - b1 == 4 * (2 * d) * 4  # r(m + n) more factor entries
+    assert b1 < d * d * 4  # less than the dense update itself
+    dense = SparseDelta(d, d, 4, create_kernel("mixture", 2), sparsity=0.5, recompute=False)
+    x = torch.randn(1, 3, d, requires_grad=True)
+    assert saved_bytes(lambda: dense(x)) > d * d * 4  # plain autograd keeps m*n tensors
+
+
+def test_qkv_split_merge_unmerge():
+    torch.manual_seed(0)
+    base = nn.Linear(8, 12)
+    w0 = base.weight.detach().clone()
+    units = [SparseDelta(8, 4, 4, create_kernel("piecewise", 2), sparsity=s)
+             for s in (0.0, 0.5, 0.9)]
+    layer = SnellLinear(base, units, dropout=0.1, drop_path=0.1).eval()
+    x = torch.randn(5, 8)
+    y = layer(x)
+    torch.testing.assert_close(y[:, 4:8], base(x)[:, 4:8] + x @ units[1].delta())
+    assert layer.delta_weight().shape == (12, 8)
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=0)
+    layer.unmerge()
+    torch.testing.assert_close(base.weight, w0, atol=1e-6, rtol=0)
+    with pytest.raises(TrimtuneError, match="do not tile"):
+        SnellLinear(nn.Linear(8, 12), units[:2])
