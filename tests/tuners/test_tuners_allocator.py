@@ -262,3 +262,27 @@ def test_with_real_snella_layers(images):
     assert kept == pytest.approx(0.4 * total, abs=len(units))
     assert len({round(u.sparsity, 6) for u in units.values()}) > 1  # layers differ
     assert all(math.isfinite(v) for v in alloc.scores().values())
+
+
+def test_epoch_end_is_the_last_step_of_the_epoch():
+    """Epoch reallocation happens at the epoch's last optimizer step (so a checkpoint taken
+    there holds it); a following on_epoch_end does not allocate twice; without
+    steps_per_epoch, on_epoch_end alone drives the schedule."""
+    model = Net()
+    alloc = SnellaAllocator(model, cfg(schedule_unit="epoch"))
+    st = state(model, total=6, spe=3)
+    alloc.on_train_start(st)
+    g = torch.Generator().manual_seed(4)
+    for step in range(1, 4):
+        fake_grads(model, {0: 2.0}, g)
+        st.step = step
+        alloc.after_optimizer_step(st)
+    assert [s for s, _ in alloc.history] == [0, 3]
+    alloc.on_epoch_end(st)
+    assert [s for s, _ in alloc.history] == [0, 3]
+
+    model = Net()
+    alloc = SnellaAllocator(model, cfg(schedule_unit="epoch"), total_steps=6)
+    st = SimpleNamespace(model=model, step=0, total_steps=6, steps_per_epoch=None)
+    with pytest.raises(TrimtuneError, match="steps_per_epoch"):
+        alloc.on_train_start(st)

@@ -150,7 +150,9 @@ class SnellaAllocator:
 
     The unit score is ``mean(Ibar_A * U_A) + mean(Ibar_B * U_B)`` (times ``m * n`` when
     ``config.size_aware``), normalised to sum 1 over units (uniform when all are zero or not
-    finite). Every ``config.interval`` steps or epochs (``config.schedule_unit``) after the
+    finite). Every ``config.interval`` steps or epochs (``config.schedule_unit``; an epoch
+    ends at the optimizer step where ``state.step % state.steps_per_epoch == 0``; a later
+    ``on_epoch_end`` for the same epoch is a no-op) after the
     warm-up ``t_init``, the budget ``V(t)`` (:func:`cubic_budget`) is split by
     :func:`allocate_budget` and each unit gets
     ``sparsity = min(clamp(1 - b_l / (m_l n_l), 0, 1), 1 - 1 / (m_l n_l))`` (at least one entry
@@ -263,15 +265,29 @@ class SnellaAllocator:
             t = int(state.step)
             if t % self.interval == 0:
                 self.reallocate(t, self._T, step=t)
+        else:
+            # the last optimizer step of an epoch *is* the epoch end: allocating here (rather
+            # than only in on_epoch_end) lands in any checkpoint taken at that step, so a
+            # resumed run never misses an epoch-end reallocation
+            spe = getattr(state, "steps_per_epoch", None)
+            if spe and int(state.step) % int(spe) == 0:
+                self._epoch_tick(state, int(state.step) // int(spe))
 
     def on_epoch_end(self, state: Any) -> None:
         if self.unit != "epoch":
             return
         if self._T is None:
             self.on_train_start(state)
-        self.epochs_done += 1
-        if self.epochs_done % self.interval == 0:
-            self.reallocate(self.epochs_done, self._T, step=int(state.step))
+        spe = getattr(state, "steps_per_epoch", None)
+        self._epoch_tick(state, int(state.step) // int(spe) if spe else self.epochs_done + 1)
+
+    def _epoch_tick(self, state: Any, t: int) -> None:
+        """Epoch ``t`` (1-based) has ended: reallocate once, every ``interval`` epochs."""
+        if t <= self.epochs_done:
+            return
+        self.epochs_done = t
+        if t % self.interval == 0:
+            self.reallocate(t, self._T, step=int(state.step))
 
     # ------------------------------------------------------------------ importance
     @torch.no_grad()
