@@ -1,0 +1,71 @@
+"""Adapter save / load: PEFT-style files, exact round trip, wrong base refused."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from trimtune.checkpoint import read_json
+from trimtune.errors import TrimtuneError
+from trimtune.tuners import SnellaConfig, SnellConfig, attach, iter_units, load_adapter, merge
+from trimtune.tuners.io import save_adapter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import TINY_VIT, tiny_vit  # noqa: E402
+
+
+def trained_adapter(config):
+    model = attach(tiny_vit(), config)
+    torch.manual_seed(1)
+    with torch.no_grad():  # stand-in for training: every trainable tensor changes
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    for i, (_, u) in enumerate(iter_units(model)):
+        u.sparsity = 0.1 + 0.05 * i  # as the allocator would leave them
+    return model.eval()
+
+
+@pytest.mark.parametrize("config", [SnellConfig(rank=4), SnellaConfig(rank=4, kernel="mixture")])
+def test_round_trip_exact(tmp_path, images, config):
+    model = trained_adapter(config)
+    save_adapter(model, tmp_path / "ad")
+    assert {p.name for p in (tmp_path / "ad").iterdir()} == {
+        "adapter_config.json", "adapter_model.safetensors"}
+    meta = read_json(tmp_path / "ad" / "adapter_config.json")
+    assert meta["method"] == config.method and meta["rank"] == 4
+    assert meta["base"]["arch"] == "vit_tiny_patch16_224"
+    assert len(meta["sparsity"]) == 12 and meta["targets"] == model.trimtune_adapter["targets"]
+
+    fresh = load_adapter(tiny_vit(), tmp_path / "ad").eval()
+    assert fresh.trimtune_adapter["config"] == config
+    a, b = model.state_dict(), fresh.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [u.sparsity for _, u in iter_units(fresh)] == [u.sparsity for _, u in iter_units(model)]
+    with torch.no_grad():
+        assert torch.equal(model(images), fresh(images))
+
+
+def test_refuses_other_base(tmp_path):
+    save_adapter(trained_adapter(SnellConfig(rank=4)), tmp_path / "ad")
+    other = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=5, **TINY_VIT)
+    with pytest.raises(TrimtuneError, match="vit_tiny_patch16_224"):
+        load_adapter(other, tmp_path / "ad")
+    wider = tiny_vit(embed_dim=32)
+    with pytest.raises(TrimtuneError, match="same base"):
+        load_adapter(wider, tmp_path / "ad")
+    with pytest.raises(TrimtuneError, match="already has an adapter"):
+        load_adapter(attach(tiny_vit(), SnellConfig(rank=2)), tmp_path / "ad")
+
+
+def test_bad_save_and_missing_files(tmp_path):
+    with pytest.raises(TrimtuneError, match="no SNELL/SNELLA adapter"):
+        save_adapter(tiny_vit(), tmp_path / "x")
+    model = trained_adapter(SnellConfig(rank=2))
+    merge(model)
+    with pytest.raises(TrimtuneError, match="no SNELL/SNELLA adapter"):
+        save_adapter(model, tmp_path / "x")
+    with pytest.raises(TrimtuneError, match="not found"):
+        load_adapter(tiny_vit(), tmp_path / "nowhere")
