@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 
 import timm
 import torch
@@ -142,7 +142,8 @@ def cached_weights(name: str) -> Path:
     try:
         if meta_path.exists():
             meta_path.unlink()  # the JSON marks a complete file: remove it first
-        write_safetensors(st_path, sd, metadata={"source": entry.source, "arch": entry.arch})
+        # one metadata key: safetensors orders several at random, and equal bytes are nicer
+        write_safetensors(st_path, sd, metadata={"source": entry.source})
         write_json(meta_path, {"format": CACHE_FORMAT, "source": entry.source,
                                "arch": entry.arch, "size": st_path.stat().st_size,
                                "sha256": _sha256(st_path)})
