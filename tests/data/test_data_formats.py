@@ -54,6 +54,8 @@ def test_imagefolder_empty_is_an_error(tmp_path):
         load_dataset(f"imagefolder:{tmp_path}")
     with pytest.raises(TrimtuneError, match="not found"):
         load_dataset(f"imagefolder:{tmp_path / 'missing'}")
+    with pytest.raises(TrimtuneError, match="vtab:PATH"):
+        load_dataset("vtab:")
 
 
 @pytest.fixture

@@ -88,7 +88,9 @@ def parse_spec(spec: str | Path) -> tuple[str, str, int | None]:
         raise TrimtuneError(f"bad few-shot size {arg!r} in {text!r}: use an integer with optional "
                             f"k, e.g. {name}:1k or {name}:500")
     if sep and name.lower() in PREFIXES:
-        return name.lower(), arg, None
+        if not arg.strip():
+            raise TrimtuneError(f"{text!r} names no folder: write {name.lower()}:PATH")
+        return name.lower(), arg.strip(), None
     path = Path(text).expanduser()
     if path.is_dir():
         if (path / "train800val200.txt").is_file() or (path / "train800.txt").is_file():
