@@ -286,3 +286,41 @@ def test_epoch_end_is_the_last_step_of_the_epoch():
     st = SimpleNamespace(model=model, step=0, total_steps=6, steps_per_epoch=None)
     with pytest.raises(TrimtuneError, match="steps_per_epoch"):
         alloc.on_train_start(st)
+
+
+def test_in_fit_loop_resume_equals_uninterrupted(tmp_path):
+    """Inside trimtune.train.fit (epoch schedule), a run stopped mid-way and resumed from its
+    checkpoint ends with the same allocation history as an uninterrupted run."""
+    import sys
+    from pathlib import Path
+
+    from trimtune.train import TrainConfig, fit
+    from trimtune.tuners import SnellaConfig, attach
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from conftest import tiny_vit
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32, generator=g),
+                                          torch.arange(8) % 5)
+
+    def objective(model, batch):
+        x, y = batch
+        loss = nn.functional.cross_entropy(model(x), y)
+        return loss, {}
+
+    def run(out, max_steps=None):
+        conf = SnellaConfig(rank=4, init_sparsity=0.1, target_sparsity=0.6, schedule_unit="epoch",
+                            dropout=0.0, drop_path=0.0)
+        model = attach(tiny_vit(), conf)
+        alloc = SnellaAllocator(config=conf)
+        tc = TrainConfig(epochs=2, batch_size=4, lr=1e-2, out_dir=out, max_steps=max_steps,
+                         progress=False, log_every=1)
+        fit(model, data, objective, tc, callbacks=[alloc])
+        return alloc
+
+    ref = run(tmp_path / "ref")
+    assert [s for s, _ in ref.history] == [0, 2, 4]
+    run(tmp_path / "cut", max_steps=2)
+    resumed = run(tmp_path / "cut")
+    assert resumed.history == ref.history
