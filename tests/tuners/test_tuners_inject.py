@@ -46,7 +46,7 @@ def test_merge_equals_adapted_eval_output_and_restores_plain_model(vit, images):
     ref = tiny_vit()
     attach(vit, SnellaConfig(rank=4, init_sparsity=0.4))
     with torch.no_grad():  # move head and kernel scalars away from init
-        for n, p in vit.named_parameters():
+        for p in vit.parameters():
             if p.requires_grad and p.dim() <= 1:
                 p.add_(0.1)
     vit.eval()

@@ -98,7 +98,7 @@ class SparseDeltaFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a, b, kernel: Kernel, sparsity: float, mode: str, names, *kparams):
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             dw = functional_call(kernel, dict(zip(names, kparams)), (a, b))
             t = magnitude_threshold(dw, sparsity)
             dws = sparsify(dw, t, mode)
@@ -197,8 +197,12 @@ class SparseDelta(nn.Module):
         return self.snell_A, self.snell_B
 
     def dense_delta(self) -> torch.Tensor:
-        """The un-sparsified kernel update ``dW``, (d_in, d_out), differentiable."""
-        return self.kernel(self.snell_A, self.snell_B)
+        """The un-sparsified kernel update ``dW``, (d_in, d_out), differentiable.
+
+        Computed in the factors' dtype with autocast off (distances in bf16 are too coarse).
+        """
+        with torch.autocast(self.snell_A.device.type, enabled=False):
+            return self.kernel(self.snell_A, self.snell_B)
 
     def delta(self) -> torch.Tensor:
         """``dW_s``, (d_in, d_out), differentiable through plain autograd."""
