@@ -226,3 +226,24 @@ def test_bad_inputs():
         cb.on_train_start(SimpleNamespace(total_steps=None))
     with pytest.raises(TrimtuneError, match="nothing to merge"):
         merge_method(tiny_vit(), "lora")
+
+
+def test_adalora_in_fit_loop(tmp_path):
+    """AdaLoRA's callback gets total_step from fit() and prunes ranks by the end."""
+    from trimtune.train import TrainConfig, fit
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 3, 32, 32, generator=g),
+                                          torch.arange(8) % NCLS)
+    model, callbacks = prepare_method(tiny_vit(), "adalora", rank=2, init_r=4, tfinal=1)
+
+    def objective(model, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(model(x), y), {}
+
+    fit(model, data, objective, TrainConfig(epochs=2, batch_size=4, lr=1e-2, out_dir=tmp_path,
+                                            progress=False), callbacks=callbacks)
+    cfg = callbacks[0].config
+    assert cfg.total_step == 4
+    kept = sum(sum(v) for v in cfg.rank_pattern.values())
+    assert kept == 2 * 4 * DEPTH  # AdaLoRA's final budget: target_r per adapted matrix
