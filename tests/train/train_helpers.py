@@ -25,3 +25,11 @@ def ce_objective(model: nn.Module, batch) -> tuple[torch.Tensor, dict]:
     x, y = batch
     loss = F.cross_entropy(model(x), y)
     return loss, {"ce": loss.detach()}
+
+
+def run_config(out_dir, batch_size: int):
+    """The config shared by the 1-process and 2-process runs of the DDP equivalence test."""
+    from trimtune.train import TrainConfig
+    return TrainConfig(epochs=2, batch_size=batch_size, lr=1e-2, min_lr=1e-4, warmup_steps=2,
+                       weight_decay=0.01, clip_grad=1.0, out_dir=out_dir, progress=False,
+                       resume=False, seed=2, log_every=2)

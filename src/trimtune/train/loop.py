@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -231,8 +232,10 @@ def _make_accelerator(cfg: TrainConfig, find_unused: bool) -> Accelerator:
     GradientState._reset_state()
     plugin = GradientAccumulationPlugin(num_steps=cfg.grad_accum, sync_with_dataloader=False)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(find_unused))
+    # Accelerate only takes the multi-CPU (gloo) path under torchrun when told cpu=True.
+    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(mixed_precision=mp, gradient_accumulation_plugin=plugin,
-                       kwargs_handlers=[ddp])
+                       kwargs_handlers=[ddp], cpu=cpu_ddp)
 
 
 def _call(callbacks: Iterable[Any], hook: str, state: TrainState) -> None:
