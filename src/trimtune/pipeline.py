@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,14 +20,16 @@ from torch.utils.data import Dataset
 
 from . import __version__
 from .checkpoint import read_json, read_safetensors, write_json, write_safetensors
-from .data import build_transform, load_dataset
+from .data import build_transform, load_dataset, stratified_choice
 from .errors import TrimtuneError
-from .lowrank import is_compressed, load_compressed, save_compressed
+from .lowrank import DistillConfig, is_compressed, load_compressed, save_compressed, set_trainable
+from .lowrank.io import factorise_like
 from .measure import evaluate_model
 from .measure.plots import plot_confusion, plot_curves
 from .models import arch_of, build_from_arch, create_backbone
 from .train import TrainConfig, fit
-from .tuners import SnellaAllocator, SnellaConfig, SnellConfig, attach, prepare_method
+from .tuners import (SnellaAllocator, SnellaConfig, SnellConfig, attach, load_adapter,
+                     prepare_method, save_adapter)
 from .tuners import merge as merge_snell
 from .tuners.baselines import merge_method
 
@@ -81,6 +82,31 @@ class ClassificationObjective:
         loss = self.loss(logits, y)
         acc = (logits.argmax(-1) == y).float().mean()
         return loss, {"ce": loss.detach(), "train_acc": acc}
+
+
+# --------------------------------------------------------------------------- distill
+
+
+def distill(student: nn.Module, teacher: nn.Module | str, data: Dataset | str,
+            config: DistillConfig | None = None, *, max_images: int | None = None):
+    """PELA intermediate pre-training: ``student`` (compressed) learns from the frozen
+    ``teacher`` on ``data`` (labels optional). Trains ``student`` in place and returns the
+    loop's result; the teacher is never updated."""
+    cfg = config or DistillConfig()
+    tc = cfg.train or TrainConfig()
+    if isinstance(teacher, str):
+        teacher = load_model(teacher, num_classes=getattr(student, "num_classes", None),
+                             img_size=_img_size(student))
+    ds = _as_dataset(data, "train", build_transform(student, train=False), tc.seed)
+    if max_images and max_images < len(ds):
+        ds = ds.subset(stratified_choice(ds.targets, max_images, tc.seed))
+    set_trainable(student, cfg.trainable)
+    return fit(student, ds, cfg.objective(teacher), tc)
+
+
+def _img_size(model: nn.Module) -> int | None:
+    pe = getattr(model, "patch_embed", None)
+    return pe.img_size[0] if pe is not None and getattr(pe, "img_size", None) else None
 
 
 # --------------------------------------------------------------------------- finetune
@@ -259,27 +285,20 @@ def _base_spec(model: nn.Module) -> dict:
 
 
 def save(model: nn.Module, out_dir: str | Path, *, method: str | None = None) -> Path:
-    """Adapter-only save: the trainable tensors and what is needed to rebuild them.
-
-    Works for every method: the base is rebuilt from run.json, the method re-attached, and
-    these tensors loaded on top.
-    """
+    """Adapter-only save. SNELL / SNELLA: the PEFT-style adapter folder of ``tuners``; other
+    methods: their trainable tensors (LoRA factors, masks, biases, head...) in the same two
+    files, enough to rebuild them on top of the base recorded in run.json."""
     out_dir = Path(out_dir)
+    if getattr(model, "trimtune_adapter", None) is not None:
+        return save_adapter(model, out_dir)
     state = _trainable_state(model)
-    meta = getattr(model, "trimtune_adapter", None)
     write_safetensors(out_dir / "adapter_model.safetensors", state,
                       metadata={"format": "pt", "trimtune_version": __version__})
     write_json(out_dir / "adapter_config.json", {
-        "method": method or (meta or {}).get("method"), "base": _base_spec(model),
-        "tuner": _jsonable(meta), "num_tensors": len(state),
+        "method": method, "base": _base_spec(model), "num_tensors": len(state),
         "num_parameters": int(sum(v.numel() for v in state.values())),
         "trimtune_version": __version__})
     return out_dir
-
-
-def _jsonable(obj):
-    return json.loads(json.dumps(obj, default=lambda o: dataclasses.asdict(o)
-                                 if dataclasses.is_dataclass(o) else str(o)))
 
 
 def load_run(run_dir: str | Path) -> nn.Module:
@@ -295,29 +314,24 @@ def load_run(run_dir: str | Path) -> nn.Module:
         raise TrimtuneError(f"{run_dir / 'run.json'} is incomplete or from another version "
                             f"({e}); re-run `trimtune finetune`") from e
     if "model" in base:
-        model = load_model(base["model"], num_classes=base.get("num_classes"))
-    elif "compressed" in base:
-        model = build_from_arch(base["arch"])
-        from .lowrank.io import apply_ranks
-        apply_ranks(model, base["compressed"])
+        model = load_model(base["model"], num_classes=base.get("num_classes"),
+                           img_size=base.get("img_size"), weights=base.get("weights"))
     else:
         model = build_from_arch(base["arch"])
-    state = read_safetensors(run_dir / "adapter" / "adapter_model.safetensors")
-    model, _ = prepare(model, cfg, total_steps=1)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected:
-        raise TrimtuneError(f"adapter in {run_dir} does not fit its base: unexpected tensors "
-                            f"{unexpected[:5]}; was run.json edited?")
-    _restore_sparsity(model, run_dir / "adapter" / "adapter_config.json")
+        if base.get("compressed"):
+            factorise_like(model, base["compressed"]["ranks"])
+    adapter = run_dir / "adapter"
+    if cfg.method in SNELL_METHODS:
+        load_adapter(model, adapter)
+    else:
+        state = read_safetensors(adapter / "adapter_model.safetensors")
+        model, _ = prepare(model, cfg, total_steps=1)
+        _, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise TrimtuneError(f"adapter in {run_dir} does not fit its base: unexpected "
+                                f"tensors {unexpected[:5]}; was run.json edited?")
     model.eval()
     return model
-
-
-def _restore_sparsity(model: nn.Module, config_path: Path) -> None:
-    tuner = (read_json(config_path).get("tuner") or {})
-    for name, s in (tuner.get("sparsity") or {}).items():
-        mod = model.get_submodule(name)
-        mod.sparsity = float(s)
 
 
 def merge(model: nn.Module, method: str | None = None) -> nn.Module:
@@ -335,3 +349,44 @@ def save_model(model: nn.Module, out_dir: str | Path) -> Path:
         p.requires_grad_(True)
     save_compressed(model, out_dir)
     return Path(out_dir)
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+
+def build_train_step(model: str, *, method: str = "snella", rank: int = 8,
+                     batch_size: int = 8, num_classes: int = 10, img_size: int | None = None,
+                     weights: str | None = None, pretrained: bool = True,
+                     compress_ratio: float | None = None, sparsity: float = 0.7,
+                     device: str | None = None, seed: int = 0):
+    """Build ``(model, step_fn)`` for the memory / speed benchmarks: one AdamW training step
+    of ``method`` on a random batch (what a real step allocates: activations kept for
+    backward, gradients, optimizer state). Used by ``trimtune.measure.memory``."""
+    torch.manual_seed(seed)
+    if Path(model).is_dir():
+        m = load_model(model, num_classes=num_classes)
+    else:
+        m = create_backbone(model, pretrained=pretrained, weights=weights,
+                            num_classes=num_classes, img_size=img_size)
+    if compress_ratio:
+        from .lowrank import compress
+        m = compress(m, ratio=compress_ratio, inplace=True)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    m.to(dev)
+    m, callbacks = prepare(m, FinetuneConfig(method=method, rank=rank, sparsity=sparsity),
+                           total_steps=100)
+    m.train()
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    size = m.patch_embed.img_size if hasattr(m, "patch_embed") else (224, 224)
+    x = torch.randn(batch_size, 3, *size, device=dev)
+    y = torch.randint(0, num_classes, (batch_size,), device=dev)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        loss = loss_fn(m(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return m, step
