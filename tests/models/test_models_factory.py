@@ -188,3 +188,25 @@ def test_network_error_becomes_offline_message(monkeypatch):
     monkeypatch.setattr(timm, "create_model", no_network)
     with pytest.raises(TrimtuneError, match=r"OSError: Temporary failure.*pretrained=False"):
         create_backbone(ARCH, pretrained=True, **TINY)
+
+
+def test_cnn_img_size_sets_data_config_only():
+    model = create_backbone("resnet18", pretrained=False, num_classes=4, img_size=96)
+    assert model.pretrained_cfg["input_size"] == (3, 96, 96)
+    rec = arch_of(model)
+    assert rec["kwargs"] == {"num_classes": 4} and rec["img_size"] == 96
+    assert build_from_arch(rec).pretrained_cfg["input_size"] == (3, 96, 96)
+
+
+def test_bad_timm_kwarg():
+    with pytest.raises(TrimtuneError, match="does not take"):
+        create_backbone(ARCH, pretrained=False, no_such_kwarg=1, **TINY)
+
+
+def test_arch_of_factorised_plain_model(vit):
+    # a model whose Linear layers trimtune.lowrank replaced: those keys are not compared
+    vit.blocks[0].mlp.fc1 = nn.Sequential(nn.Linear(64, 8, bias=False), nn.Linear(8, 256))
+    with pytest.raises(TrimtuneError, match="cannot infer"):
+        arch_of(vit)
+    vit.trimtune_lowrank = {"ranks": {"blocks.0.mlp.fc1": 8}, "policy": {}, "skip": []}
+    assert arch_of(vit) == {"arch": ARCH, "kwargs": {"num_classes": 5, **TINY}}

@@ -71,7 +71,7 @@ def create_backbone(
         kwargs.setdefault("num_classes", 0)
         kwargs = {**entry.arch_kwargs, **kwargs}
         _check_img_size(name, kwargs["img_size"], entry.patch_size)
-        model = timm.create_model(entry.arch, pretrained=False, **kwargs)
+        model = _create(entry.arch, False, kwargs)
         if weights is not None:
             _load_weight_file(model, weights, entry.arch)
         elif pretrained:
@@ -84,18 +84,21 @@ def create_backbone(
     arch, _tag = timm.models.split_model_name_tag(name)
     if not timm.is_model(name):
         raise TrimtuneError(_unknown_name_message(name))
-    _check_img_size_for_arch(arch, kwargs)
+    input_size = _check_img_size_for_arch(arch, kwargs)  # pops img_size if arch has none
 
     if weights is not None:
-        model = timm.create_model(arch, pretrained=False, **kwargs)
+        model = _create(arch, False, kwargs)
         _load_weight_file(model, weights, arch)
     elif pretrained:
         model = _create_from_hub(name, kwargs)
     else:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    if "img_size" in kwargs:
-        _set_input_size(model, kwargs["img_size"])
-    model.trimtune_arch = {"arch": arch, "kwargs": _jsonable(kwargs)}
+        model = _create(name, False, kwargs)
+    record = {"arch": arch, "kwargs": _jsonable(kwargs)}
+    if input_size is not None:
+        _set_input_size(model, input_size)
+        if "img_size" not in kwargs:
+            record["img_size"] = input_size  # data config only (e.g. a CNN)
+    model.trimtune_arch = record
     return model
 
 
@@ -113,14 +116,11 @@ def build_from_arch(arch: dict) -> nn.Module:
         raise TrimtuneError(_unknown_name_message(name))
     if isinstance(kwargs.get("img_size"), list):
         kwargs["img_size"] = tuple(kwargs["img_size"])
-    try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as e:
-        raise TrimtuneError(f"cannot rebuild {name} with {kwargs} ({e}); the record was written "
-                            f"by an incompatible timm/trimtune version: upgrade timm") from e
-    if "img_size" in kwargs:
-        _set_input_size(model, kwargs["img_size"])
-    model.trimtune_arch = {"arch": name, "kwargs": _jsonable(kwargs)}
+    model = _create(name, False, kwargs)
+    size = kwargs.get("img_size", arch.get("img_size"))
+    if size is not None:
+        _set_input_size(model, size)
+    model.trimtune_arch = copy.deepcopy({**arch, "kwargs": _jsonable(kwargs)})
     return model
 
 
@@ -143,11 +143,15 @@ def arch_of(model: nn.Module) -> dict:
             f"pretrained_cfg['architecture']); create it with trimtune.create_backbone(...) or "
             f"set model.trimtune_arch = {{'arch': <timm name>, 'kwargs': {{...}}}}")
     kwargs = _infer_kwargs(model, name)
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # layers factorised by trimtune.lowrank hold other keys: compare everything else
+    lowrank = tuple(f"{n}." for n in
+                    (getattr(model, "trimtune_lowrank", None) or {}).get("ranks", {}))
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(lowrank)}
     try:
         with torch.device("meta"):
-            got = {k: tuple(v.shape) for k, v in
-                   timm.create_model(name, pretrained=False, **kwargs).state_dict().items()}
+            built = timm.create_model(name, pretrained=False, **kwargs)
+        got = {k: tuple(v.shape) for k, v in built.state_dict().items()
+               if not (lowrank and k.startswith(lowrank))}
     except Exception as e:  # a kwarg this architecture does not take
         got, err = {}, e
     else:
@@ -201,18 +205,36 @@ def _check_img_size(name: str, img_size: Any, patch: int) -> None:
                                 f"use {near}")
 
 
-def _check_img_size_for_arch(arch: str, kwargs: dict) -> None:
-    """Build ``arch`` on the meta device (cheap) and check img_size against its patch size."""
+def _check_img_size_for_arch(arch: str, kwargs: dict) -> Any:
+    """Build ``arch`` on the meta device (cheap) and check img_size against its patch size.
+
+    Pops ``img_size`` from ``kwargs`` when the architecture takes none (most CNNs) and returns
+    it, so that it still sets the data config; returns None when no img_size was asked for.
+    """
     if "img_size" not in kwargs:
-        return
+        return None
     try:
         with torch.device("meta"):
             m = timm.create_model(arch, pretrained=False, **kwargs)
+    except TypeError as e:
+        if "img_size" not in str(e):
+            return kwargs["img_size"]  # let the real build report the bad kwarg
+        return kwargs.pop("img_size")
     except Exception:  # let the real build report bad kwargs
-        return
+        return kwargs["img_size"]
     patch = getattr(getattr(m, "patch_embed", None), "patch_size", None)
     if patch is not None and not getattr(m.patch_embed, "dynamic_img_pad", False):
         _check_img_size(arch, kwargs["img_size"], int(patch[0]))
+    return kwargs["img_size"]
+
+
+def _create(name: str, pretrained: bool, kwargs: dict, **extra: Any) -> nn.Module:
+    """``timm.create_model`` with bad kwargs reported as a TrimtuneError."""
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs, **extra)
+    except TypeError as e:
+        raise TrimtuneError(f"{name} does not take these arguments ({e}); remove them or see "
+                            f"the timm model's signature") from e
 
 
 def _offline() -> bool:
@@ -274,9 +296,9 @@ def _create_from_hub(name: str, kwargs: dict) -> nn.Module:
             raise TrimtuneError(_offline_message(name, "HF_HUB_OFFLINE is set and they are "
                                                        "not in the local cache"))
         overlay = {**kwargs.pop("pretrained_cfg_overlay", {}), "file": local}
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        return _create(name, True, kwargs, pretrained_cfg_overlay=overlay)
     try:
-        return timm.create_model(name, pretrained=True, **kwargs)
+        return _create(name, True, kwargs)
     except _network_errors() as e:
         raise TrimtuneError(_offline_message(name, f"{type(e).__name__}: "
                                                    f"{str(e).splitlines()[0][:120]}")) from e

@@ -25,6 +25,8 @@ from .imgfocus import IMGFOCUS_VERSION, convert_imgfocus_onnx
 _logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
+# files validated in this process: path -> (size, mtime_ns), so the sha256 runs once per change
+_VALIDATED: dict[str, tuple[int, int]] = {}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -128,8 +130,12 @@ def cached_weights(name: str) -> Path:
     entry = ZOO[name]
     root = cache_dir()
     st_path, meta_path = root / f"{name}.safetensors", root / f"{name}.json"
+    stamp = (st_path.stat().st_size, st_path.stat().st_mtime_ns) if st_path.is_file() else None
+    if stamp is not None and meta_path.is_file() and _VALIDATED.get(str(st_path)) == stamp:
+        return st_path
     problem = _cache_problem(entry, st_path, meta_path)
     if problem is None:
+        _VALIDATED[str(st_path)] = stamp
         return st_path
     _logger.info("trimtune: converting %s into %s (%s)", name, st_path, problem)
     sd = entry.convert()
