@@ -210,3 +210,15 @@ def test_arch_of_factorised_plain_model(vit):
         arch_of(vit)
     vit.trimtune_lowrank = {"ranks": {"blocks.0.mlp.fc1": 8}, "policy": {}, "skip": []}
     assert arch_of(vit) == {"arch": ARCH, "kwargs": {"num_classes": 5, **TINY}}
+
+
+def test_offline_uses_locally_cached_hub_file(tmp_path, monkeypatch):
+    from trimtune.models import factory
+
+    src = tiny()
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, src.state_dict())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(factory, "_local_hub_file", lambda cfg: str(path))
+    model = create_backbone(ARCH, pretrained=True, num_classes=5, **TINY)
+    assert same_weights(src, model, skip=("head.",))
