@@ -107,6 +107,9 @@ def test_resume_is_bit_identical(tmp_path, stop_at):
     assert rec_ref.grads_seen == 24
     for a, b in zip(ref.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
+    log = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in log if "lr" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 24  # no duplicate lines after resume
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -138,3 +141,27 @@ def test_bad_config_is_a_clear_error(tmp_path):
         fit(tiny_mlp(), tiny_data(n=4), ce_objective, cfg(tmp_path))
     with pytest.raises(TrimtuneError, match="no training checkpoint"):
         fit(tiny_mlp(), tiny_data(), ce_objective, cfg(tmp_path / "none", resume=True))
+
+
+def test_best_weights_ema_stop_callback_and_cpu_fp16_note(tmp_path):
+    data, model = tiny_data(), tiny_mlp()
+    model[0].requires_grad_(False)
+    scores = iter([0.5, 0.9, 0.7])
+
+    class StopAfterEpoch2:
+        def on_epoch_end(self, state):
+            state.should_stop = state.epoch == 2
+
+    with pytest.warns(UserWarning, match="needs a GPU"):
+        res = fit(model, data, ce_objective, cfg(tmp_path, ema=0.5, mixed_precision="fp16",
+                                                 select_metric="val_acc"),
+                  callbacks=[StopAfterEpoch2()], eval_fn=lambda m: {"val_acc": next(scores)})
+    assert res.stopped_early and res.step == 2 * 8
+    best = json.loads((tmp_path / "best" / "best.json").read_text())
+    assert best["val_acc"] == 0.9 and res.best == tmp_path / "best"
+    from trimtune.checkpoint import read_safetensors
+    saved = read_safetensors(tmp_path / "best" / "model.safetensors")
+    assert set(saved) == {"1.weight", "1.bias", "3.weight", "3.bias"}  # trainable only
+    ema = res.ema.module.state_dict()
+    assert not torch.equal(ema["3.weight"], model.state_dict()["3.weight"])
+    assert torch.equal(ema["0.weight"], model.state_dict()["0.weight"])  # frozen: unchanged

@@ -1,9 +1,12 @@
 """The one training loop (distillation and fine-tuning alike), on Hugging Face Accelerate.
 
 Method-agnostic: a method plugs in an *objective* ``objective(model, batch) -> (loss, logs)``
-(optionally with ``setup(accelerator)``) and *callbacks* (``on_train_start``,
-``after_optimizer_step``, ``on_epoch_end``, ``state_dict``, ``load_state_dict``). Runs on CPU,
-one GPU, or several processes under ``accelerate launch`` / ``torchrun`` (DDP; gloo on CPU).
+(optional: ``setup(accelerator)``; ``find_unused_parameters = True`` when some trainable
+parameters get no gradient, e.g. the head in label-free distillation) and *callbacks*
+(``on_train_start``, ``after_optimizer_step``, ``on_epoch_end``, ``state_dict``,
+``load_state_dict``). Runs on CPU, one GPU, or several processes under ``accelerate launch`` /
+``torchrun`` (DDP; gloo on CPU). Writes ``out_dir/metrics.jsonl``, ``out_dir/checkpoint/``
+and, with ``select_metric``, ``out_dir/best/``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..checkpoint import write_json, write_safetensors
+from ..checkpoint import atomic_path, write_json, write_safetensors
 from ..errors import TrimtuneError
 from .checkpointing import (checkpoint_path, load_checkpoint, rng_state, save_checkpoint,
                             set_rng_state)
@@ -113,8 +116,11 @@ def fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tra
     scheduler.step_update(num_updates=state.step)
     state.epoch = state.step // steps_per_epoch
 
+    saved_at = [-1]
+
     def checkpoint() -> Path | None:
-        if main:
+        if main and saved_at[0] != state.step:
+            saved_at[0] = state.step
             save_checkpoint(out, {
                 "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
@@ -131,6 +137,8 @@ def fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tra
     history: list[dict[str, Any]] = []
     tb = _tensorboard(out) if main else None
     metrics_file = out / "metrics.jsonl"
+    if main:  # a fresh run starts a fresh log; a resumed one drops lines past its checkpoint
+        _trim_log(metrics_file, state.step)
 
     def log(record: dict[str, Any]) -> None:
         history.append(record)
@@ -236,6 +244,15 @@ def _make_accelerator(cfg: TrainConfig, find_unused: bool) -> Accelerator:
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(mixed_precision=mp, gradient_accumulation_plugin=plugin,
                        kwargs_handlers=[ddp], cpu=cpu_ddp)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if step and line.strip() and json.loads(line).get("step", 0) <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in keep))
 
 
 def _call(callbacks: Iterable[Any], hook: str, state: TrainState) -> None:
