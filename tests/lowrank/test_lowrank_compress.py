@@ -34,11 +34,12 @@ def test_full_rank_reproduces_outputs(vit, images):
 @torch.no_grad()
 def test_to_dense_matches_factorised(vit, images):
     lr = compress(vit, rank=7).eval()
-    x = torch.randn(3, 5, 64)
     for m in factorised_layers(lr).values():
+        x = torch.randn(3, 5, m.in_features)  # (B, N, in)
         dense = m.to_dense()
-        assert isinstance(dense, nn.Linear) and dense.weight.shape == (m.out_features, m.in_features)
-        assert torch.allclose(dense(x[..., :m.in_features]), m(x[..., :m.in_features]), atol=1e-5)
+        assert isinstance(dense, nn.Linear)
+        assert dense.weight.shape == (m.out_features, m.in_features)
+        assert torch.allclose(dense(x), m(x), atol=1e-5)
 
 
 @torch.no_grad()
@@ -69,8 +70,9 @@ def test_from_linear_randomized_close_to_full():
         lin.weight.copy_(u @ torch.diag(0.8 ** torch.arange(48.0)) @ v.T)
     full = LowRankLinear.from_linear(lin, 8, svd="full")
     rand = LowRankLinear.from_linear(lin, 8, svd="randomized")
-    e_full = float((full.weight_product - lin.weight).norm())
-    e_rand = float((rand.weight_product - lin.weight).norm())
+    with torch.no_grad():
+        e_full = float((full.weight_product - lin.weight).norm())
+        e_rand = float((rand.weight_product - lin.weight).norm())
     assert e_rand == pytest.approx(e_full, rel=1e-3)
 
 
@@ -181,15 +183,18 @@ def test_swin_tiny_config():
 @torch.no_grad()
 def test_dinov2_small_fused_qkv_layer_scale():
     torch.manual_seed(0)
-    dino = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=56,
+    # DINOv2 ViT-S/14 layout (dim 384, fused qkv, layer-scale) cut to 2 blocks for speed
+    dino = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=56, depth=2,
                              num_classes=4).eval()
     x = torch.randn(1, 3, 56, 56)
     lr = compress(dino, ratio=2.0).eval()
     ranks = lr.trimtune_lowrank["ranks"]
     assert ranks["blocks.0.attn.qkv"] == rank_for(384, 1152, ratio=2.0) == 144
-    assert hasattr(lr.blocks[0], "ls1") and len(ranks) == 48
+    assert ranks["blocks.1.mlp.fc1"] == 153 and len(ranks) == 8  # 384*1536/(2*1920)
+    assert float(lr.blocks[0].ls1.gamma.abs().sum()) > 0
     full = compress(dino, **FULL).eval()
     assert torch.allclose(full.forward_features(x), dino.forward_features(x), atol=1e-4)
+    assert _rel(full(x), dino(x)) < 1e-5
 
 
 @pytest.mark.parametrize("kwargs, words", [

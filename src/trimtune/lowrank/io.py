@@ -116,6 +116,9 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike) -> Path:
         raise TrimtuneError("the model has no factorised layer: run trimtune.compress(model) "
                             "first (a dense model is saved with the usual timm tools)")
     arch = get_arch(model)
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is not None:
+        arch.setdefault("kwargs", {}).setdefault("num_classes", int(num_classes))
     record = copy.deepcopy(getattr(model, "trimtune_lowrank", None) or {})
     ranks = {n: m.rank for n, m in layers.items()}
     state = model.state_dict()
@@ -128,7 +131,7 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike) -> Path:
         "format_version": FORMAT_VERSION,
         "trimtune_version": __version__,
         "arch": arch,
-        "num_classes": getattr(model, "num_classes", None),
+        "num_classes": num_classes,
         "ranks": ranks,
         "policy": record.get("policy"),
         "skip": record.get("skip"),
