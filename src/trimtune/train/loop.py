@@ -188,7 +188,8 @@ def fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tra
             if ema is not None:
                 ema.update(raw, step=state.step)
             n_logged += 1
-            if state.step % cfg.log_every == 0 or state.step == total_steps:
+            stopped = state.should_stop or state.step >= (cfg.max_steps or total_steps + 1)
+            if stopped or state.step % cfg.log_every == 0 or state.step % steps_per_epoch == 0:
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
                 state.logs = {k: v / n_logged for k, v in running.items()}
                 lr = optimizer.param_groups[0]["lr"]
@@ -198,7 +199,6 @@ def fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tra
                 running, n_logged, t0, seen = {}, 0, time.perf_counter(), 0
             bar.update(1)
             state.epoch = state.step // steps_per_epoch
-            stopped = state.should_stop or state.step >= (cfg.max_steps or total_steps + 1)
             if stopped or (cfg.ckpt_every and state.step % cfg.ckpt_every == 0):
                 checkpoint()
             if stopped:
