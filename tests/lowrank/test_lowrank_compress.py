@@ -74,6 +74,15 @@ def test_from_linear_randomized_close_to_full():
         e_full = float((full.weight_product - lin.weight).norm())
         e_rand = float((rand.weight_product - lin.weight).norm())
     assert e_rand == pytest.approx(e_full, rel=1e-3)
+    for shape in [(96, 80), (40, 120)]:  # tall and wide: gram (eigh) == full SVD
+        w = torch.randn(*shape, dtype=torch.float64)
+        lin = nn.Linear(shape[1], shape[0]).double()
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            a = LowRankLinear.from_linear(lin, 9, svd="gram", svd_dtype=torch.float64)
+            b = LowRankLinear.from_linear(lin, 9, svd="full", svd_dtype=torch.float64)
+            assert torch.allclose(a.weight_product, b.weight_product, atol=1e-10)
+            assert float(a.first.weight.norm()) == pytest.approx(float(b.first.weight.norm()))
 
 
 def test_authors_rank_rule_deit_base_counts():

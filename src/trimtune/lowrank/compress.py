@@ -184,8 +184,8 @@ def _check_policy(ratio, energy, rank, overrides, svd) -> dict[str, Any]:
         _as_patterns(pat, "overrides")
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise TrimtuneError(f"overrides[{pat!r}] = {r!r} must be a positive integer rank")
-    if svd not in ("auto", "full", "randomized"):
-        raise TrimtuneError(f"svd={svd!r}: use 'auto', 'full' or 'randomized'")
+    if svd not in ("auto", "full", "gram", "randomized"):
+        raise TrimtuneError(f"svd={svd!r}: use 'auto', 'full', 'gram' or 'randomized'")
     if svd == "randomized" and energy is not None:
         raise TrimtuneError("the energy policy needs the full spectrum: use svd='full' or 'auto'")
     policy["overrides"] = dict(overrides or {})
@@ -220,8 +220,10 @@ def compress(
         include: regex(es); when given, only matching linears are candidates (no default skips).
         exclude: regex(es) of linears to keep dense (added to the default skips).
         overrides: ``{regex: rank}``; the first pattern matching a layer sets its rank.
-        svd: ``"full"``, ``"randomized"`` (``torch.svd_lowrank``) or ``"auto"`` (randomized when
-            ``min(in, out) >= 4096`` and the policy does not need the whole spectrum).
+        svd: ``"full"`` (``torch.linalg.svd``), ``"gram"`` (float64 ``eigh`` of the smaller Gram
+            matrix, 2-3x faster on CPU), ``"randomized"`` (``torch.svd_lowrank``) or ``"auto"``
+            (randomized when ``min(in, out) >= 4096`` and the policy does not need the whole
+            spectrum, else gram).
         svd_dtype: dtype the SVD runs in (``torch.float64`` for bit-exact work).
         keep_dense_if_no_saving: leave a layer dense when ``r*(in+out) >= in*out``.
         min_out_features: linears with fewer outputs stay dense (default skip rule only).
@@ -266,12 +268,13 @@ def compress(
         method = svd
         if svd == "auto":
             method = ("randomized" if min(n_in, n_out) >= RANDOMIZED_MIN_DIM
-                      and not need_spectrum else "full")
+                      and not need_spectrum else "gram")
         meta = lin.weight.is_meta  # planning on the meta device: ranks and sizes, no values
-        total = None if meta else float(lin.weight.detach().double().pow(2).sum())
-        usv = None
+        usv = total = None
         if need_spectrum:
-            usv = truncated_svd(lin.weight, min(n_in, n_out), svd="full", dtype=svd_dtype)
+            usv = truncated_svd(lin.weight, min(n_in, n_out),
+                                svd="full" if method == "full" else "gram", dtype=svd_dtype)
+            total = float(usv[1].double().pow(2).sum())  # = ||W||_F^2
         r = (min(r_over, n_in, n_out) if r_over is not None else
              rank_for(n_in, n_out, ratio=policy.get("ratio"), energy=energy, rank=rank,
                       spectrum=None if usv is None else usv[1], total_energy=total))
@@ -279,7 +282,7 @@ def compress(
             kept_dense[name] = f"rank {r} saves no parameters"
             continue
         if method == "randomized" and r >= min(n_in, n_out):
-            method = "full"
+            method = "gram"
         parent_name, _, attr = name.rpartition(".")
         ranks[name] = r
         if meta:
@@ -291,6 +294,9 @@ def compress(
         setattr(modules[parent_name] if parent_name else out, attr,
                 LowRankLinear.from_svd(lin, *usv, rank=r))
         s = usv[1].detach().float().cpu()
+        if total is None:  # sum of all squared singular values, or ||W||_F^2 if truncated
+            total = float(usv[1].double().pow(2).sum() if len(usv[1]) == min(n_in, n_out)
+                           else lin.weight.detach().double().pow(2).sum())
         kept_energy[name] = min(1.0, float((s[:r].double() ** 2).sum()) / max(total, 1e-300))
         spectra[name] = s
     if not ranks:
