@@ -18,3 +18,5 @@ __all__ = ["LowRankLinear", "truncated_svd", "compress", "is_compressed", "facto
 # --- distillation (written separately, in distill.py): re-exported when present -------------
 if importlib.util.find_spec("trimtune.lowrank.distill"):
     from .distill import *  # noqa
+
+    __all__ += list(getattr(importlib.import_module(".distill", __name__), "__all__", []))
