@@ -8,7 +8,6 @@ method plugs in an objective or a callback here.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,11 +343,7 @@ def merge(model: nn.Module, method: str | None = None) -> nn.Module:
 
 def save_model(model: nn.Module, out_dir: str | Path) -> Path:
     """A plain (merged or compressed) model folder: model.safetensors + trimtune.json."""
-    model = copy.deepcopy(model)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    save_compressed(model, out_dir)
-    return Path(out_dir)
+    return save_compressed(model, out_dir, allow_dense=True)
 
 
 # --------------------------------------------------------------------------- benchmarks

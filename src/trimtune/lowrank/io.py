@@ -103,8 +103,13 @@ def _check_state(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]
                             "re-save the model")
 
 
-def save_compressed(model: nn.Module, directory: str | os.PathLike) -> Path:
+def save_compressed(model: nn.Module, directory: str | os.PathLike, *,
+                    allow_dense: bool = False) -> Path:
     """Write ``model.safetensors`` + ``trimtune.json`` (atomically) into ``directory``.
+
+    ``allow_dense=True`` also writes a model with no factorised layer (e.g. a merged,
+    uncompressed fine-tune) in the same format, marked ``"dense": true``; its
+    ``model.safetensors`` is then a plain timm state dict.
 
     The architecture must be known (``model.trimtune_arch``, set by ``create_backbone`` and
     kept by ``compress``); it is checked by rebuilding the tree on the meta device.
@@ -112,7 +117,7 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike) -> Path:
     from .. import __version__
 
     layers = factorised_layers(model)
-    if not layers:
+    if not layers and not allow_dense:
         raise TrimtuneError("the model has no factorised layer: run trimtune.compress(model) "
                             "first (a dense model is saved with the usual timm tools)")
     arch = get_arch(model)
@@ -136,6 +141,7 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike) -> Path:
         "policy": record.get("policy"),
         "skip": record.get("skip"),
         "energy": record.get("energy"),
+        "dense": not layers,
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -167,7 +173,7 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device = "
         raise TrimtuneError(f"format version {config['format_version']!r} is not supported (this "
                             f"trimtune reads {FORMAT_VERSION}): upgrade trimtune or re-save")
     ranks = config["ranks"]
-    if not isinstance(ranks, dict) or not ranks:
+    if not isinstance(ranks, dict) or (not ranks and not config.get("dense")):
         raise TrimtuneError(f"{directory / CONFIG_NAME}: 'ranks' must be a non-empty "
                             "{layer: rank} mapping; re-save the model")
     arch = copy.deepcopy(config["arch"])
