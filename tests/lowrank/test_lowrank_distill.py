@@ -43,7 +43,7 @@ def test_loss_is_zero_for_full_rank_student(x):
                                temperature=2.0, ce_weight=0.0, reg_weight=1.0, reg_form=form)
         loss, logs = obj(student, x)
         assert set(logs) == {"block", "final", "logits", "reg"}
-        assert loss.item() < 1e-7, logs  # float32 rounding only
+        assert loss.item() < 1e-6, logs  # float32 rounding only (KL of softmaxes)
     # ... and clearly non-zero for a real (ratio 2) compression
     loss, logs = DistillObjective(teacher, reg_weight=1.0)(compress(teacher, ratio=2.0), x)
     assert logs["block"] > 1e-4 and logs["reg"] > 1e-4
