@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -356,7 +357,11 @@ def build_train_step(model: str, *, method: str = "snella", rank: int = 8,
                      device: str | None = None, seed: int = 0):
     """Build ``(model, step_fn)`` for the memory / speed benchmarks: one AdamW training step
     of ``method`` on a random batch (what a real step allocates: activations kept for
-    backward, gradients, optimizer state). Used by ``trimtune.measure.memory``."""
+    backward, gradients, optimizer state). Used by ``trimtune.measure.memory``.
+
+    For SNELLA the step also runs what :func:`trimtune.train.fit` runs after every optimizer
+    step: the allocator callback (importance EMA update and, with ``schedule_unit="step"``,
+    the cross-layer reallocation), so its time and memory are part of the figure."""
     torch.manual_seed(seed)
     if Path(model).is_dir():
         m = load_model(model, num_classes=num_classes)
@@ -377,11 +382,21 @@ def build_train_step(model: str, *, method: str = "snella", rank: int = 8,
     x = torch.randn(batch_size, 3, *size, device=dev)
     y = torch.randint(0, num_classes, (batch_size,), device=dev)
     loss_fn = nn.CrossEntropyLoss()
+    # the callback state fit() passes (see trimtune.train): enough for the SNELLA allocator
+    state = SimpleNamespace(model=m, step=0, total_steps=100, epoch=0, steps_per_epoch=100,
+                            accelerator=None, out_dir=None)
+    for cb in callbacks:
+        if hasattr(cb, "on_train_start"):
+            cb.on_train_start(state)
 
     def step() -> None:
         loss = loss_fn(m(x), y)
         loss.backward()
         opt.step()
+        state.step += 1
+        for cb in callbacks:  # before zero_grad: the allocator reads the gradients
+            if hasattr(cb, "after_optimizer_step"):
+                cb.after_optimizer_step(state)
         opt.zero_grad(set_to_none=True)
 
     return m, step
