@@ -51,6 +51,9 @@ def add_quickstart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity", type=float, default=0.5, help="SNELLA target sparsity")
     p.add_argument("--batch-size", type=int, default=32, help="batch size")
     p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--head-init", choices=["probe", "random"], default="probe",
+                   help="start fine-tuning from a linear-probe head (LP-FT; default) or a "
+                        "random head")
     p.add_argument("--no-memory", action="store_true",
                    help="skip the training-memory column (saves ~1 minute)")
     p.add_argument("--out", default="runs/quickstart", metavar="DIR", help="run folder")
@@ -131,7 +134,8 @@ def quickstart(a: argparse.Namespace) -> dict:
                          a.distill_images, a.seed + 1)
     dcfg = DistillConfig(train=TrainConfig(epochs=a.distill_epochs, lr=1e-4, min_lr=1e-6,
                                            batch_size=a.batch_size, weight_decay=0.05,
-                                           seed=a.seed, out_dir=str(out / "distill")))
+                                           seed=a.seed, out_dir=str(out / "distill"),
+                                           resume=False))
     distill(student, teacher, distill_ds, dcfg)
     save_model(student, out / "distilled")
 
@@ -139,12 +143,16 @@ def quickstart(a: argparse.Namespace) -> dict:
     for label, base in (("original + snella", teacher), ("compressed + snella", student)):
         stage(f"{4 if 'original' in label else 5}/5 SNELLA fine-tuning: {label}")
         run = out / label.replace(" + ", "_").replace(" ", "_")
+        base = copy.deepcopy(base)
+        if a.head_init == "probe":
+            linear_probe(base, train_ds, a.seed)
         tc = TrainConfig(epochs=a.epochs, lr=a.lr, min_lr=1e-5, batch_size=a.batch_size,
-                         warmup_epochs=0.5, weight_decay=1e-4, seed=a.seed, out_dir=str(run))
-        r = finetune(copy.deepcopy(base), train_ds, FinetuneConfig(**ft, train=tc),
+                         warmup_epochs=0.5, weight_decay=1e-4, seed=a.seed, out_dir=str(run),
+                         resume=False)
+        r = finetune(base, train_ds, FinetuneConfig(**ft, train=tc),
                      test_data=test_ds,
                      base_spec={"model": a.model, "num_classes": nc, "img_size": a.img_size}
-                     if base is teacher else None)
+                     if "original" in label else None)
         merged = merge(r.model)
         acc_merged = evaluate_model(merged, test_ds).top1
         if abs(acc_merged - r.test["top1"]) > 2.0 / len(test_ds):
