@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import TrimtuneError
+from ..models import arch_of
 from .layers import LowRankLinear, truncated_svd
 
 DEFAULT_SKIP: tuple[str, ...] = ("norm", "head", "patch_embed", "downsample")
@@ -38,51 +39,9 @@ __all__ = ["compress", "is_compressed", "factorised_layers", "select_layers", "r
 
 
 # ----------------------------------------------------------------------------- architecture
-def _local_arch_of(model: nn.Module) -> dict[str, Any]:
-    """Fallback for ``trimtune.models.arch_of``: timm architecture name + num_classes/img_size,
-    checked by rebuilding it on the meta device and comparing parameter shapes."""
-    import timm
-
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    name = cfg.get("architecture")
-    if not name:
-        raise TrimtuneError(
-            "cannot tell which architecture this model is (no pretrained_cfg['architecture']): "
-            "create it with trimtune.create_backbone or set model.trimtune_arch = "
-            "{'arch': <timm name>, 'kwargs': {...}}")
-    kwargs: dict[str, Any] = {}
-    if getattr(model, "num_classes", None) is not None:
-        kwargs["num_classes"] = int(model.num_classes)
-    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if img_size is not None:
-        kwargs["img_size"] = list(img_size) if isinstance(img_size, (tuple, list)) else img_size
-    arch = {"arch": name, "kwargs": kwargs}
-    try:
-        with torch.device("meta"):
-            ref = timm.create_model(name, pretrained=False, **kwargs)
-    except Exception as e:
-        raise TrimtuneError(f"cannot rebuild architecture {name!r} with {kwargs} ({e}): set "
-                            "model.trimtune_arch = {'arch': ..., 'kwargs': {...}}") from e
-    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-    if mine != theirs:
-        raise TrimtuneError(
-            f"model differs from timm {name!r} with {kwargs} (custom kwargs?): create it with "
-            "trimtune.create_backbone or set model.trimtune_arch = {'arch': ..., 'kwargs': {...}}")
-    return arch
-
-
 def get_arch(model: nn.Module) -> dict[str, Any]:
-    """``model.trimtune_arch`` if set, else ``trimtune.models.arch_of(model)`` (or a local
-    fallback while ``trimtune.models`` is absent). Raises TrimtuneError if it cannot be told."""
-    arch = getattr(model, "trimtune_arch", None)
-    if arch is not None:
-        return copy.deepcopy(arch)
-    try:
-        from ..models import arch_of  # type: ignore[attr-defined]
-    except ImportError:
-        return _local_arch_of(model)
-    return arch_of(model)
+    """A copy of ``trimtune.models.arch_of(model)``. Raises TrimtuneError if it cannot be told."""
+    return copy.deepcopy(arch_of(model))
 
 
 # ----------------------------------------------------------------------------- selection

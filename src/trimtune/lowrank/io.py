@@ -10,13 +10,13 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..checkpoint import read_json, read_safetensors, write_json, write_safetensors
 from ..errors import TrimtuneError
+from ..models import build_from_arch
 from .compress import factorised_layers, get_arch
 from .layers import LowRankLinear
 
@@ -26,33 +26,8 @@ CONFIG_NAME = "trimtune.json"
 WEIGHTS_NAME = "model.safetensors"
 REQUIRED = ("format", "format_version", "arch", "ranks")
 
-__all__ = ["save_compressed", "load_compressed", "factorise_like", "build_from_arch",
+__all__ = ["save_compressed", "load_compressed", "factorise_like",
            "FORMAT_VERSION"]
-
-
-def build_from_arch(arch: dict[str, Any]) -> nn.Module:
-    """Random-init module tree for ``{"arch": timm name, "kwargs": {...}}``, no download
-    (``trimtune.models.build_from_arch`` when present, else ``timm.create_model``)."""
-    if not isinstance(arch, dict) or not isinstance(arch.get("arch"), str):
-        raise TrimtuneError(f"bad architecture record {arch!r}: expected "
-                            "{'arch': <timm name>, 'kwargs': {...}}; re-save the model")
-    try:
-        from ..models import build_from_arch as _build  # type: ignore[attr-defined]
-    except ImportError:
-        _build = None
-    if _build is not None:
-        return _build(arch)
-    import timm
-
-    name, kwargs = arch["arch"], dict(arch.get("kwargs") or {})
-    if not timm.is_model(name):
-        raise TrimtuneError(f"unknown architecture {name!r} in {CONFIG_NAME}: the file is damaged "
-                            "or needs a newer timm; re-save the model")
-    try:
-        return timm.create_model(name, pretrained=False, **kwargs)
-    except Exception as e:
-        raise TrimtuneError(f"cannot build {name!r} with kwargs {kwargs} ({e}): the "
-                            f"{CONFIG_NAME} is damaged; re-save the model") from e
 
 
 def factorise_like(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
