@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_quickstart)
 
     s = sub.add_parser("bench", help="run a benchmark script from benchmarks/")
-    s.add_argument("what", choices=["memory", "speed", "compress", "quality"],
+    s.add_argument("what", choices=["memory", "speed", "compress", "distill", "quality"],
                    help="which benchmark")
     s.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     s.set_defaults(func=cmd_bench)
