@@ -211,11 +211,17 @@ def finetune(model: nn.Module | str, data: Dataset | str, config: FinetuneConfig
     test_ds = _as_dataset(test_data, "test", tf_eval, seed)
 
     tc = cfg.train
-    steps_per_epoch = -(-len(train_ds) // (tc.batch_size * tc.grad_accum))
-    total_steps = tc.max_steps or steps_per_epoch * tc.epochs
-    model, callbacks = prepare(model, cfg, total_steps=total_steps)
-
     out = Path(tc.out_dir) if tc.out_dir else None
+    if out and base_spec is None:
+        # an in-memory base (e.g. compressed + distilled) cannot be rebuilt from a name: keep
+        # its weights in the run folder so load_model(run_dir) gives back the tuned model
+        save_model(model, out / "base")
+        base_spec = {"model": "base"}
+    # the schedules (SNELLA allocator, AdaLoRA) take the loop's total steps (epochs x whole
+    # steps per epoch x processes): max_steps only stops early, so a resumed run matches
+    torch.manual_seed(seed)  # adapter init: same seed, same start (and on every DDP rank)
+    model, callbacks = prepare(model, cfg, total_steps=None)
+
     best: dict = {}
 
     def eval_fn(m: nn.Module) -> dict:
@@ -314,7 +320,10 @@ def load_run(run_dir: str | Path) -> nn.Module:
         raise TrimtuneError(f"{run_dir / 'run.json'} is incomplete or from another version "
                             f"({e}); re-run `trimtune finetune`") from e
     if "model" in base:
-        model = load_model(base["model"], num_classes=base.get("num_classes"),
+        spec = base["model"]
+        if (run_dir / spec).is_dir():  # the base kept inside the run folder
+            spec = str(run_dir / spec)
+        model = load_model(spec, num_classes=base.get("num_classes"),
                            img_size=base.get("img_size"), weights=base.get("weights"))
     else:
         model = build_from_arch(base["arch"])
