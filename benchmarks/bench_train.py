@@ -120,6 +120,31 @@ def measure(kwargs: dict[str, Any], steps: int, warmup: int) -> dict[str, Any]:
     return measure_subprocess(BUILDER, kwargs, steps=steps, warmup=warmup)
 
 
+def profile_config(kwargs: dict[str, Any], rows: int = 8) -> dict[str, Any]:
+    """Where one training step spends its time and memory (``torch.profiler``, in process).
+
+    Returns the top ops by self CPU time and by self allocated bytes (``profile_memory``), as
+    ``[(op, ms, share)]`` and ``[(op, MB)]``, plus the step time under the profiler.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from trimtune.pipeline import build_train_step
+
+    _, step = build_train_step(**{**kwargs, "device": "cpu"})
+    step()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    ev = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ev) or 1.0
+    by_time = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:rows]
+    by_mem = sorted(ev, key=lambda e: -e.self_cpu_memory_usage)[:rows]
+    return {"time": [(e.key, e.self_cpu_time_total / 1e3, e.self_cpu_time_total / total)
+                     for e in by_time],
+            "alloc": [(e.key, e.self_cpu_memory_usage / MB) for e in by_mem
+                      if e.self_cpu_memory_usage > 0],
+            "total_ms": total / 1e3}
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -182,6 +207,16 @@ def run(args: argparse.Namespace, reports: Sequence[str]) -> dict[str, Any]:
         data["noise"] = {"config": key_of(model, batch, method), "peak_mb": peaks,
                          "step_s": times}
         log(f"noise {data['noise']['config']}: peak {peaks} MB, step {times} s")
+    for spec in args.profile or ():
+        model, batch, method = spec.split(":")
+        k = key_of(model, int(batch), method)
+        if k in data.setdefault("profiles", {}):
+            continue
+        kw = build_kwargs(model, method, int(batch), rank=args.rank, img_size=args.img_size,
+                          sparsity=args.sparsity, device=args.device)
+        data["profiles"][k] = profile_config(kw)
+        log(f"profiled {k}: {data['profiles'][k]['total_ms']:.0f} ms self CPU")
+        flush()
     flush()
     return data
 
@@ -312,7 +347,15 @@ def markdown(data: dict[str, Any], report: str) -> str:
                   "`(rise+w)/lora` column of snell and the snell / masked-sparse ratio above; "
                   "the GPU figure includes CUDA-context-free tensors only, the CPU figure also "
                   "allocator slack.", ""]
-    lines += data.get("analysis_md", {}).get(report, [])
+    for k, pr in (data.get("profiles") or {}).items():
+        lines += [f"## Profile of one step: `{k}` (torch.profiler, in process)", "",
+                  f"Self CPU total {pr['total_ms']:.0f} ms. Top ops by self time: " +
+                  "; ".join(f"`{n}` {ms:.0f} ms ({sh * 100:.0f}%)" for n, ms, sh in pr["time"]),
+                  "", "Top ops by memory allocated in the step (self, MB, freed or not): " +
+                  "; ".join(f"`{n}` {mb:.0f}" for n, mb in pr["alloc"]), ""]
+    notes = Path(__file__).resolve().parent / "results" / f"{report}_notes.md"
+    if data.get("notes", True) and notes.is_file():
+        lines += [notes.read_text().rstrip(), ""]
     return "\n".join(lines)
 
 
@@ -381,6 +424,8 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--tag", default=None, help="file stem suffix (default: cpu or cuda)")
     ap.add_argument("--out-dir", default=None, help="default benchmarks/results")
+    ap.add_argument("--profile", nargs="*", default=None, metavar="MODEL:BATCH:METHOD",
+                    help="also profile these configurations (torch.profiler, time + memory)")
     ap.add_argument("--resume", action="store_true",
                     help="keep configurations already in the JSON of an earlier run")
     return ap

@@ -1,0 +1,97 @@
+"""Smoke tests of the training memory / speed benchmark scripts (tiny configurations)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load("bench_train")
+
+
+def test_build_kwargs_parses_compression(bench):
+    kw = bench.build_kwargs("vit_base_patch16_224", "snella@c2", 8, rank=8, img_size=224,
+                            sparsity=0.7, device=None)
+    assert kw["method"] == "snella" and kw["compress_ratio"] == 2.0
+    assert kw["pretrained"] is False and kw["batch_size"] == 8
+    assert bench.build_kwargs("dinov2_small.imgfocus", "lora", 8, rank=8, img_size=224,
+                              sparsity=0.7, device=None)["pretrained"] is True
+    with pytest.raises(SystemExit):
+        bench.build_kwargs("m", "snella@x2", 8, rank=8, img_size=None, sparsity=0.7, device=None)
+
+
+def _fake(bench, peaks: dict[str, float], times: dict[str, float]) -> dict:
+    mb = bench.MB
+    rows = {bench.key_of("m", 8, k): {"peak_bytes": v * mb, "step_s": times[k], "device": "cpu"}
+            for k, v in peaks.items()}
+    static = {f"m|{k}": {"params": 10, "trainable": 4, "stored": 4, "weight_bytes": 100 * mb,
+                         "adapter_bytes": mb} for k in peaks}
+    return {"settings": {"models": ["m"], "batches": [8], "methods": list(peaks)},
+            "rows": rows, "static": static}
+
+
+def test_ratios_and_goals(bench):
+    data = _fake(bench, {"full": 400, "lora": 100, "snella": 104, "masked-sparse": 300,
+                         "snella@c2": 50},
+                 {"full": 4.0, "lora": 2.0, "snella": 3.0, "masked-sparse": 3.0,
+                  "snella@c2": 1.5})
+    rows = {r["method"]: r for r in bench.table_rows(data, "m", 8)}
+    assert rows["lora"]["rise_mb/lora"] == pytest.approx(1.0)
+    assert rows["snella"]["rise_mb/full"] == pytest.approx(104 / 400)
+    assert rows["snella"]["total_mb/lora"] == pytest.approx(204 / 200)
+    assert rows["snella"]["img_s"] == pytest.approx(8 / 3.0)
+    g = "\n".join(bench.goals(data, "m", 8))
+    assert "snella / lora, peak rise: 1.04 (goal <= 1.05) **met**" in g
+    assert "snella / lora, step time: 1.50 (goal <= 1.15) **MISSED**" in g
+    assert "snella@c2 / lora (original), rise + weights: 0.75" in g
+
+
+def test_snella_step_runs_the_allocator():
+    from trimtune.pipeline import build_train_step
+
+    model, step = build_train_step("vit_tiny_patch16_224", method="snella", batch_size=1,
+                                   img_size=32, pretrained=False)
+    from trimtune.tuners.allocator import cubic_budget, find_units
+
+    units = find_units(model).values()
+    step()
+    step()
+    # after 2 of the 100 scheduled steps the allocator has shrunk the budget on the cubic
+    # schedule from s_init = 0 towards the 0.7 target: the overall fraction zeroed matches V(2)
+    cap = sum(u.numel_update for u in units)
+    zeroed = sum(u.sparsity * u.numel_update for u in units) / cap
+    expected = 1 - cubic_budget(2, 100, cap, 0.3 * cap) / cap
+    assert 0 < expected < 0.7
+    assert zeroed == pytest.approx(expected, abs=1e-3)
+
+def test_tiny_run_writes_reports(bench, tmp_path):
+    rc = bench.main(["--models", "vit_tiny_patch16_224", "--batches", "1", "--img-size", "32",
+                     "--methods", "lora", "linear", "--steps", "1", "--warmup", "0",
+                     "--repeats", "1", "--tag", "t", "--out-dir", str(tmp_path)],
+                    reports=("memory", "speed"))
+    assert rc == 0
+    for stem in ("memory_t", "speed_t"):
+        for ext in ("md", "json", "png"):
+            assert (tmp_path / f"{stem}.{ext}").stat().st_size > 0
+    data = json.loads((tmp_path / "memory_t.json").read_text())
+    assert set(data["rows"]) == {"vit_tiny_patch16_224|1|lora", "vit_tiny_patch16_224|1|linear"}
+    st = data["static"]
+    assert st["vit_tiny_patch16_224|linear"]["trainable"] < st["vit_tiny_patch16_224|lora"][
+        "trainable"]
+    assert all(r["peak_bytes"] > 0 and r["step_s"] > 0 for r in data["rows"].values())
+    md = (tmp_path / "memory_t.md").read_text()
+    assert "| lora |" in md and "command:" in md
