@@ -270,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_distill)
 
     from .pipeline import METHODS
+    from .tuners.kernels import KERNELS
     s = sub.add_parser("finetune", help="fine-tune with SNELLA, SNELL, LoRA or a baseline")
     _model_args(s)
     s.add_argument("--method", choices=METHODS, default="snella", help="tuning method")
@@ -281,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test set evaluated once at the end (e.g. fashion-mnist@test)")
     s.add_argument("--rank", type=int, default=8, help="rank r of A and B (snell/a, lora...)")
     s.add_argument("--kernel", default=None,
-                   choices=["piecewise", "mixture", "linear", "rbf", "sigmoid"],
+                   choices=KERNELS,
                    help="kernel (default: mixture for snella, piecewise for snell)")
     s.add_argument("--sparsity", type=float, default=0.7,
                    help="fraction of each update zeroed (snella: target of the schedule)")

@@ -1,0 +1,218 @@
+"""The ``trimtune`` command line end to end on a tiny random ViT and synthetic data, every
+sub-command's --help, and every bad input: one line on stderr, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import trimtune as tt
+from trimtune.checkpoint import read_json
+from trimtune.cli import build_parser, main
+from trimtune.data import build_transform, load_dataset
+from trimtune.pipeline import load_model, save_model
+from trimtune.tuners.kernels import KERNELS
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+DATA = "synthetic:classes=4,n=32,size=32"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (2 threads on a shared 2-core box spin-wait)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A random-init tiny ViT written as a trimtune model folder (the CLI's --model DIR)."""
+    torch.manual_seed(0)
+    model = tt.create_backbone("vit_tiny_patch16_224", pretrained=False, num_classes=4, **TINY)
+    return save_model(model, tmp_path_factory.mktemp("models") / "tiny")
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@torch.no_grad()
+def test_images(model) -> torch.Tensor:
+    ds = load_dataset(DATA, "test", transform=build_transform(model))
+    return torch.stack([ds[i][0] for i in range(len(ds))])
+
+
+test_images.__test__ = False  # a helper, not a test
+
+
+# ----------------------------------------------------------------------------- listing
+
+
+def test_version_in_a_real_subprocess():
+    exe = shutil.which("trimtune", path=str(Path(sys.executable).parent)) or shutil.which(
+        "trimtune")
+    cmd = [exe] if exe else [sys.executable, "-m", "trimtune.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == f"trimtune {tt.__version__}"
+
+
+def test_models_and_datasets(capsys):
+    code, out, _ = run(["models"], capsys)
+    assert code == 0
+    for z in tt.list_zoo():
+        assert z["name"] in out
+    code, out, _ = run(["datasets"], capsys)
+    assert code == 0
+    for name in ("digits", "fashion-mnist", "mnist-5k", "synthetic"):
+        assert name in out
+
+
+def sub_parsers() -> dict[str, argparse.ArgumentParser]:
+    p = build_parser()
+    (action,) = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+def test_help_of_every_subcommand_lists_every_flag(capsys):
+    subs = sub_parsers()
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    top = capsys.readouterr().out
+    assert set(subs) >= {"models", "datasets", "compress", "distill", "finetune", "evaluate",
+                         "merge", "quickstart", "bench"}
+    for name, parser in subs.items():
+        assert name in top
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        for action in parser._actions:
+            for flag in action.option_strings:
+                assert flag in text, f"`trimtune {name} --help` does not mention {flag}"
+            if not action.option_strings:  # a positional: its name or its choices
+                shown = action.metavar or (
+                    "{" + ",".join(action.choices) + "}" if action.choices else action.dest)
+                assert shown in text, f"`trimtune {name} --help` does not show {shown}"
+
+
+def test_kernel_choices_are_the_real_kernels():
+    (kernel,) = [a for a in sub_parsers()["finetune"]._actions if a.dest == "kernel"]
+    assert tuple(kernel.choices) == KERNELS
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def test_compress_finetune_evaluate_merge(tiny_dir, tmp_path, capsys):
+    comp = tmp_path / "compressed"
+    code, out, err = run(["compress", "--model", tiny_dir, "--ratio", "2", "--out", comp], capsys)
+    assert code == 0, err
+    assert (comp / "trimtune.json").is_file() and (comp / "spectra.png").is_file()
+    student = load_model(str(comp))
+    assert tt.is_compressed(student)
+    n_dense = sum(p.numel() for p in load_model(str(tiny_dir)).parameters())
+    assert sum(p.numel() for p in student.parameters()) < n_dense
+
+    ft = tmp_path / "run"
+    code, out, err = run(["finetune", "--model", comp, "--method", "snella", "--data", DATA,
+                          "--test-data", DATA + "@test", "--rank", "4", "--sparsity", "0.5",
+                          "--epochs", "2", "--batch-size", "8", "--lr", "3e-3",
+                          "--weight-decay", "0", "--no-progress", "--out", ft], capsys)
+    assert code == 0, err
+    assert "test top-1" in out
+    for f in ("run.json", "metrics.jsonl", "results.json", "adapter/adapter_config.json",
+              "curves.png", "sparsity.png", "confusion.png"):
+        assert (ft / f).is_file(), f
+    test_top1 = read_json(ft / "results.json")["test_top1"]
+
+    code, out, err = run(["evaluate", "--model", ft, "--data", DATA, "--split", "test"], capsys)
+    assert code == 0, err
+    assert read_json(ft / "eval_test.json")["top1"] == test_top1
+    assert (ft / "confusion_test.png").is_file()
+
+    merged = tmp_path / "merged"
+    code, out, err = run(["merge", ft, "--out", merged], capsys)
+    assert code == 0, err
+    plain, tuned = load_model(str(merged)), load_model(str(ft))
+    assert tt.is_compressed(plain) and not hasattr(plain, "trimtune_adapter")
+    x = test_images(plain)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(x), tuned.eval()(x), atol=1e-5, rtol=0)
+    code, out, err = run(["evaluate", "--model", merged, "--data", DATA, "--out", tmp_path],
+                         capsys)
+    assert code == 0, err
+    assert read_json(tmp_path / "eval_test.json")["top1"] == test_top1
+
+
+def test_finetune_baseline_from_dense_folder(tiny_dir, tmp_path, capsys):
+    ft = tmp_path / "lora"
+    code, out, err = run(["finetune", "--model", tiny_dir, "--method", "lora", "--data", DATA,
+                          "--rank", "2", "--epochs", "1", "--batch-size", "8",
+                          "--no-progress", "--out", ft], capsys)
+    assert code == 0, err
+    code, out, err = run(["merge", ft, "--out", tmp_path / "merged"], capsys)
+    assert code == 0, err
+    plain, tuned = load_model(str(tmp_path / "merged")), load_model(str(ft))
+    x = test_images(plain)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(x), tuned.eval()(x), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def bad_inputs(tiny_dir: Path, tmp: Path) -> dict[str, list]:
+    empty = tmp / "not_a_model"
+    out = tmp / "out"
+    return {
+        "unknown model": ["compress", "--model", "vit_tinyy_patch16_224", "--out", out],
+        "missing weights": ["compress", "--model", "vit_tiny_patch16_224", "--weights",
+                            tmp / "missing.safetensors", "--out", out],
+        "ratio 1": ["compress", "--model", tiny_dir, "--ratio", "1", "--out", out],
+        "ratio 0.5": ["compress", "--model", tiny_dir, "--ratio", "0.5", "--out", out],
+        "energy 1.5": ["compress", "--model", tiny_dir, "--energy", "1.5", "--out", out],
+        "energy 0": ["compress", "--model", tiny_dir, "--energy", "0", "--out", out],
+        "unknown dataset": ["finetune", "--model", tiny_dir, "--data", "no-such-data",
+                            "--out", out],
+        "img size": ["compress", "--model", "vit_tiny_patch16_224", "--img-size", "30",
+                     "--out", out],
+        "not a trimtune folder": ["evaluate", "--model", empty, "--data", DATA],
+        "merge of a non-run": ["merge", empty, "--out", out],
+    }
+
+
+@pytest.mark.parametrize("case", list(bad_inputs(Path("m"), Path("t"))))
+def test_bad_input_one_line_exit_2(case, tiny_dir, tmp_path, capsys):
+    (tmp_path / "not_a_model").mkdir()
+    (tmp_path / "not_a_model" / "notes.txt").write_text("hello")
+    argv = bad_inputs(tiny_dir, tmp_path)[case]
+    code, out, err = run(argv, capsys)
+    assert code == 2, (case, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, (case, err)
+    assert lines[0].startswith(f"trimtune {argv[0]}: error: ") and "Traceback" not in err
+    assert not (tmp_path / "out" / "trimtune.json").exists()
+
+
+def test_unknown_method_is_an_argparse_error(tiny_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "--model", str(tiny_dir), "--data", DATA, "--method", "lorax",
+              "--out", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'lorax'" in err and "Traceback" not in err
