@@ -85,7 +85,8 @@ def make_layer(base: nn.Linear, config: SnellConfig, name: str = "") -> SnellLin
     w = base.weight
     units = [u.to(device=w.device, dtype=w.dtype) for u in units]
     dropout = 0.0 if re.search(r"(^|\.)attn\.proj(\.|$)", name) else config.dropout
-    return SnellLinear(base, units, dropout=dropout, drop_path=config.drop_path)
+    return SnellLinear(base, units, dropout=dropout, drop_path=config.drop_path,
+                       fused=config.fused)
 
 
 def attach(model: nn.Module, config: SnellConfig) -> nn.Module:

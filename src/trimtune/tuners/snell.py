@@ -21,6 +21,14 @@ saves only ``x``, ``A``, ``B``, the kernel's parameters and the threshold, and r
 ``dW`` in the backward pass (as the authors' activation checkpointing, without a second
 forward of the rest of the branch).
 
+Fused path (default). Without branch dropout and drop-path (or in eval mode) the branch is
+linear in ``x`` and shares it with the base layer, so :class:`FusedSnellFunction` computes
+``y = x @ (W + dW_s^T)^T + b`` in ONE matmul with a temporary ``W' = W + dW_s^T``. Backward
+recomputes ``dW_s`` (with the threshold saved in forward: one k-th value per unit per step),
+then ``grad_x = g @ W'`` and ``grad_dW_s = x^T g``, and autograd through the kernel to ``A``,
+``B`` and the kernel scalars: 3 full-size matmuls per layer (LoRA: 2) instead of 5 for the
+unfused branch. The unfused path remains for branch dropout / drop-path > 0 (the authors' 0.1).
+
 A :class:`SparseDelta` is one (A, B, kernel, sparsity) unit for one (d_in, d_out) block; a
 :class:`SnellLinear` wraps the frozen base linear and concatenates the outputs of its units
 (one unit, or three for timm's fused ``qkv``: separate q, k, v updates as the authors).
@@ -33,6 +41,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 from torch.func import functional_call
@@ -60,7 +69,8 @@ def magnitude_threshold(dw: torch.Tensor, sparsity: float) -> torch.Tensor:
     """The k-th smallest ``|dW|`` (detached), ``k = floor(s * numel)``; 0 when k = 0.
 
     ``torch.kthvalue`` is a selection, not a sort, and has no element-count limit
-    (``torch.quantile`` refuses inputs above 16M elements).
+    (``torch.quantile`` refuses inputs above 16M elements); on CPU it is as fast as
+    ``torch.topk`` of the smaller side and needs no (k,) buffer.
     """
     k = num_zeroed(sparsity, dw.numel())
     if k == 0:
@@ -68,25 +78,45 @@ def magnitude_threshold(dw: torch.Tensor, sparsity: float) -> torch.Tensor:
     return dw.detach().abs().flatten().kthvalue(k).values
 
 
-def sparsify(dw: torch.Tensor, threshold: torch.Tensor, mode: str = "code") -> torch.Tensor:
+def sparsify(dw: torch.Tensor, threshold: torch.Tensor | None, mode: str = "code"
+             ) -> torch.Tensor:
     """Apply the magnitude competition to ``dW`` given its threshold ``t``.
 
     Args:
         dw: (d_in, d_out) dense update.
-        threshold: scalar t (no gradient flows through it).
+        threshold: scalar t (no gradient flows through it); ``None`` means no competition
+            (s = 0): ``"code"`` and ``"soft"`` then give ``dW * |dW|`` without building a mask.
         mode: ``"code"``, ``"soft"`` or ``"none"`` (see the module docstring).
 
     Returns:
         (d_in, d_out) with every entry ``|dW| <= t`` exactly zero (``"none"``: ``dW``).
     """
-    if mode == "code":
-        a = dw.abs()
-        return dw * a * (a > threshold)
-    if mode == "soft":
-        return dw * (dw.abs() - threshold).clamp(min=0)
     if mode == "none":
         return dw
-    raise TrimtuneError(f"unknown sparsify mode {mode!r}: use one of {', '.join(SPARSIFY)}")
+    if mode not in SPARSIFY:
+        raise TrimtuneError(f"unknown sparsify mode {mode!r}: use one of {', '.join(SPARSIFY)}")
+    a = dw.abs()
+    if threshold is None:
+        return dw * a
+    if mode == "code":
+        return dw * a * (a > threshold)
+    return dw * (a - threshold).clamp(min=0)
+
+
+def _sparse_delta(kernel: Kernel, names: Sequence[str], a: torch.Tensor, b: torch.Tensor,
+                  kparams: Sequence[torch.Tensor], sparsity: float, mode: str,
+                  threshold: torch.Tensor | None = None, compete: bool | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(dW_s, t)`` of one unit, (d_in, d_out), computed in the factors' dtype, autocast off.
+
+    ``compete=None`` computes the threshold from ``sparsity`` (``None`` when k = 0: no
+    k-th value, no mask); otherwise ``threshold`` is the one saved in forward (``None`` = none).
+    """
+    with torch.autocast(a.device.type, enabled=False):
+        dw = functional_call(kernel, dict(zip(names, kparams)), (a, b))
+        if compete is None and mode != "none" and num_zeroed(sparsity, dw.numel()) > 0:
+            threshold = magnitude_threshold(dw, sparsity)
+        return sparsify(dw, threshold, mode), threshold
 
 
 class SparseDeltaFunction(torch.autograd.Function):
@@ -98,12 +128,11 @@ class SparseDeltaFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a, b, kernel: Kernel, sparsity: float, mode: str, names, *kparams):
-        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            dw = functional_call(kernel, dict(zip(names, kparams)), (a, b))
-            t = magnitude_threshold(dw, sparsity)
-            dws = sparsify(dw, t, mode)
-            y = x @ dws.to(x.dtype)
-        ctx.kernel, ctx.mode, ctx.names = kernel, mode, names
+        with torch.no_grad():
+            dws, t = _sparse_delta(kernel, names, a, b, kparams, sparsity, mode)
+            with torch.autocast(x.device.type, enabled=False):
+                y = x @ dws.to(x.dtype)
+        ctx.kernel, ctx.mode, ctx.names, ctx.sparsity = kernel, mode, names, sparsity
         ctx.save_for_backward(x, a, b, t, *kparams)
         return y
 
@@ -115,9 +144,8 @@ class SparseDeltaFunction(torch.autograd.Function):
         flags = [need[1], need[2], *need[7:]]
         with torch.enable_grad():
             leaves = [v.detach().requires_grad_(f) for v, f in zip(leaves, flags)]
-            dw = functional_call(ctx.kernel, dict(zip(ctx.names, leaves[2:])),
-                                 (leaves[0], leaves[1]))
-            dws = sparsify(dw, t, ctx.mode)
+            dws, _ = _sparse_delta(ctx.kernel, ctx.names, leaves[0], leaves[1], leaves[2:],
+                                   ctx.sparsity, ctx.mode, t, compete=t is not None)
         gx = gy @ dws.detach().to(gy.dtype).T if need[0] else None
         grads = [None] * len(leaves)
         wanted = [i for i, f in enumerate(flags) if f]
@@ -128,6 +156,83 @@ class SparseDeltaFunction(torch.autograd.Function):
             for i, g in zip(wanted, out):
                 grads[i] = g if g is not None else torch.zeros_like(leaves[i])
         return (gx, grads[0], grads[1], None, None, None, None, *grads[2:])
+
+
+class FusedSnellFunction(torch.autograd.Function):
+    """``y = F.linear(x, W + cat_u(dW_s,u)^T, b)``: base layer and branch in one matmul.
+
+    ``units`` is a tuple of ``(kernel, sparsity, mode, param_names)``, one per
+    :class:`SparseDelta` (three for a split qkv; their updates are concatenated along the
+    output dim); ``params`` holds, per unit, ``A, B, *kernel_params`` in that order.
+
+    Forward builds the temporary ``W'`` (out, in) and keeps neither it nor ``dW``. Saved for
+    backward: ``x``, the factors, kernel parameters and one threshold per unit (the frozen
+    ``W`` is a parameter, referenced, not copied). Backward recomputes ``dW_s`` with the saved
+    thresholds and does two full-size matmuls: ``grad_x = g @ W'``, ``grad_dW_s = x^T g``.
+
+    Shape:
+        - x: (*, in), W: (out, in), b: (out,) or None
+        - Output: (*, out)
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, units, *params):
+        with torch.no_grad():
+            parts, ts, i = [], [], 0
+            for kernel, sparsity, mode, names in units:
+                n = 2 + len(names)
+                a, b, *kp = params[i:i + n]
+                dws, t = _sparse_delta(kernel, names, a, b, kp, sparsity, mode)
+                parts.append(dws)
+                ts.append(t)
+                i += n
+            dws = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (in, out)
+            w = weight + dws.T.to(weight.dtype)  # (out, in) temporary
+            y = F.linear(x, w, bias)  # ambient autocast applies, as for the base layer
+        ctx.units, ctx.n_ts = units, len(ts)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, *ts, *params)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, *rest = ctx.saved_tensors
+        ts, params = rest[:ctx.n_ts], rest[ctx.n_ts:]
+        need = ctx.needs_input_grad
+        flags = need[4:]
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_(f) for p, f in zip(params, flags)]
+            parts, i = [], 0
+            for (kernel, sparsity, mode, names), t in zip(ctx.units, ts):
+                n = 2 + len(names)
+                a, b, *kp = leaves[i:i + n]
+                parts.append(_sparse_delta(kernel, names, a, b, kp, sparsity, mode, t,
+                                           compete=t is not None)[0])
+                i += n
+        dws = parts[0] if len(parts) == 1 else torch.cat([p.detach() for p in parts], dim=1)
+        gx = g_w = g_b = None
+        g2 = gy.reshape(-1, gy.shape[-1])  # (N, out)
+        if need[0]:
+            w = (weight + dws.detach().T.to(weight.dtype)).to(gy.dtype)  # (out, in)
+            gx = (gy @ w).to(x.dtype)
+        wanted = [j for j, f in enumerate(flags) if f]
+        if wanted or need[1]:
+            x2 = x.reshape(-1, x.shape[-1]).to(gy.dtype)  # (N, in)
+            g_dws = x2.T @ g2  # (in, out): the weight gradient, in dW's layout
+            if need[1]:
+                g_w = g_dws.T.to(weight.dtype)
+        if need[2] and ctx.has_bias:
+            g_b = g2.sum(0)
+        grads = [None] * len(leaves)
+        if wanted:
+            g_dws = g_dws.to(parts[0].dtype)
+            g_parts = (g_dws,) if len(parts) == 1 else g_dws.split(
+                [p.shape[1] for p in parts], dim=1)
+            out = torch.autograd.grad(parts, [leaves[j] for j in wanted], g_parts,
+                                      allow_unused=True)
+            for j, g in zip(wanted, out):
+                grads[j] = g if g is not None else torch.zeros_like(leaves[j])
+        return (gx, g_w, g_b, None, *grads)
 
 
 class SparseDelta(nn.Module):
@@ -207,7 +312,9 @@ class SparseDelta(nn.Module):
     def delta(self) -> torch.Tensor:
         """``dW_s``, (d_in, d_out), differentiable through plain autograd."""
         dw = self.dense_delta()
-        return sparsify(dw, magnitude_threshold(dw, self.sparsity), self.sparsify_mode)
+        compete = self.sparsify_mode != "none" and num_zeroed(self.sparsity, dw.numel()) > 0
+        return sparsify(dw, magnitude_threshold(dw, self.sparsity) if compete else None,
+                        self.sparsify_mode)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -240,6 +347,9 @@ class SnellLinear(nn.Module):
             ``in_features`` must equal ``base.in_features``.
         dropout: dropout probability on the branch input.
         drop_path: DropPath probability on the branch output (timm's, per sample).
+        fused: compute base and branch in one matmul with ``W + dW_s^T``
+            (:class:`FusedSnellFunction`) whenever that is exact: no active dropout /
+            drop-path (always in eval mode). ``False``: always the separate branch.
 
     Shape:
         - Input: (*, in_features)
@@ -247,7 +357,7 @@ class SnellLinear(nn.Module):
     """
 
     def __init__(self, base: nn.Linear, units: Sequence[SparseDelta], dropout: float = 0.0,
-                 drop_path: float = 0.0) -> None:
+                 drop_path: float = 0.0, fused: bool = True) -> None:
         super().__init__()
         if sum(u.out_features for u in units) != base.out_features or any(
                 u.in_features != base.in_features for u in units):
@@ -259,6 +369,7 @@ class SnellLinear(nn.Module):
         self.snell_units = nn.ModuleList(units)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.fused = fused
         self.merged = False
 
     in_features = property(lambda self: self.base.in_features)
@@ -266,10 +377,34 @@ class SnellLinear(nn.Module):
     weight = property(lambda self: self.base.weight)
     bias = property(lambda self: self.base.bias)
 
+    def uses_fused_path(self) -> bool:
+        """True when :meth:`forward` computes ``x @ (W + dW_s^T)^T + b`` in one matmul: fusion
+        is on and the branch has no active dropout / drop-path (always true in eval mode)."""
+        if not self.fused:
+            return False
+        return not self.training or (isinstance(self.dropout, nn.Identity)
+                                     and isinstance(self.drop_path, nn.Identity))
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, bias, units = self.base.weight, self.base.bias, self.snell_units
+        if not torch.is_grad_enabled():
+            return F.linear(x, w + self.delta_weight().to(w.dtype), bias)
+        if not all(u.recompute for u in units):  # plain autograd: keeps dW for backward
+            dws = torch.cat([u.delta() for u in units], dim=1)  # (in, out)
+            return F.linear(x, w + dws.T.to(w.dtype), bias)
+        meta, params = [], []
+        for u in units:
+            named = list(u.kernel.named_parameters())
+            meta.append((u.kernel, u.sparsity, u.sparsify_mode, tuple(n for n, _ in named)))
+            params += [u.snell_A, u.snell_B, *(p for _, p in named)]
+        return FusedSnellFunction.apply(x, w, bias, tuple(meta), *params)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         if self.merged:
-            return y
+            return self.base(x)
+        if self.uses_fused_path():
+            return self._fused_forward(x)
+        y = self.base(x)
         h = self.dropout(x)
         parts = [u(h) for u in self.snell_units]
         branch = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
@@ -297,8 +432,8 @@ class SnellLinear(nn.Module):
             self.merged = False
 
     def extra_repr(self) -> str:
-        return f"merged={self.merged}"
+        return f"fused={self.fused}, merged={self.merged}"
 
 
-__all__ = ["SparseDelta", "SnellLinear", "SparseDeltaFunction", "magnitude_threshold",
-           "sparsify", "num_zeroed", "split_segments"]
+__all__ = ["SparseDelta", "SnellLinear", "SparseDeltaFunction", "FusedSnellFunction",
+           "magnitude_threshold", "sparsify", "num_zeroed", "split_segments"]
