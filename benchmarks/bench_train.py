@@ -351,7 +351,9 @@ def markdown(data: dict[str, Any], report: str) -> str:
         lines += [f"## Profile of one step: `{k}` (torch.profiler, in process)", "",
                   f"Self CPU total {pr['total_ms']:.0f} ms. Top ops by self time: " +
                   "; ".join(f"`{n}` {ms:.0f} ms ({sh * 100:.0f}%)" for n, ms, sh in pr["time"]),
-                  "", "Top ops by memory allocated in the step (self, MB, freed or not): " +
+                  "", "Top ops by bytes allocated in the step (profiler self CPU memory, MB, "
+                  "a sum over "
+                  "the step, not a peak): " +
                   "; ".join(f"`{n}` {mb:.0f}" for n, mb in pr["alloc"]), ""]
     notes = Path(__file__).resolve().parent / "results" / f"{report}_notes.md"
     if data.get("notes", True) and notes.is_file():
