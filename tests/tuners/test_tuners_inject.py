@@ -151,3 +151,27 @@ def test_vit_base_r32_adapter_count():
     assert s["kernel"] == 0 and s["other"] == 768 * 100 + 100 + 768
     assert s["trainable"] == s["adapter"] + s["kernel"] + s["other"]
     assert 0 < s["percent"] < 100
+
+
+def test_default_config_is_fused_and_equals_unfused_model(images):
+    """Defaults: no branch dropout / drop-path, fused path; same loss and grads as unfused."""
+    cfg = SnellaConfig(rank=4, init_sparsity=0.5)
+    assert (cfg.dropout, cfg.drop_path, cfg.fused) == (0.0, 0.0, True)
+    grads = []
+    for fused in (True, False):
+        model = attach(tiny_vit().double(), SnellaConfig(rank=4, init_sparsity=0.5, fused=fused))
+        layers = [m for m in model.modules() if isinstance(m, SnellLinear)]
+        assert all(m.uses_fused_path() == fused for m in layers)
+        model(images.double()).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-10, rtol=1e-8, msg=n)
+
+
+def test_paper_branch_regularisation_falls_back_to_unfused(vit, images):
+    attach(vit, SnellConfig(rank=4, dropout=0.1, drop_path=0.1))
+    layers = [m for m in vit.modules() if isinstance(m, SnellLinear)]
+    assert not any(m.uses_fused_path() for m in layers)
+    vit(images).sum().backward()
+    assert all(m.eval().uses_fused_path() for m in layers)

@@ -142,3 +142,125 @@ def test_qkv_split_merge_unmerge():
     torch.testing.assert_close(base.weight, w0, atol=1e-6, rtol=0)
     with pytest.raises(TrimtuneError, match="do not tile"):
         SnellLinear(nn.Linear(8, 12), units[:2])
+
+
+def snell_pair(kernel, mode, n_units, sparsities=(0.0, 0.4, 0.7), bias=True, d_in=6, d_out=9):
+    """Two identical float64 SnellLinears, fused and unfused."""
+    layers = []
+    for fused in (True, False):
+        torch.manual_seed(1)
+        base = nn.Linear(d_in, d_out, bias=bias).double()
+        units = [SparseDelta(d_in, d_out // n_units, 4, create_kernel(kernel, 2),
+                             sparsity=sparsities[i % len(sparsities)] if n_units > 1
+                             else sparsities[-1], sparsify=mode).double()
+                 for i in range(n_units)]
+        for u in units:  # kernel scalars away from init so their gradients are generic
+            for p in u.kernel.parameters():
+                p.data.add_(0.3)
+        layers.append(SnellLinear(base, units, fused=fused))
+    return layers
+
+
+@pytest.mark.parametrize("kernel", ["piecewise", "mixture"])
+@pytest.mark.parametrize("mode", ["code", "soft", "none"])
+@pytest.mark.parametrize("n_units,bias", [(1, True), (3, True), (1, False)])
+def test_fused_equals_unfused_outputs_and_gradients(kernel, mode, n_units, bias):
+    fused, plain = snell_pair(kernel, mode, n_units, bias=bias)
+    assert fused.uses_fused_path() and not plain.uses_fused_path()
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    gy = torch.randn(2, 5, 9, dtype=torch.float64)
+    outs = []
+    for layer in (fused, plain):
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        (y * gy).sum().backward()
+        outs.append((y.detach(), xi.grad, {n: p.grad for n, p in layer.named_parameters()
+                                           if p.requires_grad}))
+    (y1, gx1, g1), (y2, gx2, g2) = outs
+    torch.testing.assert_close(y1, y2, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(gx1, gx2, atol=1e-12, rtol=1e-10)
+    assert g1.keys() == g2.keys() and any(n.endswith("kernel.alpha") for n in g1) == (
+        kernel == "mixture")
+    for n in g1:
+        assert g1[n] is not None and g1[n].abs().sum() > 0, n
+        torch.testing.assert_close(g1[n], g2[n], atol=1e-12, rtol=1e-10, msg=n)
+    assert fused.base.weight.grad is None
+
+
+def test_fused_function_passes_gradcheck():
+    # "code": the detached threshold does not enter the surviving values (in "soft" it does,
+    # so finite differences would see dt/dA, which the method defines as zero)
+    fused, _ = snell_pair("mixture", "code", 3, sparsities=(0.2, 0.5, 0.0))
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    units = fused.snell_units
+    a = units[1].snell_A.detach().clone().requires_grad_(True)
+
+    def f(x, a):  # perturb one unit's A through the functional form of the layer
+        from torch.func import functional_call
+        return functional_call(fused, {"snell_units.1.snell_A": a}, (x,))
+
+    assert torch.autograd.gradcheck(f, (x, a), eps=1e-6, atol=1e-6)
+
+
+def test_fused_used_only_without_stochastic_branch():
+    base = nn.Linear(6, 6)
+    units = [SparseDelta(6, 6, 4, create_kernel("piecewise", 2))]
+    assert SnellLinear(base, units).uses_fused_path()
+    assert not SnellLinear(base, units, fused=False).uses_fused_path()
+    drop = SnellLinear(base, units, dropout=0.1, drop_path=0.1)
+    assert not drop.uses_fused_path()
+    assert drop.eval().uses_fused_path()  # dropout and drop-path are identities in eval
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_fused_no_grad_and_plain_autograd_variants_agree(recompute):
+    fused, plain = snell_pair("mixture", "code", 3)
+    for u in fused.snell_units:
+        u.recompute = recompute
+    x = torch.randn(4, 6, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain(x), atol=1e-12, rtol=1e-10)
+    xi = x.clone().requires_grad_(True)
+    fused(xi).sum().backward()
+    xj = x.clone().requires_grad_(True)
+    plain(xj).sum().backward()
+    torch.testing.assert_close(xi.grad, xj.grad, atol=1e-12, rtol=1e-10)
+    for (n, p), q in zip(fused.named_parameters(), plain.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-12, rtol=1e-10, msg=n)
+
+
+def saved_new_bytes(fn, module):
+    """Bytes of distinct saved tensors, not counting ``module``'s frozen parameters (the base
+    ``W`` is referenced by the graph, not new memory); trainable factors are counted."""
+    frozen = {(p.data_ptr(), p.numel(), p.dtype) for p in module.parameters()
+              if not p.requires_grad}
+    seen = {}
+
+    def pack(t):
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if key not in frozen:
+            seen[key] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def fused_layer_bytes(batch, rank, d=48, n_units=3):
+    torch.manual_seed(0)
+    units = [SparseDelta(d, d // n_units, rank, create_kernel("mixture", 2), sparsity=0.5)
+             for _ in range(n_units)]
+    layer = SnellLinear(nn.Linear(d, d), units)
+    assert layer.uses_fused_path()
+    x = torch.randn(batch, 3, d, requires_grad=True)
+    return saved_new_bytes(lambda: layer(x), layer)
+
+
+def test_fused_saved_for_backward_scales_with_batch_and_rank_not_weight():
+    d = 48
+    b1, b2, r8 = fused_layer_bytes(1, 4), fused_layer_bytes(2, 4), fused_layer_bytes(1, 8)
+    assert b2 - b1 == 3 * d * 4  # one more sample of input activations (3 tokens x d float32)
+    assert r8 - b1 == 3 * 4 * (d + d // 3) * 4  # r(m + n) more factor entries, 3 units
+    assert b1 < d * d * 4  # less than one m*n tensor: neither W' nor dW is kept
