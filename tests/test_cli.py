@@ -191,6 +191,8 @@ def bad_inputs(tiny_dir: Path, tmp: Path) -> dict[str, list]:
                             "--out", out],
         "img size": ["compress", "--model", "vit_tiny_patch16_224", "--img-size", "30",
                      "--out", out],
+        "img size of a saved model": ["evaluate", "--model", tiny_dir, "--img-size", "64",
+                                      "--data", DATA],
         "not a trimtune folder": ["evaluate", "--model", empty, "--data", DATA],
         "merge of a non-run": ["merge", empty, "--out", out],
     }

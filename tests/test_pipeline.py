@@ -297,6 +297,17 @@ def test_run_folder_baseline_and_no_test_data(tmp_path):
     torch.testing.assert_close(logits(back, x), logits(r.model, x), atol=1e-6, rtol=0)
 
 
+def test_new_head_for_other_class_count(tmp_path):
+    torch.manual_seed(0)
+    model = tt.create_backbone("vit_tiny_patch16_224", pretrained=False, num_classes=7, **TINY)
+    r = finetune(model, DATA, config("linear", tmp_path / "run", epochs=1))
+    assert r.model.num_classes == NUM_CLASSES
+    torch.manual_seed(123)
+    back = load_model(str(tmp_path / "run"))
+    x, _ = batch(back)
+    torch.testing.assert_close(logits(back, x), logits(r.model, x), atol=1e-6, rtol=0)
+
+
 def test_load_model_rejects_foreign_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(tt.TrimtuneError, match="trimtune.json"):

@@ -59,6 +59,11 @@ def load_model(spec: str | nn.Module, *, num_classes: int | None = None,
         else:
             model = create_backbone(str(spec), weights=weights, num_classes=num_classes,
                                     img_size=img_size)
+        have = _img_size(model)
+        if path.is_dir() and img_size is not None and have is not None and have != img_size:
+            raise TrimtuneError(f"{path} holds a model for {have} px images, not img_size="
+                                f"{img_size}: drop img_size, or start again from the backbone "
+                                "name with the new size")
     if num_classes is not None and getattr(model, "num_classes", num_classes) != num_classes:
         model.reset_classifier(num_classes)
         arch = getattr(model, "trimtune_arch", None)
@@ -202,8 +207,8 @@ def finetune(model: nn.Module | str, data: Dataset | str, config: FinetuneConfig
     if isinstance(model, str):
         base_spec = base_spec or {"model": model, "num_classes": probe.num_classes}
         model = load_model(model, num_classes=probe.num_classes)
-    elif getattr(model, "num_classes", probe.num_classes) != probe.num_classes:
-        model.reset_classifier(probe.num_classes)
+    else:  # a new head when the class count differs (and the arch record follows it)
+        model = load_model(model, num_classes=probe.num_classes)
     tf_train = build_transform(model, train=True, protocol=cfg.protocol)
     tf_eval = build_transform(model, train=False, protocol=cfg.protocol)
     train_ds = _as_dataset(data, "train", tf_train, seed)
