@@ -7,6 +7,7 @@ Shapes: tiny ViT, D = 64, 2 blocks, MLP 4D, patch 8 on 32 px images, 4 classes.
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -312,3 +313,19 @@ def test_load_model_rejects_foreign_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(tt.TrimtuneError, match="trimtune.json"):
         load_model(str(tmp_path))
+
+
+def test_selection_on_validation_restores_the_best_epoch(tmp_path):
+    """With eval_data the returned model is the best validation epoch (weights AND the SNELLA
+    per-unit sparsities the allocator had then), never chosen on the test set."""
+    val = DATA + "@val"
+    cfg = config("snella", tmp_path / "sel", epochs=4)
+    cfg.train.lr = 0.05  # large steps so the epochs differ
+    run = finetune(tiny_backbone(), DATA, cfg, eval_data=val)
+    rows = [r for r in (tmp_path / "sel" / "metrics.jsonl").read_text().splitlines()
+            if '"val_acc"' in r]
+    vals = [json.loads(r)["val_acc"] for r in rows]
+    assert len(vals) == 4 and run.best["val_acc"] == max(vals)
+    ds = load_dataset(DATA, "val", transform=build_transform(run.model))
+    again = tt.evaluate_model(run.model, ds, progress=False).top1
+    assert again == pytest.approx(max(vals))

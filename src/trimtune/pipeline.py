@@ -9,6 +9,7 @@ method plugs in an objective or a callback here.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,8 +29,8 @@ from .measure import evaluate_model
 from .measure.plots import plot_confusion, plot_curves
 from .models import arch_of, build_from_arch, create_backbone
 from .train import TrainConfig, fit
-from .tuners import (SnellaAllocator, SnellaConfig, SnellConfig, attach, load_adapter,
-                     prepare_method, save_adapter)
+from .tuners import (SnellaAllocator, SnellaConfig, SnellConfig, attach, iter_units,
+                     load_adapter, prepare_method, save_adapter)
 from .tuners import merge as merge_snell
 from .tuners.baselines import merge_method
 
@@ -216,7 +217,8 @@ def finetune(model: nn.Module | str, data: Dataset | str, config: FinetuneConfig
     test_ds = _as_dataset(test_data, "test", tf_eval, seed)
 
     tc = cfg.train
-    out = Path(tc.out_dir) if tc.out_dir else None
+    main = int(os.environ.get("RANK", "0")) == 0  # under DDP only rank 0 writes the run folder
+    out = Path(tc.out_dir) if tc.out_dir and main else None
     if out and base_spec is None:
         # an in-memory base (e.g. compressed + distilled) cannot be rebuilt from a name: keep
         # its weights in the run folder so load_model(run_dir) gives back the tuned model
@@ -233,8 +235,9 @@ def finetune(model: nn.Module | str, data: Dataset | str, config: FinetuneConfig
         if eval_ds is None:
             return {}
         r = evaluate_model(m, eval_ds, batch_size=max(64, tc.batch_size), progress=False)
-        if not best or r.top1 > best["val_acc"]:
-            best.update(val_acc=r.top1, state=_trainable_state(m))
+        if not best or r.top1 > best["val_acc"]:  # the SNELLA mask depends on sparsity too
+            best.update(val_acc=r.top1, state=_trainable_state(m),
+                        sparsity={n: u.sparsity for n, u in iter_units(m)})
         return {"val_acc": r.top1}
 
     if out:
@@ -247,6 +250,8 @@ def finetune(model: nn.Module | str, data: Dataset | str, config: FinetuneConfig
                  callbacks=callbacks, eval_fn=eval_fn if eval_ds is not None else None)
     if best:
         model.load_state_dict(best["state"], strict=False)
+        for n, u in iter_units(model):
+            u.sparsity = best["sparsity"][n]
     test = None
     if test_ds is not None:
         r = evaluate_model(model, test_ds, batch_size=max(64, tc.batch_size))
