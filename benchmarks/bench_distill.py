@@ -1,0 +1,288 @@
+"""PELA on real weights (issue 4): does distillation recover what SVD compression loses?
+
+DINOv2 ViT-S/14 (offline zoo, ``dinov2_small.imgfocus``) at 112 px, compressed at c = 2, is
+evaluated with frozen features (pre-logit CLS token) for three models:
+
+* original       the pre-trained backbone
+* svd            ``tt.compress(ratio=2)``: truncated SVD only
+* svd+distill    the same, then ``tt.distill`` from the frozen original on unlabeled images
+                 (Fashion-MNIST train + MNIST-5k train; labels are never used)
+
+Two frozen-feature protocols on two real datasets:
+
+* kNN: k nearest training features by cosine similarity, majority vote
+* linear probe: ``LogisticRegression`` on standardised features (sklearn)
+
+Datasets: Fashion-MNIST 1k-shot train (``fashion-mnist:1k``) / full 10k test, and sklearn
+digits (1,347 train / 450 test). Features are extracted once per model and reused by both
+protocols, and cached under ``--work`` so a killed run resumes without recomputing them.
+
+Run (defaults fit ~20 CPU minutes of distillation on 2 cores):
+    .venv/bin/python benchmarks/bench_distill.py
+    .venv/bin/python benchmarks/bench_distill.py --distill-images 20000 --distill-epochs 5 \
+        --img-size 224 --batch-size 64          # fuller protocol, on a GPU
+Writes benchmarks/results/distill_<tag>.{md,json,png}; partial JSON after every model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Timer, log, machine_info, machine_markdown, md_table, write_results  # noqa: E402
+
+import trimtune as tt  # noqa: E402
+from trimtune.checkpoint import read_safetensors, write_safetensors  # noqa: E402
+from trimtune.data import stratified_choice  # noqa: E402
+from trimtune.measure.plots import plot_bars  # noqa: E402
+
+EVAL_SETS = {  # name: (train spec, train split, test spec, test split)
+    "fashion-mnist 1k-shot": ("fashion-mnist:1k", "train", "fashion-mnist", "test"),
+    "digits": ("digits", "train", "digits", "test"),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="dinov2_small.imgfocus")
+    ap.add_argument("--img-size", type=int, default=112)
+    ap.add_argument("--ratio", type=float, default=2.0, help="PELA compression ratio c")
+    ap.add_argument("--distill-images", type=int, default=4096,
+                    help="unlabeled images, half Fashion-MNIST train, half MNIST-5k train")
+    ap.add_argument("--distill-epochs", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--block-weight", type=float, default=1.0, help="per-block feature MSE")
+    ap.add_argument("--final-weight", type=float, default=1.0,
+                    help="final-feature (forward_features, normed) MSE; 0 = off")
+    ap.add_argument("--knn-k", type=int, default=20)
+    ap.add_argument("--test-images", type=int, default=0,
+                    help="cap each test set (stratified, seeded); 0 = full test sets")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", default="runs/bench_distill", help="feature cache + distill run")
+    ap.add_argument("--tag", default="cpu", help="results file: distill_<tag>.*")
+    return ap.parse_args(argv)
+
+
+class Unlabeled(Dataset):
+    """Wrap a labelled dataset and hide its labels: yields ``(image, -1)``."""
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        return self.ds[i][0], -1
+
+
+def distill_data(n: int, transform, seed: int) -> Dataset:
+    """``n`` unlabeled images: ``n // 2`` Fashion-MNIST train, the rest MNIST-5k train."""
+    parts = []
+    for spec, k in (("fashion-mnist", n // 2), ("mnist-5k", n - n // 2)):
+        ds = tt.load_dataset(spec, "train", transform=transform, seed=seed)
+        if k < len(ds):
+            ds = ds.subset(stratified_choice(ds.targets, k, seed))
+        parts.append(Unlabeled(ds))
+    return ConcatDataset(parts)
+
+
+@torch.inference_mode()
+def features(model: torch.nn.Module, ds: Dataset, batch_size: int = 128
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Pre-logit CLS features (N, C) and labels (N,) of ``ds``."""
+    model.eval()
+    feats, labels = [], []
+    for x, y in DataLoader(ds, batch_size=batch_size):
+        feats.append(model.forward_head(model.forward_features(x), pre_logits=True).float())
+        labels.append(torch.as_tensor(y))
+    return torch.cat(feats).numpy(), torch.cat(labels).numpy()
+
+
+def knn_accuracy(xtr, ytr, xte, yte, k: int) -> float:
+    """Majority vote of the ``k`` nearest training features by cosine similarity."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    clf = KNeighborsClassifier(n_neighbors=k, metric="cosine").fit(xtr, ytr)
+    return float((clf.predict(xte) == yte).mean())
+
+
+def probe_accuracy(xtr, ytr, xte, yte, seed: int) -> float:
+    """Logistic regression on standardised features (same settings as tt's linear_probe)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    sc = StandardScaler().fit(xtr)
+    clf = LogisticRegression(max_iter=2000, C=0.5, random_state=seed).fit(sc.transform(xtr), ytr)
+    return float((clf.predict(sc.transform(xte)) == yte).mean())
+
+
+def evaluate(label: str, model, sets: dict, a, work: Path) -> dict:
+    """kNN and probe accuracy of ``model`` on every eval set; features cached in ``work``."""
+    out = {}
+    for name, (tr, te) in sets.items():
+        cache = work / f"feats_{label}_{name.replace(' ', '_')}.safetensors"
+        if cache.is_file():
+            f = read_safetensors(cache)
+            xtr, ytr, xte, yte = (f[k].numpy() for k in ("xtr", "ytr", "xte", "yte"))
+            log(f"  {label} / {name}: cached features")
+        else:
+            with Timer() as t:
+                xtr, ytr = features(model, tr)
+                xte, yte = features(model, te)
+            log(f"  {label} / {name}: features of {len(tr)} + {len(te)} images in "
+                f"{t.seconds:.0f}s")
+            write_safetensors(cache, {"xtr": torch.from_numpy(xtr), "ytr": torch.from_numpy(ytr),
+                                      "xte": torch.from_numpy(xte),
+                                      "yte": torch.from_numpy(yte)})
+        out[name] = {"knn": knn_accuracy(xtr, ytr, xte, yte, a.knn_k),
+                     "probe": probe_accuracy(xtr, ytr, xte, yte, a.seed),
+                     "n_train": len(ytr), "n_test": len(yte)}
+        log(f"  {label} / {name}: kNN {out[name]['knn']:.4f}  probe {out[name]['probe']:.4f}")
+    return out
+
+
+def report(a, info: dict, results: dict, timings: dict, distill_log: dict | None) -> tuple:
+    models = list(results)
+    header = ["model", "params (M)"] + [f"{n}: {p}" for n in EVAL_SETS for p in ("kNN", "probe")]
+    rows = []
+    for m in models:
+        r = results[m]
+        rows.append([m, f"{r['params_M']:.2f}"] + [
+            f"{100 * r['acc'][n][p]:.2f}" if n in r.get("acc", {}) else "-"
+            for n in EVAL_SETS for p in ("knn", "probe")])
+    gaps = []
+    if "original" in results and "svd+distill" in results:
+        for n in EVAL_SETS:
+            for p in ("knn", "probe"):
+                o = results["original"].get("acc", {}).get(n, {}).get(p)
+                d = results["svd+distill"].get("acc", {}).get(n, {}).get(p)
+                s = results.get("svd", {}).get("acc", {}).get(n, {}).get(p)
+                if o is not None and d is not None:
+                    gaps.append([n, p, f"{100 * (d - o):+.2f}",
+                                 f"{100 * (s - o):+.2f}" if s is not None else "-",
+                                 "yes" if o - d <= 0.01 else "no"])
+    md = [f"# PELA distillation on real weights: {a.model} at {a.img_size}px, c = {a.ratio}", "",
+          "Frozen pre-logit CLS features; accuracy in %. kNN: k = "
+          f"{a.knn_k}, cosine, majority vote. Probe: sklearn LogisticRegression (C = 0.5) on "
+          "standardised features. Fashion-MNIST: 1k-shot train (`fashion-mnist:1k`, seed "
+          f"{a.seed}), full 10k test; digits: sklearn load_digits fixed 1,347 / 450 split.", "",
+          md_table(header, rows), ""]
+    if gaps:
+        md += ["Gap to the original (points; goal: distilled within 1.0 point):", "",
+               md_table(["dataset", "protocol", "svd+distill - original",
+                         "svd - original", "within 1 pt"], gaps), ""]
+    md += ["## Distillation", "",
+           f"- data: {a.distill_images} unlabeled images ({a.distill_images // 2} Fashion-MNIST "
+           f"train + {a.distill_images - a.distill_images // 2} MNIST-5k train; labels hidden), "
+           f"{a.img_size}px, {a.distill_epochs} epoch(s), batch {a.batch_size}, AdamW lr "
+           f"{a.lr} (cosine to 1e-6, wd 0.05), all student parameters train",
+           f"- loss: {a.block_weight} x per-block token MSE (all 12 blocks, prefix incl.) + "
+           f"{a.final_weight} x final-feature MSE (`forward_features`, after the last norm: "
+           "the tokens the CLS feature comes from); no logits, CE or weight-perturbation term",
+           ]
+    if distill_log:
+        md.append(f"- final losses: {distill_log}")
+    md += ["", "## Compute", "", md_table(["stage", "wall (s)"],
+                                            [[k, f"{v:.0f}"] for k, v in timings.items()]), "",
+           "## Machine", "", machine_markdown(info), ""]
+    groups = {f"{m}": {f"{n} {p}": 100 * results[m]["acc"][n][p]
+                       for n in EVAL_SETS for p in ("knn", "probe")
+                       if n in results[m].get("acc", {})} for m in models}
+    return "\n".join(md), groups
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    info = machine_info()
+    timings: dict[str, float] = {}
+    results: dict[str, dict] = {}
+    distill_log: dict | None = None
+
+    def save_partial(final: bool = False) -> None:
+        md, groups = report(a, info, results, timings, distill_log)
+        data = {"args": vars(a), "machine": info, "results": results, "timings_s": timings,
+                "distill_final_losses": distill_log, "complete": final}
+        fig = (lambda p: plot_bars(groups, p, ylabel="accuracy (%)",
+                                   title=f"{a.model} {a.img_size}px, c={a.ratio}")) \
+            if groups and any(groups.values()) else None
+        write_results(f"distill_{a.tag}", md, data, figure=fig)
+
+    log(f"teacher {a.model} at {a.img_size}px")
+    teacher = tt.create_backbone(a.model, num_classes=10, img_size=a.img_size)
+    tf = tt.build_transform(teacher, train=False)
+    sets = {}
+    for name, (trs, trsplit, tes, tesplit) in EVAL_SETS.items():
+        te = tt.load_dataset(tes, tesplit, transform=tf, seed=a.seed)
+        if a.test_images and a.test_images < len(te):
+            te = te.subset(stratified_choice(te.targets, a.test_images, a.seed))
+        sets[name] = (tt.load_dataset(trs, trsplit, transform=tf, seed=a.seed), te)
+
+    def params_m(m) -> float:
+        return sum(p.numel() for p in m.parameters()) / 1e6
+
+    with Timer() as t:
+        results["original"] = {"params_M": params_m(teacher),
+                               "acc": evaluate("original", teacher, sets, a, work)}
+    timings["eval original"] = t.seconds
+    save_partial()
+
+    with Timer() as t:
+        student = tt.compress(teacher, ratio=a.ratio)
+    timings["compress"] = t.seconds
+    log(f"compressed c={a.ratio}: {params_m(teacher):.2f}M -> {params_m(student):.2f}M params "
+        f"in {t.seconds:.1f}s")
+    with Timer() as t:
+        results["svd"] = {"params_M": params_m(student),
+                          "acc": evaluate("svd", student, sets, a, work)}
+    timings["eval svd"] = t.seconds
+    save_partial()
+
+    dstudent = copy.deepcopy(student)
+    ckpt = work / "distilled"
+    tag = f"n{a.distill_images}_e{a.distill_epochs}_lr{a.lr}_b{a.block_weight}_f{a.final_weight}"
+    if (ckpt / tag / "trimtune.json").is_file():
+        dstudent = tt.load_model(str(ckpt / tag))
+        log("distilled student loaded from cache")
+    else:
+        ddata = distill_data(a.distill_images, tf, a.seed + 1)
+        cfg = tt.DistillConfig(
+            train=tt.TrainConfig(epochs=a.distill_epochs, lr=a.lr, min_lr=1e-6,
+                                 batch_size=a.batch_size, weight_decay=0.05,
+                                 warmup_steps=min(20, len(ddata) // a.batch_size // 4),
+                                 seed=a.seed, out_dir=str(work / "distill_run" / tag),
+                                 resume="auto", ckpt_every=50, log_every=10),
+            block_weight=a.block_weight, final_weight=a.final_weight, ce_weight=0.0)
+        log(f"distilling on {len(ddata)} unlabeled images x {a.distill_epochs} epoch(s)")
+        with Timer() as t:
+            res = tt.distill(dstudent, teacher, ddata, cfg)
+        timings["distill"] = t.seconds
+        distill_log = {k: round(float(v), 5) for k, v in res.metrics.items()
+                       if isinstance(v, (int, float))}
+        log(f"distilled in {t.seconds:.0f}s: {distill_log}")
+        tt.save_model(dstudent, ckpt / tag)
+    with Timer() as t:
+        results["svd+distill"] = {"params_M": params_m(dstudent),
+                                  "acc": evaluate(f"distill_{tag}", dstudent, sets, a, work)}
+    timings["eval svd+distill"] = t.seconds
+    save_partial(final=True)
+    md, _ = report(a, info, results, timings, distill_log)
+    print("\n" + md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
