@@ -33,8 +33,11 @@ def safe_cdist(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12) -> torch.Te
     Returns:
         (..., n, m) with ``out[..., i, j] = ||x[i] - y[j]||_2`` (``sqrt(eps)`` at zero).
     """
-    sq = (x * x).sum(-1, keepdim=True) + (y * y).sum(-1).unsqueeze(-2) - 2 * (x @ y.mT)
-    return sq.clamp(min=eps).sqrt()
+    yy = (y * y).sum(-1).unsqueeze(-2)  # (..., 1, m)
+    # |y|^2 - 2 x.y in one fused matmul (two full-size passes fewer than the plain expression)
+    cross = torch.baddbmm(yy, x, y.mT, alpha=-2) if x.dim() == 3 else torch.addmm(
+        yy, x, y.mT, alpha=-2) if x.dim() == 2 else yy - 2 * (x @ y.mT)
+    return (cross + (x * x).sum(-1, keepdim=True)).clamp(min=eps).sqrt()
 
 
 def split_segments(f: torch.Tensor, segments: int) -> torch.Tensor:

@@ -99,7 +99,7 @@ def sparsify(dw: torch.Tensor, threshold: torch.Tensor | None, mode: str = "code
     if threshold is None:
         return dw * a
     if mode == "code":
-        return dw * a * (a > threshold)
+        return torch.where(a > threshold, dw * a, 0.0)
     return dw * (a - threshold).clamp(min=0)
 
 
