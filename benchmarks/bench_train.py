@@ -183,42 +183,55 @@ def run(args: argparse.Namespace, reports: Sequence[str]) -> dict[str, Any]:
             data["static"][skey] = static_info(kw)
             log(f"{skey}: trainable {data['static'][skey]['trainable']:,}, adapter "
                 f"{data['static'][skey]['adapter_bytes'] / MB:.2f} MB")
-        for batch in args.batches:
-            for method in args.methods:
-                k = key_of(model, batch, method)
-                if k in data["rows"]:
-                    continue
-                kw = build_kwargs(model, method, batch, rank=args.rank, img_size=args.img_size,
-                                  sparsity=args.sparsity, device=args.device)
-                r = measure(kw, args.steps, args.warmup)
-                data["rows"][k] = r
-                log(f"{k}: peak rise {r['peak_bytes'] / MB:.0f} MB, step {r['step_s']:.2f} s")
-                flush()
-    if args.repeats > 1 and data["noise"] is None:
-        model, method, batch = args.models[0], args.noise_method, min(args.batches)
-        kw = build_kwargs(model, method, batch, rank=args.rank, img_size=args.img_size,
-                          sparsity=args.sparsity, device=args.device)
-        first = data["rows"].get(key_of(model, batch, method))
-        reps = [first] if first else []
-        while len(reps) < args.repeats:
-            reps.append(measure(kw, args.steps, args.warmup))
-        peaks = [r["peak_bytes"] / MB for r in reps]
-        times = [r["step_s"] for r in reps]
-        data["noise"] = {"config": key_of(model, batch, method), "peak_mb": peaks,
-                         "step_s": times}
-        log(f"noise {data['noise']['config']}: peak {peaks} MB, step {times} s")
-    for spec in args.profile or ():
-        model, batch, method = spec.split(":")
-        k = key_of(model, int(batch), method)
-        if k in data.setdefault("profiles", {}):
-            continue
-        kw = build_kwargs(model, method, int(batch), rank=args.rank, img_size=args.img_size,
-                          sparsity=args.sparsity, device=args.device)
-        data["profiles"][k] = profile_config(kw)
-        log(f"profiled {k}: {data['profiles'][k]['total_ms']:.0f} ms self CPU")
-        flush()
+
+    def size(model: str) -> int:
+        return max((v["params"] for k, v in data["static"].items()
+                    if k.startswith(model + "|")), default=0)
+
+    # cheapest groups first (small batch, small model): an interrupted run keeps the most
+    groups = sorted(((m, b) for m in args.models for b in args.batches),
+                    key=lambda g: (g[1], size(g[0])))
+    for model, batch in groups:
+        for method in args.methods:
+            k = key_of(model, batch, method)
+            if k in data["rows"]:
+                continue
+            kw = build_kwargs(model, method, batch, rank=args.rank, img_size=args.img_size,
+                              sparsity=args.sparsity, device=args.device)
+            r = measure(kw, args.steps, args.warmup)
+            data["rows"][k] = r
+            log(f"{k}: peak rise {r['peak_bytes'] / MB:.0f} MB, step {r['step_s']:.2f} s")
+            flush()
+        if (model, batch) == groups[0] and args.repeats > 1 and data["noise"] is None:
+            noise(data, args, model, batch)
+            flush()
+        for spec in args.profile or ():
+            pm, pb, method = spec.rsplit(":", 2)
+            k = key_of(pm, int(pb), method)
+            if (pm, int(pb)) != (model, batch) or k in data.setdefault("profiles", {}):
+                continue
+            kw = build_kwargs(pm, method, int(pb), rank=args.rank, img_size=args.img_size,
+                              sparsity=args.sparsity, device=args.device)
+            data["profiles"][k] = profile_config(kw)
+            log(f"profiled {k}: {data['profiles'][k]['total_ms']:.0f} ms self CPU")
+            flush()
     flush()
     return data
+
+
+def noise(data: dict[str, Any], args: argparse.Namespace, model: str, batch: int) -> None:
+    """Repeat one configuration ``args.repeats`` times in fresh processes (the spread)."""
+    method = args.noise_method
+    kw = build_kwargs(model, method, batch, rank=args.rank, img_size=args.img_size,
+                      sparsity=args.sparsity, device=args.device)
+    first = data["rows"].get(key_of(model, batch, method))
+    reps = [first] if first else []
+    while len(reps) < args.repeats:
+        reps.append(measure(kw, args.steps, args.warmup))
+    peaks = [r["peak_bytes"] / MB for r in reps]
+    times = [r["step_s"] for r in reps]
+    data["noise"] = {"config": key_of(model, batch, method), "peak_mb": peaks, "step_s": times}
+    log(f"noise {data['noise']['config']}: peak {peaks} MB, step {times} s")
 
 
 # --------------------------------------------------------------------------- reports
