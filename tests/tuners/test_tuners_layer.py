@@ -264,3 +264,18 @@ def test_fused_saved_for_backward_scales_with_batch_and_rank_not_weight():
     assert b2 - b1 == 3 * d * 4  # one more sample of input activations (3 tokens x d float32)
     assert r8 - b1 == 3 * 4 * (d + d // 3) * 4  # r(m + n) more factor entries, 3 units
     assert b1 < d * d * 4  # less than one m*n tensor: neither W' nor dW is kept
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_one_threshold_per_unit_per_step_and_none_at_zero_sparsity(monkeypatch, fused):
+    import trimtune.tuners.snell as snell
+
+    calls = []
+    real = snell.magnitude_threshold
+    monkeypatch.setattr(snell, "magnitude_threshold", lambda dw, s: calls.append(s) or real(dw, s))
+    units = [SparseDelta(8, 4, 4, create_kernel("mixture", 2), sparsity=s)
+             for s in (0.0, 0.5, 0.0)]
+    layer = SnellLinear(nn.Linear(8, 12), units, fused=fused)
+    layer(torch.randn(3, 8, requires_grad=True)).sum().backward()
+    assert calls == [0.5]  # forward only (backward reuses it); s = 0 needs no k-th value
+    assert all(p.grad is not None for p in layer.parameters() if p.requires_grad)

@@ -103,20 +103,33 @@ def sparsify(dw: torch.Tensor, threshold: torch.Tensor | None, mode: str = "code
     return dw * (a - threshold).clamp(min=0)
 
 
-def _sparse_delta(kernel: Kernel, names: Sequence[str], a: torch.Tensor, b: torch.Tensor,
-                  kparams: Sequence[torch.Tensor], sparsity: float, mode: str,
-                  threshold: torch.Tensor | None = None, compete: bool | None = None,
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(dW_s, t)`` of one unit, (d_in, d_out), computed in the factors' dtype, autocast off.
+def competition_threshold(dw: torch.Tensor, sparsity: float, mode: str
+                          ) -> torch.Tensor | None:
+    """:func:`magnitude_threshold`, or ``None`` when nothing competes (k = 0 or mode "none"):
+    no k-th value over the m*n entries and no mask then."""
+    if mode == "none" or num_zeroed(sparsity, dw.numel()) == 0:
+        return None
+    return magnitude_threshold(dw, sparsity)
 
-    ``compete=None`` computes the threshold from ``sparsity`` (``None`` when k = 0: no
-    k-th value, no mask); otherwise ``threshold`` is the one saved in forward (``None`` = none).
-    """
+
+def _sparse_delta(kernel: Kernel, names: Sequence[str], a: torch.Tensor, b: torch.Tensor,
+                  kparams: Sequence[torch.Tensor], mode: str, threshold: torch.Tensor | None
+                  ) -> torch.Tensor:
+    """``dW_s`` (d_in, d_out) of one unit given its threshold, in the factors' dtype with
+    autocast off (distances in bf16 are too coarse)."""
+    with torch.autocast(a.device.type, enabled=False):
+        return sparsify(functional_call(kernel, dict(zip(names, kparams)), (a, b)), threshold,
+                        mode)
+
+
+def _forward_delta(kernel: Kernel, names: Sequence[str], a: torch.Tensor, b: torch.Tensor,
+                   kparams: Sequence[torch.Tensor], sparsity: float, mode: str
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(dW_s, t)`` with the threshold computed from ``sparsity`` (saved for backward)."""
     with torch.autocast(a.device.type, enabled=False):
         dw = functional_call(kernel, dict(zip(names, kparams)), (a, b))
-        if compete is None and mode != "none" and num_zeroed(sparsity, dw.numel()) > 0:
-            threshold = magnitude_threshold(dw, sparsity)
-        return sparsify(dw, threshold, mode), threshold
+        t = competition_threshold(dw, sparsity, mode)
+        return sparsify(dw, t, mode), t
 
 
 class SparseDeltaFunction(torch.autograd.Function):
@@ -129,10 +142,10 @@ class SparseDeltaFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, b, kernel: Kernel, sparsity: float, mode: str, names, *kparams):
         with torch.no_grad():
-            dws, t = _sparse_delta(kernel, names, a, b, kparams, sparsity, mode)
+            dws, t = _forward_delta(kernel, names, a, b, kparams, sparsity, mode)
             with torch.autocast(x.device.type, enabled=False):
                 y = x @ dws.to(x.dtype)
-        ctx.kernel, ctx.mode, ctx.names, ctx.sparsity = kernel, mode, names, sparsity
+        ctx.kernel, ctx.mode, ctx.names = kernel, mode, names
         ctx.save_for_backward(x, a, b, t, *kparams)
         return y
 
@@ -144,8 +157,8 @@ class SparseDeltaFunction(torch.autograd.Function):
         flags = [need[1], need[2], *need[7:]]
         with torch.enable_grad():
             leaves = [v.detach().requires_grad_(f) for v, f in zip(leaves, flags)]
-            dws, _ = _sparse_delta(ctx.kernel, ctx.names, leaves[0], leaves[1], leaves[2:],
-                                   ctx.sparsity, ctx.mode, t, compete=t is not None)
+            dws = _sparse_delta(ctx.kernel, ctx.names, leaves[0], leaves[1], leaves[2:],
+                                ctx.mode, t)
         gx = gy @ dws.detach().to(gy.dtype).T if need[0] else None
         grads = [None] * len(leaves)
         wanted = [i for i, f in enumerate(flags) if f]
@@ -182,7 +195,7 @@ class FusedSnellFunction(torch.autograd.Function):
             for kernel, sparsity, mode, names in units:
                 n = 2 + len(names)
                 a, b, *kp = params[i:i + n]
-                dws, t = _sparse_delta(kernel, names, a, b, kp, sparsity, mode)
+                dws, t = _forward_delta(kernel, names, a, b, kp, sparsity, mode)
                 parts.append(dws)
                 ts.append(t)
                 i += n
@@ -203,11 +216,10 @@ class FusedSnellFunction(torch.autograd.Function):
         with torch.enable_grad():
             leaves = [p.detach().requires_grad_(f) for p, f in zip(params, flags)]
             parts, i = [], 0
-            for (kernel, sparsity, mode, names), t in zip(ctx.units, ts):
+            for (kernel, _, mode, names), t in zip(ctx.units, ts):
                 n = 2 + len(names)
                 a, b, *kp = leaves[i:i + n]
-                parts.append(_sparse_delta(kernel, names, a, b, kp, sparsity, mode, t,
-                                           compete=t is not None)[0])
+                parts.append(_sparse_delta(kernel, names, a, b, kp, mode, t))
                 i += n
         dws = parts[0] if len(parts) == 1 else torch.cat([p.detach() for p in parts], dim=1)
         gx = g_w = g_b = None
@@ -312,8 +324,7 @@ class SparseDelta(nn.Module):
     def delta(self) -> torch.Tensor:
         """``dW_s``, (d_in, d_out), differentiable through plain autograd."""
         dw = self.dense_delta()
-        compete = self.sparsify_mode != "none" and num_zeroed(self.sparsity, dw.numel()) > 0
-        return sparsify(dw, magnitude_threshold(dw, self.sparsity) if compete else None,
+        return sparsify(dw, competition_threshold(dw, self.sparsity, self.sparsify_mode),
                         self.sparsify_mode)
 
     @torch.no_grad()
