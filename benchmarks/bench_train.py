@@ -441,6 +441,8 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--out-dir", default=None, help="default benchmarks/results")
     ap.add_argument("--profile", nargs="*", default=None, metavar="MODEL:BATCH:METHOD",
                     help="also profile these configurations (torch.profiler, time + memory)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="measure nothing: rewrite the reports from the JSON of an earlier run")
     ap.add_argument("--resume", action="store_true",
                     help="keep configurations already in the JSON of an earlier run")
     return ap
@@ -451,7 +453,13 @@ def main(argv: Sequence[str] | None = None, reports: Sequence[str] = ("memory", 
     args = parser(description).parse_args(argv)
     if args.tag is None:
         args.tag = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    data = run(args, reports)
+    if args.report_only:  # re-render the reports of an earlier run from its JSON
+        stem = {r: f"{r}_{args.tag}" for r in reports}
+        out = Path(args.out_dir) if args.out_dir else Path(__file__).resolve().parent / "results"
+        data = read_json(out / f"{stem[reports[0]]}.json")
+        write_reports(data, reports, stem, out)
+    else:
+        data = run(args, reports)
     print(markdown(data, reports[0]))
     return 0
 
