@@ -4,10 +4,14 @@ CUDA: ``torch.cuda.max_memory_allocated`` around training steps, in process.
 CPU: each configuration runs in a fresh subprocess (so allocator caches and earlier runs do
 not leak into the figure); the figure is the process's peak resident memory (``ru_maxrss``)
 minus its resident memory right after the model was built (the peak counter, VmHWM, is reset
-at that moment through /proc/self/clear_refs, so building the model does not count). It therefore counts activations
-kept for backward, gradients, optimizer state and temporaries, not the weights themselves.
-Noise: the glibc allocator returns memory lazily, so repeats differ by a few MB; report
-medians of repeats when comparing close figures.
+at that moment through /proc/self/clear_refs, so building the model does not count). It
+therefore counts activations kept for backward, gradients, optimizer state and temporaries,
+not the weights themselves.
+Allocator slack: glibc keeps freed heap resident and reuses it, which would hide later
+allocations (the model build frees hundreds of MB). The child therefore runs with
+``MALLOC_MMAP_THRESHOLD_=65536`` (every large tensor is its own mmap, returned to the system
+when freed) and calls ``malloc_trim(0)`` before the baseline, so the RSS rise follows live
+tensor bytes. Repeats differ by a few MB; report medians when comparing close figures.
 
 The configuration is built by a user function named ``"module:function"`` that returns
 ``(model, step_fn)``; ``step_fn()`` runs one training step. Keeping the builder a name lets
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -28,6 +33,14 @@ def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
     return pages * resource.getpagesize()
+
+
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _reset_peak_rss() -> bool:
@@ -62,6 +75,7 @@ def measure_in_process(builder: str, kwargs: dict, steps: int = 3, warmup: int =
     else:
         import gc
         gc.collect()
+        _malloc_trim()
         base = _rss_bytes()
         _reset_peak_rss()
     times = []
@@ -89,8 +103,9 @@ def measure_subprocess(builder: str, kwargs: dict, steps: int = 3, warmup: int =
     code = ("import json,sys; from trimtune.measure.memory import measure_in_process as m; "
             "a=json.loads(sys.argv[1]); print('@@'+json.dumps(m(**a)))")
     arg = json.dumps({"builder": builder, "kwargs": kwargs, "steps": steps, "warmup": warmup})
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     p = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True,
-                       timeout=timeout)
+                       timeout=timeout, env=env)
     for line in p.stdout.splitlines():
         if line.startswith("@@"):
             return json.loads(line[2:])
