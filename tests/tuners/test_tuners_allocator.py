@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from trimtune.tuners.config import SnellaConfig
 from trimtune.errors import TrimtuneError
 from trimtune.tuners.allocator import (
     SnellaAllocator,
@@ -39,9 +40,7 @@ class Net(nn.Module):
 
 
 def cfg(**kw):
-    base = dict(init_sparsity=0.0, target_sparsity=0.5, schedule_unit="step", t_init=0,
-                t_final=0, interval=1, beta1=0.85, beta2=0.85, size_aware=False)
-    return SimpleNamespace(**{**base, **kw})
+    return SnellaConfig(**{"target_sparsity": 0.5, **kw})
 
 
 def state(model, step=0, total=10, spe=5):
@@ -218,7 +217,7 @@ def test_bad_inputs():
         SnellaAllocator(Net())
     with pytest.raises(TrimtuneError, match="schedule_unit"):
         SnellaAllocator(Net(), cfg(schedule_unit="minute"))
-    with pytest.raises(TrimtuneError, match="target_sparsity"):
+    with pytest.raises(TrimtuneError, match=r"outside \[0, 1\)"):
         SnellaAllocator(Net(), cfg(target_sparsity=1.0))
     with pytest.raises(TrimtuneError, match="no SNELL units"):
         SnellaAllocator(nn.Linear(2, 2), cfg())

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -123,21 +122,6 @@ def _numel_update(unit: nn.Module) -> int:
     return int(n)
 
 
-@dataclass
-class _Defaults:
-    """Fallback schedule values for configs that lack a field (mirrors ``SnellaConfig``)."""
-
-    init_sparsity: float = 0.0
-    target_sparsity: float = 0.5
-    schedule_unit: str = "step"
-    t_init: float = 0
-    t_final: float = 0
-    interval: int = 1
-    beta1: float = 0.85
-    beta2: float = 0.85
-    size_aware: bool = False
-
-
 class SnellaAllocator:
     """Training callback that reallocates per-layer sparsity on SNELLA's cubic budget.
 
@@ -176,17 +160,16 @@ class SnellaAllocator:
         if config is None:
             raise TrimtuneError("SnellaAllocator needs config=SnellaConfig(...): pass the same "
                                 "config given to trimtune.tuners.attach")
-        d = _Defaults()
         self.config = config
-        self.s_init = float(getattr(config, "init_sparsity", d.init_sparsity))
-        self.s_target = float(getattr(config, "target_sparsity", d.target_sparsity))
-        self.unit = str(getattr(config, "schedule_unit", d.schedule_unit))
-        self.t_init = float(getattr(config, "t_init", d.t_init))
-        self.t_final = float(getattr(config, "t_final", d.t_final))
-        self.interval = int(getattr(config, "interval", d.interval))
-        self.beta1 = float(getattr(config, "beta1", d.beta1))
-        self.beta2 = float(getattr(config, "beta2", d.beta2))
-        self.size_aware = bool(getattr(config, "size_aware", d.size_aware))
+        self.s_init = float(config.init_sparsity)
+        self.s_target = float(config.target_sparsity)
+        self.unit = str(config.schedule_unit)
+        self.t_init = float(config.t_init)
+        self.t_final = float(config.t_final)
+        self.interval = int(config.interval)
+        self.beta1 = float(config.beta1)
+        self.beta2 = float(config.beta2)
+        self.size_aware = bool(config.size_aware)
         if self.unit not in ("step", "epoch"):
             raise TrimtuneError(f"schedule_unit={self.unit!r} is not known; use 'step' or 'epoch'")
         if self.interval < 1:
