@@ -26,17 +26,10 @@ import torch
 from trimtune.checkpoint import atomic_path, write_json
 from trimtune.lowrank import compress, describe
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_name  # noqa: E402
+
 OUT = Path(__file__).resolve().parent / "results"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 @torch.inference_mode()
