@@ -135,7 +135,8 @@ def quickstart(a: argparse.Namespace) -> dict:
     dcfg = DistillConfig(train=TrainConfig(epochs=a.distill_epochs, lr=1e-4, min_lr=1e-6,
                                            batch_size=a.batch_size, weight_decay=0.05,
                                            seed=a.seed, out_dir=str(out / "distill"),
-                                           resume=False))
+                                           resume=False),
+                         ce_weight=0.0)  # unlabeled: only the 1k-shot labels are ever used
     distill(student, teacher, distill_ds, dcfg)
     save_model(student, out / "distilled")
 
