@@ -35,24 +35,26 @@ def read_jsonl(path) -> list[dict]:
 
 
 def plot_curves(metrics_jsonl, path, title: str = "") -> Path | None:
-    """Training loss (per logged step) and any eval accuracy (per epoch) from metrics.jsonl."""
+    """Training loss and accuracies against the optimizer step, from metrics.jsonl: the
+    logged training accuracy and any validation metric (``val_*``) written at epoch ends."""
     rows = read_jsonl(metrics_jsonl)
     steps = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
-    evals = [(r.get("epoch", i), {k: v for k, v in r.items() if "acc" in k})
-             for i, r in enumerate(rows) if any("acc" in k for k in r)]
     if not steps:
         return None
-    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 5, 3.5))
+    accs: dict[str, list] = {}
+    for r in rows:
+        for k, v in r.items():
+            if "acc" in k and "step" in r and isinstance(v, (int, float)):
+                accs.setdefault(k, []).append((r["step"], v))
+    fig, axes = plt.subplots(1, 2 if accs else 1, figsize=(10 if accs else 5, 3.5))
     axes = np.atleast_1d(axes)
     axes[0].plot(*zip(*steps), lw=1)
     axes[0].set(xlabel="optimizer step", ylabel="training loss", title=title or "loss")
     axes[0].set_yscale("log")
-    if evals:
-        keys = sorted({k for _, d in evals for k in d})
-        for k in keys:
-            pts = [(e, d[k]) for e, d in evals if k in d]
-            axes[1].plot(*zip(*pts), marker="o", label=k)
-        axes[1].set(xlabel="epoch", ylabel="accuracy", title="evaluation")
+    for k, pts in sorted(accs.items()):
+        axes[1].plot(*zip(*pts), marker="o" if k.startswith("val") else None, label=k)
+    if accs:
+        axes[1].set(xlabel="optimizer step", ylabel="accuracy", title="accuracy")
         axes[1].legend()
     return _save(fig, path)
 
