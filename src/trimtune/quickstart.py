@@ -41,11 +41,11 @@ def add_quickstart_args(p: argparse.ArgumentParser) -> None:
                    help="evaluate on this many test images (seeded, stratified; 0 = all)")
     p.add_argument("--distill-data", default="fashion-mnist",
                    help="unlabeled images for the intermediate pre-training")
-    p.add_argument("--distill-images", type=int, default=1536,
-                   help="how many distillation images (default 1536)")
+    p.add_argument("--distill-images", type=int, default=1024,
+                   help="how many distillation images (default 1024)")
     p.add_argument("--distill-epochs", type=int, default=1, help="distillation epochs")
     p.add_argument("--ratio", type=float, default=2.0, help="PELA compression ratio c")
-    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs")
+    p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs (default 2)")
     p.add_argument("--lr", type=float, default=2e-3, help="fine-tuning learning rate")
     p.add_argument("--rank", type=int, default=8, help="SNELLA rank")
     p.add_argument("--sparsity", type=float, default=0.5, help="SNELLA target sparsity")
