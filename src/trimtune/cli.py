@@ -121,6 +121,7 @@ def cmd_distill(a) -> int:
     teacher = load_model(a.teacher, weights=a.teacher_weights, img_size=_img_size(student))
     cfg = DistillConfig(train=_train_config(a, a.out), block_weight=a.block_weight,
                         final_weight=a.final_weight, logits_weight=a.logits_weight,
+                        ce_weight=a.ce_weight,
                         reg_weight=a.reg_weight, reg_eps=a.reg_eps, reg_form=a.reg_form,
                         trainable=a.trainable)
     distill(student, teacher, a.data, cfg, max_images=a.max_images)
@@ -258,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--final-weight", type=float, default=0.0,
                    help="weight of the final-feature MSE")
     s.add_argument("--logits-weight", type=float, default=0.0, help="weight of the logits term")
+    s.add_argument("--ce-weight", type=float, default=0.0,
+                   help="weight of cross-entropy on the dataset's labels (needs a classifier "
+                        "head of the dataset's classes; default 0: images used unlabeled)")
     s.add_argument("--reg-weight", type=float, default=0.0,
                    help="weight of the weight-perturbation regulariser (authors: 1 when on)")
     s.add_argument("--reg-eps", type=float, default=0.0, help="regulariser margin eps")
