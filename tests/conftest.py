@@ -28,3 +28,12 @@ def vit():
 def images():
     g = torch.Generator().manual_seed(0)
     return torch.randn(4, 3, 32, 32, generator=g)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (2 threads on a shared 2-core box spin-wait)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -24,13 +24,7 @@ TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 DATA = "synthetic:classes=4,n=32,size=32"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (2 threads on a shared 2-core box spin-wait)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,7 @@ METHODS = ("snella", "snell", "lora", "dora", "adalora", "full", "linear", "bitf
 RANK = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (2 threads on a shared 2-core box spin-wait)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_backbone(seed: int = 0) -> nn.Module:
