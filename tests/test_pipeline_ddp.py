@@ -98,3 +98,6 @@ def run_start_state() -> dict[str, torch.Tensor]:
 
 if __name__ == "__main__":
     worker(Path(sys.argv[1]))
+    if torch.distributed.is_initialized():  # clean teardown (gloo may abort at exit otherwise)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -21,3 +21,6 @@ if __name__ == "__main__":
     if res.checkpoint is not None and torch.distributed.get_rank() == 0:
         torch.save({"state": model.state_dict(), "world": torch.distributed.get_world_size()},
                    out / "final.pt")
+    # a clean teardown: without it gloo can abort at interpreter exit ("terminate called...")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
