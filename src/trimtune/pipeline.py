@@ -153,8 +153,8 @@ def _tuner_config(cfg: FinetuneConfig):
     return SnellaConfig(target_sparsity=cfg.sparsity, init_sparsity=cfg.init_sparsity, **common)
 
 
-def prepare(model: nn.Module, cfg: FinetuneConfig, *, total_steps: int | None = None,
-            calibration=None) -> tuple[nn.Module, list]:
+def prepare(model: nn.Module, cfg: FinetuneConfig, *, total_steps: int | None = None
+            ) -> tuple[nn.Module, list]:
     """Freeze the base and add the method's trainable parts; returns (model, callbacks)."""
     if cfg.method in SNELL_METHODS:
         tcfg = _tuner_config(cfg)
@@ -165,8 +165,6 @@ def prepare(model: nn.Module, cfg: FinetuneConfig, *, total_steps: int | None = 
     kw = dict(cfg.method_kwargs)
     if cfg.method == "masked-sparse":
         kw["density"] = cfg.density if cfg.density is not None else 1.0 - cfg.sparsity
-        if calibration is not None:
-            kw["calibration"] = calibration
     if cfg.method == "adalora" and total_steps:
         kw["total_step"] = total_steps
     return prepare_method(model, cfg.method, rank=cfg.rank, **kw)

@@ -165,7 +165,7 @@ def quickstart(a: argparse.Namespace) -> dict:
         stage(f"merged (max logit change {gap:.1e}); evaluating on {len(test_ds)} test images")
         acc_merged = evaluate_model(merged, test_ds).top1
         save_model(merged, run / "merged")
-        rows[label] = {"model": merged, "acc": acc_merged, "method": "snella", "run": r}
+        rows[label] = {"model": merged, "acc": acc_merged, "method": "snella"}
 
     stage("measuring parameters, FLOPs, latency" +
           ("" if a.no_memory else ", training memory"))
