@@ -62,10 +62,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--block-weight", type=float, default=1.0, help="per-block feature MSE")
     ap.add_argument("--final-weight", type=float, default=1.0,
                     help="final-feature (forward_features, normed) MSE; 0 = off")
+    ap.add_argument("--trainable", choices=("all", "factors"), default="all",
+                    help="what the student trains: everything (authors) or the factors only")
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--warmup-steps", type=int, default=None,
+                    help="linear warm-up steps (default: min(20, a quarter epoch))")
+    ap.add_argument("--num-workers", type=int, default=0, help="data-loader workers")
     ap.add_argument("--knn-k", type=int, default=20)
     ap.add_argument("--test-images", type=int, default=0,
                     help="cap each test set (stratified, seeded); 0 = full test sets")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where features are extracted (distillation runs where Accelerate "
+                         "puts it: the GPU when there is one)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="runs/bench_distill", help="feature cache + distill run")
     ap.add_argument("--tag", default="cpu", help="results file: distill_<tag>.*")
@@ -86,7 +95,8 @@ class Unlabeled(Dataset):
 
 
 def distill_data(n: int, transform, seed: int) -> Dataset:
-    """``n`` unlabeled images: ``n // 2`` Fashion-MNIST train, the rest MNIST-5k train."""
+    """``n`` unlabeled images: ``n // 2`` Fashion-MNIST train, the rest MNIST-5k train (all of
+    its 4,000 when fewer; the report gives the real count)."""
     parts = []
     for spec, k in (("fashion-mnist", n // 2), ("mnist-5k", n - n // 2)):
         ds = tt.load_dataset(spec, "train", transform=transform, seed=seed)
@@ -97,13 +107,14 @@ def distill_data(n: int, transform, seed: int) -> Dataset:
 
 
 @torch.inference_mode()
-def features(model: torch.nn.Module, ds: Dataset, batch_size: int = 128
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """Pre-logit CLS features (N, C) and labels (N,) of ``ds``."""
-    model.eval()
+def features(model: torch.nn.Module, ds: Dataset, batch_size: int = 128,
+             device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """Pre-logit CLS features (N, C) and labels (N,) of ``ds``, computed on ``device``."""
+    model.eval().to(device)
     feats, labels = [], []
     for x, y in DataLoader(ds, batch_size=batch_size):
-        feats.append(model.forward_head(model.forward_features(x), pre_logits=True).float())
+        f = model.forward_head(model.forward_features(x.to(device)), pre_logits=True)
+        feats.append(f.float().cpu())
         labels.append(torch.as_tensor(y))
     return torch.cat(feats).numpy(), torch.cat(labels).numpy()
 
@@ -137,8 +148,8 @@ def evaluate(label: str, model, sets: dict, a, work: Path) -> dict:
             log(f"  {label} / {name}: cached features")
         else:
             with Timer() as t:
-                xtr, ytr = features(model, tr)
-                xte, yte = features(model, te)
+                xtr, ytr = features(model, tr, device=a.device)
+                xte, yte = features(model, te, device=a.device)
             log(f"  {label} / {name}: features of {len(tr)} + {len(te)} images in "
                 f"{t.seconds:.0f}s")
             write_safetensors(cache, {"xtr": torch.from_numpy(xtr), "ytr": torch.from_numpy(ytr),
@@ -182,10 +193,12 @@ def report(a, info: dict, results: dict, timings: dict, distill_log: dict | None
                md_table(["dataset", "protocol", "svd+distill - original",
                          "svd - original", "within 1 pt"], gaps), ""]
     md += ["## Distillation", "",
-           f"- data: {a.distill_images} unlabeled images ({a.distill_images // 2} Fashion-MNIST "
-           f"train + {a.distill_images - a.distill_images // 2} MNIST-5k train; labels hidden), "
+           f"- data: {a.n_distill or a.distill_images} unlabeled images "
+           f"({a.distill_parts or 'Fashion-MNIST train + MNIST-5k train'}; labels hidden), "
            f"{a.img_size}px, {a.distill_epochs} epoch(s), batch {a.batch_size}, AdamW lr "
-           f"{a.lr} (cosine to 1e-6, wd 0.05), all student parameters train",
+           f"{a.lr} (warm-up {a.warmup_steps if a.warmup_steps is not None else 'auto'} "
+           f"steps, cosine to 1e-6, wd {a.weight_decay}), trainable: "
+           f"{'all student parameters' if a.trainable == 'all' else 'the low-rank factors'}",
            f"- loss: {a.block_weight} x per-block token MSE (all 12 blocks, prefix incl.) + "
            f"{a.final_weight} x final-feature MSE (`forward_features`, after the last norm: "
            "the tokens the CLS feature comes from); no logits, CE or weight-perturbation term",
@@ -203,6 +216,7 @@ def report(a, info: dict, results: dict, timings: dict, distill_log: dict | None
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    a.n_distill, a.distill_parts = None, None  # filled in when the distillation data is built
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     work = Path(a.work)
@@ -253,19 +267,26 @@ def main(argv=None) -> int:
 
     dstudent = copy.deepcopy(student)
     ckpt = work / "distilled"
-    tag = f"n{a.distill_images}_e{a.distill_epochs}_lr{a.lr}_b{a.block_weight}_f{a.final_weight}"
+    tag = (f"n{a.distill_images}_e{a.distill_epochs}_lr{a.lr}_b{a.block_weight}_"
+           f"f{a.final_weight}_{a.trainable}_wd{a.weight_decay}_w{a.warmup_steps}")
     if (ckpt / tag / "trimtune.json").is_file():
         dstudent = tt.load_model(str(ckpt / tag))
         log("distilled student loaded from cache")
     else:
         ddata = distill_data(a.distill_images, tf, a.seed + 1)
+        a.n_distill = len(ddata)
+        a.distill_parts = (f"{len(ddata.datasets[0])} Fashion-MNIST train + "
+                           f"{len(ddata.datasets[1])} MNIST-5k train")
         cfg = tt.DistillConfig(
             train=tt.TrainConfig(epochs=a.distill_epochs, lr=a.lr, min_lr=1e-6,
-                                 batch_size=a.batch_size, weight_decay=0.05,
-                                 warmup_steps=min(20, len(ddata) // a.batch_size // 4),
+                                 batch_size=a.batch_size, weight_decay=a.weight_decay,
+                                 warmup_steps=(a.warmup_steps if a.warmup_steps is not None
+                                               else min(20, len(ddata) // a.batch_size // 4)),
                                  seed=a.seed, out_dir=str(work / "distill_run" / tag),
-                                 resume="auto", ckpt_every=50, log_every=10),
-            block_weight=a.block_weight, final_weight=a.final_weight, ce_weight=0.0)
+                                 resume="auto", ckpt_every=50, log_every=10,
+                                 num_workers=a.num_workers),
+            block_weight=a.block_weight, final_weight=a.final_weight, ce_weight=0.0,
+            trainable=a.trainable)
         log(f"distilling on {len(ddata)} unlabeled images x {a.distill_epochs} epoch(s)")
         with Timer() as t:
             res = tt.distill(dstudent, teacher, ddata, cfg)

@@ -368,7 +368,8 @@ def markdown(data: dict[str, Any], report: str) -> str:
                   "a sum over "
                   "the step, not a peak): " +
                   "; ".join(f"`{n}` {mb:.0f}" for n, mb in pr["alloc"]), ""]
-    notes = Path(__file__).resolve().parent / "results" / f"{report}_notes.md"
+    dev = next((r.get("device") for r in data["rows"].values()), "cpu")
+    notes = Path(__file__).resolve().parent / "results" / f"{report}_{dev}_notes.md"
     if data.get("notes", True) and notes.is_file():
         lines += [notes.read_text().rstrip(), ""]
     return "\n".join(lines)

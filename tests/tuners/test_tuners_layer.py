@@ -8,7 +8,8 @@ from torch import nn
 
 from trimtune.errors import TrimtuneError
 from trimtune.tuners.kernels import create_kernel
-from trimtune.tuners.snell import SnellLinear, SparseDelta, magnitude_threshold, sparsify
+from trimtune.tuners.snell import (SnellLinear, SparseDelta, kth_smallest, magnitude_threshold,
+                                   sparsify)
 
 
 def unit(d_in=6, d_out=10, rank=4, kernel="piecewise", sparsity=0.5, mode="code", seed=0,
@@ -35,6 +36,19 @@ def test_sparsify_forms():
     torch.testing.assert_close(sparsify(dw, t, "soft"), torch.tensor([[0.15, 0.0], [0.0, -0.63]]))
     torch.testing.assert_close(sparsify(dw, magnitude_threshold(dw, 0.0), "code"), dw * dw.abs())
     torch.testing.assert_close(sparsify(dw, t, "none"), dw)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000])
+def test_kth_smallest_topk_equals_kthvalue(n):
+    # the CUDA path (topk of the smaller side) must pick exactly kthvalue's entry, ties included
+    g = torch.Generator().manual_seed(n)
+    for v in (torch.randn(n, generator=g), torch.randint(0, 3, (n,), generator=g).float()):
+        for k in sorted({1, max(1, n // 3), max(1, n // 2), n // 2 + 1, n} - {0}):
+            if k > n:
+                continue
+            want = v.kthvalue(k).values
+            assert kth_smallest(v, k, "topk") == want
+            assert kth_smallest(v, k, "auto") == want  # CPU: kthvalue
 
 
 def test_mask_follows_current_factors():

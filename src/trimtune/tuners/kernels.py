@@ -68,6 +68,21 @@ def alternating_coeffs(segments: int, scale: float = 0.1) -> torch.Tensor:
     return scale * torch.tensor([(-1.0) ** p for p in range(segments)])
 
 
+def piecewise_delta(a: torch.Tensor, b: torch.Tensor, coeffs: torch.Tensor, segments: int
+                    ) -> torch.Tensor:
+    """``sum_p c_p cdist(A_p, B_p)``: :class:`PiecewiseLinearKernel` as a pure function."""
+    a3, b3 = split_segments(a, segments), split_segments(b, segments)
+    dist = safe_cdist(a3, b3)  # (P, d_in, d_out)
+    return torch.einsum("p,pij->ij", coeffs.to(dist.dtype), dist)
+
+
+def mixture_delta(a: torch.Tensor, b: torch.Tensor, coeffs: torch.Tensor, alpha: torch.Tensor,
+                  gamma: torch.Tensor, beta: torch.Tensor, segments: int) -> torch.Tensor:
+    """``K + alpha softmax(K / gamma) + beta``: :class:`MixtureKernel` as a pure function."""
+    k = piecewise_delta(a, b, coeffs, segments)
+    return k + alpha * torch.softmax(k / gamma, dim=-1) + beta
+
+
 class Kernel(nn.Module):
     """Base class: ``forward(A, B) -> dW``.
 
@@ -111,9 +126,7 @@ class PiecewiseLinearKernel(Kernel):
             self.register_buffer("coeffs", c)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        a3, b3 = split_segments(a, self.segments), split_segments(b, self.segments)
-        dist = safe_cdist(a3, b3)  # (P, d_in, d_out)
-        return torch.einsum("p,pij->ij", self.coeffs.to(dist.dtype), dist)
+        return piecewise_delta(a, b, self.coeffs, self.segments)
 
 
 class MixtureKernel(PiecewiseLinearKernel):
@@ -134,8 +147,8 @@ class MixtureKernel(PiecewiseLinearKernel):
         self.beta = nn.Parameter(torch.tensor(0.0))
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        k = super().forward(a, b)
-        return k + self.alpha * torch.softmax(k / self.gamma, dim=-1) + self.beta
+        return mixture_delta(a, b, self.coeffs, self.alpha, self.gamma, self.beta,
+                             self.segments)
 
 
 class InnerProductKernel(Kernel):

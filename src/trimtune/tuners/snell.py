@@ -65,17 +65,32 @@ def num_zeroed(sparsity: float, numel: int) -> int:
     return min(numel, int(math.floor(sparsity * numel + 1e-9)))
 
 
-def magnitude_threshold(dw: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """The k-th smallest ``|dW|`` (detached), ``k = floor(s * numel)``; 0 when k = 0.
+def kth_smallest(v: torch.Tensor, k: int, method: str = "auto") -> torch.Tensor:
+    """The ``k``-th smallest entry (1-based) of the 1-D tensor ``v``, exactly.
 
-    ``torch.kthvalue`` is a selection, not a sort, and has no element-count limit
-    (``torch.quantile`` refuses inputs above 16M elements); on CPU it is as fast as
-    ``torch.topk`` of the smaller side and needs no (k,) buffer.
+    ``method``: ``"kthvalue"`` (a selection: no buffer; the fast choice on the CPU),
+    ``"topk"`` (the max of the ``k`` smallest or the min of the ``n - k + 1`` largest,
+    whichever side is smaller: a buffer of at most n / 2 values + indices) or ``"auto"``:
+    topk on CUDA, where ``kthvalue`` is ~35x slower (11.8 ms vs 0.34 ms for 2.4M values on an
+    H100), kthvalue elsewhere. (``torch.quantile`` refuses inputs above 16M elements.)
     """
+    if method == "auto":
+        method = "topk" if v.is_cuda else "kthvalue"
+    if method == "kthvalue":
+        return v.kthvalue(k).values
+    n = v.numel()
+    if k <= n - k + 1:
+        return v.topk(k, largest=False, sorted=False).values.max()
+    return v.topk(n - k + 1, largest=True, sorted=False).values.min()
+
+
+def magnitude_threshold(dw: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """The k-th smallest ``|dW|`` (detached), ``k = floor(s * numel)``; 0 when k = 0
+    (:func:`kth_smallest`: no element-count limit, no sort)."""
     k = num_zeroed(sparsity, dw.numel())
     if k == 0:
         return dw.new_zeros(())
-    return dw.detach().abs().flatten().kthvalue(k).values
+    return kth_smallest(dw.detach().abs().flatten(), k)
 
 
 def sparsify(dw: torch.Tensor, threshold: torch.Tensor | None, mode: str = "code"
@@ -447,4 +462,4 @@ class SnellLinear(nn.Module):
 
 
 __all__ = ["SparseDelta", "SnellLinear", "SparseDeltaFunction", "FusedSnellFunction",
-           "magnitude_threshold", "sparsify", "num_zeroed", "split_segments"]
+           "magnitude_threshold", "kth_smallest", "sparsify", "num_zeroed", "split_segments"]
