@@ -201,6 +201,44 @@ def test_fused_equals_unfused_outputs_and_gradients(kernel, mode, n_units, bias)
     assert fused.base.weight.grad is None
 
 
+@pytest.mark.parametrize("kernel,learnable,segments", [
+    ("piecewise", False, 2), ("piecewise", True, 4), ("mixture", False, 2), ("mixture", True, 1)])
+@pytest.mark.parametrize("mode,s", [("code", 0.5), ("soft", 0.5), ("code", 0.0), ("none", 0.3)])
+@pytest.mark.parametrize("fused", [True, False])
+def test_closed_form_backward_equals_autograd(monkeypatch, kernel, learnable, segments, mode, s,
+                                              fused):
+    # the hand-written kernel backward (snell.delta_vjp) against autograd through the same
+    # expression, with coinciding rows (clamped distances) in one unit
+    import copy
+
+    from trimtune.tuners import snell
+
+    torch.manual_seed(3)
+    units = [SparseDelta(6, 4, 4, create_kernel(kernel, segments, learnable_coeffs=learnable),
+                         sparsity=s, sparsify=mode).double() for _ in range(3)]
+    with torch.no_grad():
+        units[0].snell_B[:2].copy_(units[0].snell_A[:2])
+        for u in units:
+            for p in u.kernel.parameters():
+                p.add_(0.2)
+    layer = SnellLinear(nn.Linear(6, 12).double(), units, fused=fused)
+    twin = copy.deepcopy(layer)
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    gy = torch.randn(2, 3, 12, dtype=torch.float64)
+    grads = []
+    for m, closed in ((layer, True), (twin, False)):
+        monkeypatch.setattr(snell, "closed_form_supported", lambda k, c=closed: c)
+        xi = x.clone().requires_grad_(True)
+        (m(xi) * gy).sum().backward()
+        grads.append({"x": xi.grad, **{n: p.grad for n, p in m.named_parameters()
+                                       if p.requires_grad}})
+    assert grads[0].keys() == grads[1].keys()
+    assert any("coeffs" in n for n in grads[0]) == learnable
+    for n in grads[0]:
+        assert grads[0][n] is not None and torch.isfinite(grads[0][n]).all(), n
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-11, rtol=1e-9, msg=n)
+
+
 def test_fused_function_passes_gradcheck():
     # "code": the detached threshold does not enter the surviving values (in "soft" it does,
     # so finite differences would see dt/dA, which the method defines as zero)

@@ -47,7 +47,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import TrimtuneError
-from .kernels import Kernel, split_segments
+from .kernels import Kernel, MixtureKernel, PiecewiseLinearKernel, merge_segments, split_segments
 
 SPARSIFY = ("code", "soft", "none")
 
@@ -147,6 +147,108 @@ def _forward_delta(kernel: Kernel, names: Sequence[str], a: torch.Tensor, b: tor
         return sparsify(dw, t, mode), t
 
 
+# ----------------------------------------------------------------------------- closed-form VJP
+# The backward of dW_s = sparsify(kernel(A, B)) written out for the piecewise and mixture
+# kernels. Autograd through the same expression records ~40 full-size (d_in, d_out) ops and
+# keeps about ten full-size tensors alive; the closed form needs ~20 ops and five tensors.
+# Values are bit-identical to the forward (same ops in the same order), so the recomputed
+# mask matches the threshold found in forward.
+
+_CDIST_EPS = 1e-12  # kernels.safe_cdist's default
+
+
+def closed_form_supported(kernel: Kernel) -> bool:
+    """True for the kernels with a hand-written backward (piecewise, mixture)."""
+    return type(kernel) in (PiecewiseLinearKernel, MixtureKernel)
+
+
+def _kernel_params(kernel: Kernel, names: Sequence[str], kparams: Sequence[torch.Tensor]
+                   ) -> dict[str, torch.Tensor]:
+    tensors = dict(kernel.named_buffers(recurse=False))
+    tensors.update(zip(names, kparams))
+    return tensors
+
+
+def recompute_delta(kernel: Kernel, names: Sequence[str], a: torch.Tensor, b: torch.Tensor,
+                    kparams: Sequence[torch.Tensor], mode: str, t: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, dict]:
+    """``dW_s`` (as :func:`_sparse_delta`, without a graph) and what :func:`delta_vjp`
+    needs: the distances, their clamp mask, ``K``, the softmax and ``dW``."""
+    p = _kernel_params(kernel, names, kparams)
+    seg = kernel.segments
+    with torch.no_grad(), torch.autocast(a.device.type, enabled=False):
+        a3, b3 = split_segments(a, seg), split_segments(b, seg)
+        yy = (b3 * b3).sum(-1).unsqueeze(-2)
+        sq = torch.baddbmm(yy, a3, b3.mT, alpha=-2).add_((a3 * a3).sum(-1, keepdim=True))
+        live = sq > _CDIST_EPS  # where the clamp passes gradient
+        dist = sq.clamp_(min=_CDIST_EPS).sqrt_()  # (P, d_in, d_out), as safe_cdist
+        k = torch.einsum("p,pij->ij", p["coeffs"].to(dist.dtype), dist)
+        soft = None
+        if isinstance(kernel, MixtureKernel):
+            soft = torch.softmax(k / p["gamma"], dim=-1)
+            dw = k + p["alpha"] * soft + p["beta"]
+        else:
+            dw = k
+        dws = sparsify(dw, t, mode)
+    return dws, {"a3": a3, "b3": b3, "dist": dist, "live": live, "k": k, "soft": soft,
+                 "dw": dw, "p": p, "factor_dim": a.dim()}
+
+
+def delta_vjp(kernel: Kernel, names: Sequence[str], cache: dict, mode: str,
+              t: torch.Tensor | None, g: torch.Tensor, need_a: bool, need_b: bool
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[torch.Tensor | None]]:
+    """Gradients of ``<g, dW_s>`` w.r.t. ``A``, ``B`` and the kernel parameters ``names``.
+
+    Args:
+        cache: from :func:`recompute_delta` (consumed: its tensors are freed as used).
+        g: (d_in, d_out), the gradient of the loss w.r.t. ``dW_s``.
+    """
+    with torch.no_grad(), torch.autocast(g.device.type, enabled=False):
+        dw, p = cache.pop("dw"), cache["p"]
+        g = g.to(dw.dtype)
+        if mode == "none":
+            gd = g
+        else:
+            ad = dw.abs()
+            if t is None:  # d(dw |dw|) = 2 |dw|
+                gd = g * ad.mul_(2)
+            elif mode == "code":  # where(|dw| > t, dw |dw|, 0)
+                gd = torch.where(ad > t, g * (2 * ad), 0.0)
+            else:  # soft: dw * relu(|dw| - t) -> (2 |dw| - t) where |dw| > t (clamp: strict)
+                gd = torch.where(ad > t, g * (2 * ad - t), 0.0)
+            del ad
+        del dw
+        grads: dict[str, torch.Tensor] = {}
+        k, soft = cache.pop("k"), cache.pop("soft")
+        if soft is not None:
+            grads["alpha"] = (gd * soft).sum()
+            grads["beta"] = gd.sum()
+            gs = gd * p["alpha"]
+            gz = soft.mul_(gs - (gs * soft).sum(-1, keepdim=True))  # softmax backward
+            del gs
+            grads["gamma"] = -(gz * k).sum() / p["gamma"] ** 2
+            gk = gz.div_(p["gamma"]).add_(gd)
+        else:
+            gk = gd
+        del k, gd
+        dist, live = cache.pop("dist"), cache.pop("live")
+        coeffs = p["coeffs"]
+        if "coeffs" in names:
+            grads["coeffs"] = torch.einsum("ij,pij->p", gk, dist).to(coeffs.dtype)
+        # dL/dsq_p = c_p gK / (2 D_p) where the clamp passed; D = sqrt(sq)
+        h = dist.reciprocal_().mul_(gk.unsqueeze(0)).mul_(
+            (0.5 * coeffs.to(gk.dtype)).view(-1, 1, 1)).mul_(live)
+        del dist, live, gk
+        a3, b3 = cache["a3"], cache["b3"]
+        ga = gb = None
+        flat = merge_segments if cache["factor_dim"] == 2 else (lambda f: f)
+        if need_a:  # d sq_ij / d a_i = 2 (a_i - b_j)
+            ga = flat(2 * (h.sum(-1, keepdim=True) * a3 - h @ b3))
+        if need_b:
+            gb = flat(2 * (h.sum(-2).unsqueeze(-1) * b3 - h.mT @ a3))
+    return ga, gb, [grads.get(n) for n in names]
+
+
 class SparseDeltaFunction(torch.autograd.Function):
     """``y = x @ sparsify(kernel(A, B))`` that recomputes ``dW`` in backward.
 
@@ -170,6 +272,20 @@ class SparseDeltaFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         leaves = [a, b, *kparams]
         flags = [need[1], need[2], *need[7:]]
+        if closed_form_supported(ctx.kernel):
+            dws, cache = recompute_delta(ctx.kernel, ctx.names, a, b, kparams, ctx.mode, t)
+            gx = gy @ dws.to(gy.dtype).T if need[0] else None
+            grads = [None] * len(leaves)
+            if any(flags):
+                g_dws = x.reshape(-1, x.shape[-1]).T.to(dws.dtype) @ gy.reshape(
+                    -1, gy.shape[-1]).to(dws.dtype)
+                del dws
+                ga, gb, gk = delta_vjp(ctx.kernel, ctx.names, cache, ctx.mode, t, g_dws,
+                                       flags[0], flags[1])
+                grads = [ga, gb, *(g if f else None for g, f in zip(gk, flags[2:]))]
+                grads = [g if g is not None or not f else torch.zeros_like(v)
+                         for g, f, v in zip(grads, flags, leaves)]
+            return (gx, grads[0], grads[1], None, None, None, None, *grads[2:])
         with torch.enable_grad():
             leaves = [v.detach().requires_grad_(f) for v, f in zip(leaves, flags)]
             dws = _sparse_delta(ctx.kernel, ctx.names, leaves[0], leaves[1], leaves[2:],
@@ -228,14 +344,26 @@ class FusedSnellFunction(torch.autograd.Function):
         ts, params = rest[:ctx.n_ts], rest[ctx.n_ts:]
         need = ctx.needs_input_grad
         flags = need[4:]
-        with torch.enable_grad():
-            leaves = [p.detach().requires_grad_(f) for p, f in zip(params, flags)]
-            parts, i = [], 0
+        closed = all(closed_form_supported(u[0]) for u in ctx.units)
+        caches: list[dict] = []
+        if closed:  # hand-written backward of the kernel (see delta_vjp)
+            leaves, parts, i = list(params), [], 0
             for (kernel, _, mode, names), t in zip(ctx.units, ts):
                 n = 2 + len(names)
-                a, b, *kp = leaves[i:i + n]
-                parts.append(_sparse_delta(kernel, names, a, b, kp, mode, t))
+                a, b, *kp = params[i:i + n]
+                dws_u, cache = recompute_delta(kernel, names, a, b, kp, mode, t)
+                parts.append(dws_u)
+                caches.append(cache)
                 i += n
+        else:
+            with torch.enable_grad():
+                leaves = [p.detach().requires_grad_(f) for p, f in zip(params, flags)]
+                parts, i = [], 0
+                for (kernel, _, mode, names), t in zip(ctx.units, ts):
+                    n = 2 + len(names)
+                    a, b, *kp = leaves[i:i + n]
+                    parts.append(_sparse_delta(kernel, names, a, b, kp, mode, t))
+                    i += n
         dws = parts[0] if len(parts) == 1 else torch.cat([p.detach() for p in parts], dim=1)
         gx = g_w = g_b = None
         g2 = gy.reshape(-1, gy.shape[-1])  # (N, out)
@@ -252,13 +380,27 @@ class FusedSnellFunction(torch.autograd.Function):
             g_b = g2.sum(0)
         grads = [None] * len(leaves)
         if wanted:
+            widths = [p.shape[1] for p in parts]
             g_dws = g_dws.to(parts[0].dtype)
-            g_parts = (g_dws,) if len(parts) == 1 else g_dws.split(
-                [p.shape[1] for p in parts], dim=1)
-            out = torch.autograd.grad(parts, [leaves[j] for j in wanted], g_parts,
-                                      allow_unused=True)
-            for j, g in zip(wanted, out):
-                grads[j] = g if g is not None else torch.zeros_like(leaves[j])
+            g_parts = (g_dws,) if len(parts) == 1 else g_dws.split(widths, dim=1)
+            if closed:
+                del dws, parts
+                i = 0
+                for (kernel, _, mode, names), t, cache, g_u in zip(ctx.units, ts, caches,
+                                                                   g_parts):
+                    n = 2 + len(names)
+                    ga, gb, gk = delta_vjp(kernel, names, cache, mode, t, g_u, flags[i],
+                                           flags[i + 1])
+                    for j, g in enumerate([ga, gb, *gk]):
+                        if flags[i + j]:
+                            grads[i + j] = g if g is not None else torch.zeros_like(
+                                leaves[i + j])
+                    i += n
+            else:
+                out = torch.autograd.grad(parts, [leaves[j] for j in wanted], g_parts,
+                                          allow_unused=True)
+                for j, g in zip(wanted, out):
+                    grads[j] = g if g is not None else torch.zeros_like(leaves[j])
         return (gx, g_w, g_b, None, *grads)
 
 
