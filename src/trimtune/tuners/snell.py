@@ -208,15 +208,16 @@ def delta_vjp(kernel: Kernel, names: Sequence[str], cache: dict, mode: str,
         g = g.to(dw.dtype)
         if mode == "none":
             gd = g
-        else:
-            ad = dw.abs()
-            if t is None:  # d(dw |dw|) = 2 |dw|
-                gd = g * ad.mul_(2)
-            elif mode == "code":  # where(|dw| > t, dw |dw|, 0)
-                gd = torch.where(ad > t, g * (2 * ad), 0.0)
-            else:  # soft: dw * relu(|dw| - t) -> (2 |dw| - t) where |dw| > t (clamp: strict)
-                gd = torch.where(ad > t, g * (2 * ad - t), 0.0)
-            del ad
+        else:  # in place on one new buffer (g itself may alias the weight gradient)
+            gd = dw.abs()
+            keep = None if t is None else gd > t
+            gd.mul_(2)  # d(dw |dw|) = 2 |dw|  ("code", and both modes at s = 0)
+            if keep is not None:
+                if mode == "soft":  # dw * relu(|dw| - t) -> 2 |dw| - t (clamp: strict >)
+                    gd.sub_(t)
+                gd.mul_(keep)
+            gd.mul_(g)
+            del keep
         del dw
         grads: dict[str, torch.Tensor] = {}
         k, soft = cache.pop("k"), cache.pop("soft")
