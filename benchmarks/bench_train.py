@@ -200,7 +200,7 @@ def run(args: argparse.Namespace, reports: Sequence[str]) -> dict[str, Any]:
                               sparsity=args.sparsity, device=args.device)
             r = measure(kw, args.steps, args.warmup)
             data["rows"][k] = r
-            log(f"{k}: peak rise {r['peak_bytes'] / MB:.0f} MB, step {r['step_s']:.2f} s")
+            log(f"{k}: peak rise {r['peak_bytes'] / MB:.0f} MB, step {1e3 * r['step_s']:.1f} ms")
             flush()
         if (model, batch) == groups[0] and args.repeats > 1 and data["noise"] is None:
             noise(data, args, model, batch)
@@ -330,9 +330,9 @@ def markdown(data: dict[str, Any], report: str) -> str:
                          _fmt(x["trainable/lora"]), f"{x['stored']:,}",
                          _fmt(x["adapter_mb"]), _fmt(x["adapter_mb/lora"])] for x in rows]
             else:
-                hdr = ["method", "step s", "img/s", "step/lora", "step/full", "trainable",
+                hdr = ["method", "step ms", "img/s", "step/lora", "step/full", "trainable",
                        "adapter MB"]
-                body = [[x["method"], _fmt(x["step_s"]), _fmt(x["img_s"]),
+                body = [[x["method"], _fmt(1e3 * x["step_s"], 1), _fmt(x["img_s"], 1),
                          _fmt(x["step_s/lora"]), _fmt(x["step_s/full"]),
                          f"{x['trainable']:,}", _fmt(x["adapter_mb"])] for x in rows]
             lines += [md_table(hdr, body), ""]
@@ -346,7 +346,7 @@ def markdown(data: dict[str, Any], report: str) -> str:
                   f"`{noise['config']}` repeated {len(p)}x in fresh processes: peak rise "
                   f"{', '.join(f'{v:.0f}' for v in p)} MB (spread {max(p) - min(p):.0f} MB = "
                   f"{(max(p) - min(p)) / statistics.median(p) * 100:.1f}% of the median); step "
-                  f"time {', '.join(f'{v:.2f}' for v in t)} s (spread "
+                  f"time {', '.join(f'{1e3 * v:.1f}' for v in t)} ms (spread "
                   f"{(max(t) - min(t)) / statistics.median(t) * 100:.1f}%). The CPU is shared "
                   "with other jobs, so step times carry that load; memory is not affected by it.",
                   ""]

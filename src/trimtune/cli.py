@@ -16,7 +16,8 @@ from .errors import TrimtuneError
 EPILOG = "Docs and examples: README.md. Every command takes --help."
 
 
-def _add_train_args(p: argparse.ArgumentParser, *, epochs: int, lr: float, batch: int) -> None:
+def _add_train_args(p: argparse.ArgumentParser, *, epochs: int, lr: float, batch: int,
+                    warmup: float = 0.0) -> None:
     g = p.add_argument_group("training loop")
     g.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default {epochs})")
     g.add_argument("--max-steps", type=int, default=None,
@@ -25,7 +26,8 @@ def _add_train_args(p: argparse.ArgumentParser, *, epochs: int, lr: float, batch
     g.add_argument("--min-lr", type=float, default=1e-6, help="final lr of the cosine decay")
     g.add_argument("--weight-decay", type=float, default=0.05,
                    help="AdamW weight decay (not on norms, biases, tokens)")
-    g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up, in epochs")
+    g.add_argument("--warmup-epochs", type=float, default=warmup,
+                   help=f"linear warm-up, in epochs (default {warmup:g})")
     g.add_argument("--batch-size", type=int, default=batch,
                    help=f"images per process per step (default {batch})")
     g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
@@ -270,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trainable", choices=["all", "factors"], default="all",
                    help="which student parameters learn (authors: all)")
     s.add_argument("--out", required=True, metavar="DIR", help="run folder")
-    _add_train_args(s, epochs=1, lr=1e-4, batch=32)
+    _add_train_args(s, epochs=1, lr=5e-5, batch=32, warmup=0.2)
     s.set_defaults(func=cmd_distill)
 
     from .pipeline import METHODS

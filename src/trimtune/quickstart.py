@@ -41,8 +41,8 @@ def add_quickstart_args(p: argparse.ArgumentParser) -> None:
                    help="evaluate on this many test images (seeded, stratified; 0 = all)")
     p.add_argument("--distill-data", default="fashion-mnist",
                    help="unlabeled images for the intermediate pre-training")
-    p.add_argument("--distill-images", type=int, default=1024,
-                   help="how many distillation images (default 1024)")
+    p.add_argument("--distill-images", type=int, default=2048,
+                   help="how many distillation images (default 2048)")
     p.add_argument("--distill-epochs", type=int, default=1, help="distillation epochs")
     p.add_argument("--ratio", type=float, default=2.0, help="PELA compression ratio c")
     p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs (default 2)")
@@ -132,7 +132,8 @@ def quickstart(a: argparse.Namespace) -> dict:
     dname, dsplit = split_spec(a.distill_data, "train")
     distill_ds = _subset(load_dataset(dname, dsplit, transform=tf, seed=a.seed),
                          a.distill_images, a.seed + 1)
-    dcfg = DistillConfig(train=TrainConfig(epochs=a.distill_epochs, lr=1e-4, min_lr=1e-6,
+    dcfg = DistillConfig(train=TrainConfig(epochs=a.distill_epochs, lr=5e-5, min_lr=1e-6,
+                                           warmup_epochs=0.2,
                                            batch_size=a.batch_size, weight_decay=0.05,
                                            seed=a.seed, out_dir=str(out / "distill"),
                                            resume=False),
