@@ -13,41 +13,40 @@ This module only re-exports; nothing inside the package imports from here.
 
 __version__ = "0.1.0"
 
-from .data import build_transform, list_datasets, load_dataset  # noqa: E402
-from .errors import TrimtuneError  # noqa: E402
-from .lowrank import (  # noqa: E402
-    LowRankLinear,
-    compress,
-    describe,
-    is_compressed,
-    load_compressed,
-    plot_spectra,
-    save_compressed,
-)
-from .measure import count_flops, count_parameters, evaluate_model, latency  # noqa: E402
-from .models import arch_of, build_from_arch, create_backbone, list_zoo  # noqa: E402
-from .train import TrainConfig, fit  # noqa: E402
-from .tuners import (  # noqa: E402
-    SnellaConfig,
-    SnellConfig,
-    attach,
-    detach,
-    load_adapter,
-    save_adapter,
-    trainable_summary,
-)
+# Lazy re-exports (PEP 562): `import trimtune` and `trimtune --help` stay fast; torch, timm
+# and PEFT load on the first attribute that needs them.
+_EXPORTS = {
+    "data": ("build_transform", "list_datasets", "load_dataset"),
+    "errors": ("TrimtuneError",),
+    "lowrank": ("LowRankLinear", "compress", "describe", "is_compressed", "load_compressed",
+                "plot_spectra", "save_compressed", "DistillConfig"),
+    "measure": ("count_flops", "count_parameters", "evaluate_model", "latency"),
+    "models": ("arch_of", "build_from_arch", "create_backbone", "list_zoo"),
+    "train": ("TrainConfig", "fit"),
+    "tuners": ("SnellaConfig", "SnellConfig", "attach", "detach", "load_adapter",
+               "save_adapter", "trainable_summary", "SnellaAllocator"),
+    "pipeline": ("FinetuneConfig", "FinetuneResult", "distill", "finetune", "load_model",
+                 "merge", "save_model"),
+}
+_WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
+_WHERE["merge_adapter"] = "tuners"  # tuners.merge, renamed: tt.merge is the pipeline's
 
-from .pipeline import (  # noqa: E402, I001
-    FinetuneConfig,
-    FinetuneResult,
-    distill,
-    finetune,
-    load_model,
-    merge,
-    save_model,
-)
-from .lowrank import DistillConfig  # noqa: E402
-from .tuners import SnellaAllocator, merge as merge_adapter  # noqa: E402
+
+def __getattr__(name: str):
+    mod = _WHERE.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'trimtune' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{mod}", __name__),
+                    "merge" if name == "merge_adapter" else name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
+
 
 __all__ = [
     "DistillConfig", "FinetuneConfig", "FinetuneResult", "LowRankLinear", "SnellConfig",

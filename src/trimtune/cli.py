@@ -16,6 +16,37 @@ from .errors import TrimtuneError
 EPILOG = "Docs and examples: README.md. Every command takes --help."
 
 
+def _add_quickstart_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="dinov2_small.imgfocus",
+                   help="backbone (zoo / timm name; default dinov2_small.imgfocus)")
+    p.add_argument("--weights", default=None, metavar="FILE", help="local weights for --model")
+    p.add_argument("--img-size", type=int, default=112,
+                   help="resolution (multiple of the patch size; default 112)")
+    p.add_argument("--data", default="fashion-mnist:1k",
+                   help="labelled training set (default fashion-mnist:1k)")
+    p.add_argument("--test-data", default="fashion-mnist@test", help="test set")
+    p.add_argument("--test-images", type=int, default=2000,
+                   help="evaluate on this many test images (seeded, stratified; 0 = all)")
+    p.add_argument("--distill-data", default="fashion-mnist",
+                   help="unlabeled images for the intermediate pre-training")
+    p.add_argument("--distill-images", type=int, default=2048,
+                   help="how many distillation images (default 2048)")
+    p.add_argument("--distill-epochs", type=int, default=1, help="distillation epochs")
+    p.add_argument("--ratio", type=float, default=2.0, help="PELA compression ratio c")
+    p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs (default 2)")
+    p.add_argument("--lr", type=float, default=2e-3, help="fine-tuning learning rate")
+    p.add_argument("--rank", type=int, default=8, help="SNELLA rank")
+    p.add_argument("--sparsity", type=float, default=0.5, help="SNELLA target sparsity")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size")
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--head-init", choices=["probe", "random"], default="probe",
+                   help="start fine-tuning from a linear-probe head (LP-FT; default) or a "
+                        "random head")
+    p.add_argument("--no-memory", action="store_true",
+                   help="skip the training-memory column (saves ~1 minute)")
+    p.add_argument("--out", default="runs/quickstart", metavar="DIR", help="run folder")
+
+
 def _add_train_args(p: argparse.ArgumentParser, *, epochs: int, lr: float, batch: int,
                     warmup: float = 0.0) -> None:
     g = p.add_argument_group("training loop")
@@ -275,8 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(s, epochs=1, lr=5e-5, batch=32, warmup=0.2)
     s.set_defaults(func=cmd_distill)
 
-    from .pipeline import METHODS
-    from .tuners.kernels import KERNELS
+    from .names import KERNELS, METHODS
     s = sub.add_parser("finetune", help="fine-tune with SNELLA, SNELL, LoRA or a baseline")
     _model_args(s)
     s.add_argument("--method", choices=METHODS, default="snella", help="tuning method")
@@ -323,8 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="DINOv2 ViT-S/14 (offline zoo) -> compress c=2 -> distill -> "
                                    "SNELLA on Fashion-MNIST 1k-shot -> merge -> evaluate; one "
                                    "table at the end.")
-    from .quickstart import add_quickstart_args
-    add_quickstart_args(s)
+    _add_quickstart_args(s)
     s.set_defaults(func=cmd_quickstart)
 
     s = sub.add_parser("bench", help="run a benchmark script from benchmarks/")

@@ -28,15 +28,13 @@ from .lowrank.io import factorise_like
 from .measure import evaluate_model
 from .measure.plots import plot_confusion, plot_curves
 from .models import arch_of, build_from_arch, create_backbone
+from .names import METHODS, SNELL_METHODS
 from .train import TrainConfig, fit
 from .tuners import (SnellaAllocator, SnellaConfig, SnellConfig, attach, iter_units,
                      load_adapter, prepare_method, save_adapter)
 from .tuners import merge as merge_snell
 from .tuners.baselines import merge_method
 
-METHODS = ("snella", "snell", "lora", "dora", "adalora", "full", "linear", "bitfit",
-           "masked-sparse")
-SNELL_METHODS = ("snella", "snell")
 
 # --------------------------------------------------------------------------- models
 

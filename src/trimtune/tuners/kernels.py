@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import TrimtuneError
-
-KERNELS = ("piecewise", "mixture", "inner", "rbf", "sigmoid")
+from ..names import KERNELS
 
 
 def safe_cdist(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
