@@ -173,8 +173,10 @@ def report(a, info: dict, results: dict) -> tuple[str, dict]:
           f"{results and next(iter(results.values())).get('n_test', '?')} test images. "
           "The test set is never used for selection.", "",
           md_table(header, rows), "", *goals, "",
-          f"Total compute: {total / 60:.1f} min wall on {info['torch_threads']} threads "
-          "(CPU shared with other jobs: wall times are upper bounds).", "",
+          f"Total compute: {total / 60:.1f} min wall on "
+          + (f"one {info['gpu'][0]['name']}" if info.get("gpu") else
+             f"{info['torch_threads']} CPU threads (shared with other jobs: wall times are "
+             "upper bounds)") + ".", "",
           "## lr search (val accuracy per epoch, %)", "",
           md_table(["method", "lr", "val per epoch", "wall (s)"], search), "",
           "## Machine", "", machine_markdown(info), ""]
