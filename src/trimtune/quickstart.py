@@ -28,8 +28,6 @@ from .pipeline import FinetuneConfig, distill, finetune, merge, save_model, spli
 from .train import TrainConfig
 
 
-
-
 def _subset(ds, n: int, seed: int):
     if not n or n >= len(ds):
         return ds
