@@ -36,7 +36,8 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Timer, log, machine_info, machine_markdown, md_table, write_results  # noqa: E402
+from _common import (RESULTS, Timer, log, machine_info, machine_markdown, md_table,  # noqa: E402
+                     write_results)
 
 import trimtune as tt  # noqa: E402
 from trimtune.checkpoint import read_safetensors, write_safetensors  # noqa: E402
@@ -208,6 +209,9 @@ def report(a, info: dict, results: dict, timings: dict, distill_log: dict | None
     md += ["", "## Compute", "", md_table(["stage", "wall (s)"],
                                             [[k, f"{v:.0f}"] for k, v in timings.items()]), "",
            "## Machine", "", machine_markdown(info), ""]
+    notes = RESULTS / f"distill_{a.tag}_notes.md"  # hand-written reading of the figures
+    if notes.is_file():
+        md += [notes.read_text().rstrip(), ""]
     groups = {f"{m}": {f"{n} {p}": 100 * results[m]["acc"][n][p]
                        for n in EVAL_SETS for p in ("knn", "probe")
                        if n in results[m].get("acc", {})} for m in models}
