@@ -204,15 +204,19 @@ def test_fused_equals_unfused_outputs_and_gradients(kernel, mode, n_units, bias)
 @pytest.mark.parametrize("kernel,learnable,segments", [
     ("piecewise", False, 2), ("piecewise", True, 4), ("mixture", False, 2), ("mixture", True, 1)])
 @pytest.mark.parametrize("mode,s", [("code", 0.5), ("soft", 0.5), ("code", 0.0), ("none", 0.3)])
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused,block", [(True, None), (True, 8), (False, None)])
 def test_closed_form_backward_equals_autograd(monkeypatch, kernel, learnable, segments, mode, s,
-                                              fused):
+                                              fused, block):
     # the hand-written kernel backward (snell.delta_vjp) against autograd through the same
-    # expression, with coinciding rows (clamped distances) in one unit
+    # expression, with coinciding rows (clamped distances) in one unit; block=8: the fused
+    # backward rebuilds each 6 x 4 unit update in row blocks of 2 (3 blocks per unit)
     import copy
 
     from trimtune.tuners import snell
 
+    if block:
+        monkeypatch.setitem(snell.BACKWARD_BLOCK_ELEMENTS, "cpu", block)
+        assert len(snell._row_blocks(6, 4, torch.device("cpu"))) == 3
     torch.manual_seed(3)
     units = [SparseDelta(6, 4, 4, create_kernel(kernel, segments, learnable_coeffs=learnable),
                          sparsity=s, sparsify=mode).double() for _ in range(3)]

@@ -344,27 +344,20 @@ class FusedSnellFunction(torch.autograd.Function):
         x, weight, *rest = ctx.saved_tensors
         ts, params = rest[:ctx.n_ts], rest[ctx.n_ts:]
         need = ctx.needs_input_grad
+        if all(closed_form_supported(u[0]) for u in ctx.units) and all(
+                p.dim() == 2 for p in params[:2]):
+            gx, g_w, g_b, grads = _fused_closed_backward(ctx.units, ctx.has_bias, x, weight, ts,
+                                                         params, gy, need)
+            return (gx, g_w, g_b, None, *grads)
         flags = need[4:]
-        closed = all(closed_form_supported(u[0]) for u in ctx.units)
-        caches: list[dict] = []
-        if closed:  # hand-written backward of the kernel (see delta_vjp)
-            leaves, parts, i = list(params), [], 0
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_(f) for p, f in zip(params, flags)]
+            parts, i = [], 0
             for (kernel, _, mode, names), t in zip(ctx.units, ts):
                 n = 2 + len(names)
-                a, b, *kp = params[i:i + n]
-                dws_u, cache = recompute_delta(kernel, names, a, b, kp, mode, t)
-                parts.append(dws_u)
-                caches.append(cache)
+                a, b, *kp = leaves[i:i + n]
+                parts.append(_sparse_delta(kernel, names, a, b, kp, mode, t))
                 i += n
-        else:
-            with torch.enable_grad():
-                leaves = [p.detach().requires_grad_(f) for p, f in zip(params, flags)]
-                parts, i = [], 0
-                for (kernel, _, mode, names), t in zip(ctx.units, ts):
-                    n = 2 + len(names)
-                    a, b, *kp = leaves[i:i + n]
-                    parts.append(_sparse_delta(kernel, names, a, b, kp, mode, t))
-                    i += n
         dws = parts[0] if len(parts) == 1 else torch.cat([p.detach() for p in parts], dim=1)
         gx = g_w = g_b = None
         g2 = gy.reshape(-1, gy.shape[-1])  # (N, out)
@@ -381,28 +374,74 @@ class FusedSnellFunction(torch.autograd.Function):
             g_b = g2.sum(0)
         grads = [None] * len(leaves)
         if wanted:
-            widths = [p.shape[1] for p in parts]
             g_dws = g_dws.to(parts[0].dtype)
-            g_parts = (g_dws,) if len(parts) == 1 else g_dws.split(widths, dim=1)
-            if closed:
-                del dws, parts
-                i = 0
-                for (kernel, _, mode, names), t, cache, g_u in zip(ctx.units, ts, caches,
-                                                                   g_parts):
-                    n = 2 + len(names)
-                    ga, gb, gk = delta_vjp(kernel, names, cache, mode, t, g_u, flags[i],
-                                           flags[i + 1])
-                    for j, g in enumerate([ga, gb, *gk]):
-                        if flags[i + j]:
-                            grads[i + j] = g if g is not None else torch.zeros_like(
-                                leaves[i + j])
-                    i += n
-            else:
-                out = torch.autograd.grad(parts, [leaves[j] for j in wanted], g_parts,
-                                          allow_unused=True)
-                for j, g in zip(wanted, out):
-                    grads[j] = g if g is not None else torch.zeros_like(leaves[j])
+            g_parts = (g_dws,) if len(parts) == 1 else g_dws.split(
+                [p.shape[1] for p in parts], dim=1)
+            out = torch.autograd.grad(parts, [leaves[j] for j in wanted], g_parts,
+                                      allow_unused=True)
+            for j, g in zip(wanted, out):
+                grads[j] = g if g is not None else torch.zeros_like(leaves[j])
         return (gx, g_w, g_b, None, *grads)
+
+
+# elements of one unit's (d_in, d_out) update rebuilt at a time in the fused backward: the
+# recompute and its VJP hold ~9 tensors of this size, so row blocks bound the transient
+# (a 768 x 3072 ViT-B MLP update is 2.4M entries). On CUDA blocks cost kernel launches, so
+# only very large layers are split there.
+BACKWARD_BLOCK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 23}
+
+
+def _row_blocks(d_in: int, d_out: int, device: torch.device) -> list[tuple[int, int]]:
+    rows = max(1, BACKWARD_BLOCK_ELEMENTS.get(device.type, 1 << 23) // max(1, d_out))
+    return [(i, min(i + rows, d_in)) for i in range(0, d_in, rows)]
+
+
+def _fused_closed_backward(units, has_bias: bool, x, weight, ts, params, gy, need):
+    """Backward of :class:`FusedSnellFunction` with the closed-form kernel VJP, one row block
+    of each unit's update at a time: ``grad_x = g W'`` built from the matching blocks of
+    ``W' = W + dW_s^T`` (never whole; the same matmul work as one full product), and the
+    factor / kernel gradients accumulated over the blocks.
+
+    Returns ``(grad_x, grad_W, grad_b, grads)``, ``grads`` in ``params`` order."""
+    flags = need[4:]
+    g2 = gy.reshape(-1, gy.shape[-1])  # (N, out)
+    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+    gx = g2.new_zeros(x2.shape) if need[0] else None  # (N, in), filled block by block
+    g_w = (x2.to(gy.dtype).T @ g2).T.to(weight.dtype) if need[1] else None
+    g_b = g2.sum(0) if need[2] and has_bias else None
+    grads: list[torch.Tensor | None] = [None] * len(params)
+    i, o0 = 0, 0
+    for (kernel, _, mode, names), t in zip(units, ts):
+        n = 2 + len(names)
+        a, b, *kp = params[i:i + n]
+        fa, fb, fk = flags[i], flags[i + 1], flags[i + 2:i + n]
+        o1 = o0 + b.shape[0]
+        gu = g2[:, o0:o1]
+        ga = torch.zeros_like(a) if fa else None
+        gb = torch.zeros_like(b) if fb else None
+        gk: list[torch.Tensor | None] = [None] * len(names)
+        for r0, r1 in _row_blocks(a.shape[0], b.shape[0], a.device):
+            dws, cache = recompute_delta(kernel, names, a[r0:r1], b, kp, mode, t)
+            if gx is not None:  # the (out_u, rows) block of W' = W + dW_s^T, then one matmul
+                w_blk = (weight[o0:o1, r0:r1] + dws.T.to(weight.dtype)).to(gy.dtype)
+                gx[:, r0:r1] += gu @ w_blk
+                del w_blk
+            if fa or fb or any(fk):
+                g_blk = x2[:, r0:r1].T.to(dws.dtype) @ gu.to(dws.dtype)  # (rows, out_u)
+                del dws
+                ga_b, gb_b, gk_b = delta_vjp(kernel, names, cache, mode, t, g_blk, fa, fb)
+                if fa:
+                    ga[r0:r1] = ga_b
+                if fb:
+                    gb += gb_b
+                for j, (g, f) in enumerate(zip(gk_b, fk)):
+                    if f and g is not None:
+                        gk[j] = g if gk[j] is None else gk[j] + g
+        for j, g in enumerate([ga, gb, *gk]):
+            if flags[i + j]:
+                grads[i + j] = g if g is not None else torch.zeros_like(params[i + j])
+        i, o0 = i + n, o1
+    return (gx.reshape(x.shape).to(x.dtype) if gx is not None else None), g_w, g_b, grads
 
 
 class SparseDelta(nn.Module):
