@@ -152,13 +152,18 @@ def key_of(model: str, batch: int, method: str) -> str:
     return f"{model}|{batch}|{method}"
 
 
+def outputs(args: argparse.Namespace, reports: Sequence[str]
+            ) -> tuple[dict[str, str], Path, Path]:
+    """``(stem per report, output folder, JSON path)`` of a run with these arguments."""
+    stem = {r: f"{r}_{args.tag}" for r in reports}
+    out_dir = Path(args.out_dir) if args.out_dir else Path(__file__).resolve().parent / "results"
+    return stem, out_dir, out_dir / f"{stem[reports[0]]}.json"
+
+
 def run(args: argparse.Namespace, reports: Sequence[str]) -> dict[str, Any]:
     """Measure every configuration (incrementally: reports rewritten after each one)."""
     torch.set_num_threads(args.threads)
-    stem = {r: f"{r}_{args.tag}" for r in reports}
-    out_dir = Path(args.out_dir) if args.out_dir else None
-    json_path = (out_dir or Path(__file__).resolve().parent / "results") / \
-        f"{stem[reports[0]]}.json"
+    stem, out_dir, json_path = outputs(args, reports)
     data: dict[str, Any] = {"machine": machine_info(), "settings": {
         "models": args.models, "batches": args.batches, "methods": args.methods,
         "rank": args.rank, "sparsity": args.sparsity, "img_size": args.img_size,
@@ -368,7 +373,6 @@ def markdown(data: dict[str, Any], report: str) -> str:
                   "a sum over "
                   "the step, not a peak): " +
                   "; ".join(f"`{n}` {mb:.0f}" for n, mb in pr["alloc"]), ""]
-    dev = next((r.get("device") for r in data["rows"].values()), "cpu")
     notes = Path(__file__).resolve().parent / "results" / f"{report}_{dev}_notes.md"
     if data.get("notes", True) and notes.is_file():
         lines += [notes.read_text().rstrip(), ""]
@@ -411,7 +415,7 @@ def plot(data: dict[str, Any], report: str, path: Path) -> None:
 
 
 def write_reports(data: dict[str, Any], reports: Sequence[str], stem: dict[str, str],
-                  out_dir: Path | None) -> None:
+                  out_dir: Path) -> None:
     for r in reports:
         write_results(stem[r], markdown(data, r), data,
                       figure=lambda p, r=r: plot(data, r, p), out_dir=out_dir)
@@ -455,10 +459,9 @@ def main(argv: Sequence[str] | None = None, reports: Sequence[str] = ("memory", 
     if args.tag is None:
         args.tag = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.report_only:  # re-render the reports of an earlier run from its JSON
-        stem = {r: f"{r}_{args.tag}" for r in reports}
-        out = Path(args.out_dir) if args.out_dir else Path(__file__).resolve().parent / "results"
-        data = read_json(out / f"{stem[reports[0]]}.json")
-        write_reports(data, reports, stem, out)
+        stem, out_dir, json_path = outputs(args, reports)
+        data = read_json(json_path)
+        write_reports(data, reports, stem, out_dir)
     else:
         data = run(args, reports)
     print(markdown(data, reports[0]))

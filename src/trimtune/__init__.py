@@ -48,12 +48,4 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_WHERE))
 
 
-__all__ = [
-    "DistillConfig", "FinetuneConfig", "FinetuneResult", "LowRankLinear", "SnellConfig",
-    "SnellaAllocator", "SnellaConfig", "TrainConfig", "TrimtuneError", "arch_of", "attach",
-    "build_from_arch", "build_transform", "compress", "count_flops", "count_parameters",
-    "create_backbone", "describe", "detach", "distill", "evaluate_model", "finetune", "fit",
-    "is_compressed", "latency", "list_datasets", "list_zoo", "load_adapter", "load_compressed",
-    "load_dataset", "load_model", "merge", "merge_adapter", "plot_spectra", "save_adapter",
-    "save_compressed", "save_model", "trainable_summary", "__version__",
-]
+__all__ = sorted(_WHERE) + ["__version__"]

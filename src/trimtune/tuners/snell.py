@@ -344,8 +344,7 @@ class FusedSnellFunction(torch.autograd.Function):
         x, weight, *rest = ctx.saved_tensors
         ts, params = rest[:ctx.n_ts], rest[ctx.n_ts:]
         need = ctx.needs_input_grad
-        if all(closed_form_supported(u[0]) for u in ctx.units) and all(
-                p.dim() == 2 for p in params[:2]):
+        if all(closed_form_supported(u[0]) for u in ctx.units):  # factors: 2-D (SparseDelta)
             gx, g_w, g_b, grads = _fused_closed_backward(ctx.units, ctx.has_bias, x, weight, ts,
                                                          params, gy, need)
             return (gx, g_w, g_b, None, *grads)
