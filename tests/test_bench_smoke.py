@@ -71,10 +71,11 @@ def test_snella_step_runs_the_allocator():
     step()
     step()
     # after 2 of the 100 scheduled steps the allocator has shrunk the budget on the cubic
-    # schedule from s_init = 0 towards the 0.7 target: the overall fraction zeroed matches V(2)
+    # schedule from s_init = 0 towards the 0.7 target: the second step trained with V(1) (the
+    # allocation decided after step 1, applied before step 2's forward); V(2) waits for step 3
     cap = sum(u.numel_update for u in units)
     zeroed = sum(u.sparsity * u.numel_update for u in units) / cap
-    expected = 1 - cubic_budget(2, 100, cap, 0.3 * cap) / cap
+    expected = 1 - cubic_budget(1, 100, cap, 0.3 * cap) / cap
     assert 0 < expected < 0.7
     assert zeroed == pytest.approx(expected, abs=1e-3)
 

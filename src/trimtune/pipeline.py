@@ -405,6 +405,9 @@ def build_train_step(model: str, *, method: str = "snella", rank: int = 8,
             cb.on_train_start(state)
 
     def step() -> None:
+        for cb in callbacks:
+            if hasattr(cb, "on_step_start"):
+                cb.on_step_start(state)
         loss = loss_fn(m(x), y)
         loss.backward()
         opt.step()

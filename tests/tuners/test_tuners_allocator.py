@@ -48,6 +48,15 @@ def state(model, step=0, total=10, spe=5):
                            steps_per_epoch=spe, accelerator=None, out_dir=None)
 
 
+def run_step(alloc, st, step):
+    """One optimizer step as trimtune.train.fit drives the callback: on_step_start before the
+    forward (steps done = step - 1), after_optimizer_step after it."""
+    st.step = step - 1
+    alloc.on_step_start(st)
+    st.step = step
+    alloc.after_optimizer_step(st)
+
+
 def fake_grads(model: nn.Module, scale: dict[int, float], g: torch.Generator) -> None:
     for i, u in enumerate(model.units):
         for p in (u.snell_A, u.snell_B):
@@ -100,8 +109,8 @@ def test_higher_importance_gets_lower_sparsity_and_budget_holds():
     g = torch.Generator().manual_seed(0)
     for step in range(1, 6):
         fake_grads(model, {0: 10.0, 2: 0.1}, g)
-        st.step = step
-        alloc.after_optimizer_step(st)
+        run_step(alloc, st, step)
+    alloc.on_step_start(st)  # step 6 starts: the allocation decided after step 5 applies
     s = [u.sparsity for u in model.units]
     assert s[0] < s[1] < s[2]
     # the kept entries match V(t) within rounding (one entry per unit)
@@ -120,12 +129,14 @@ def test_sparsity_stays_below_one_and_end_reaches_target():
     g = torch.Generator().manual_seed(1)
     for step in range(1, 5):
         fake_grads(model, {0: 1e6, 1: 0.0}, g)  # unit 1 has zero importance
-        st.step = step
-        alloc.after_optimizer_step(st)
+        run_step(alloc, st, step)
     s1 = model.units[1].sparsity
     assert s1 == pytest.approx(1 - 1 / 64)  # at least one entry survives
+    # the last allocation is the one decided after step T - 1 = 3 (none after the last step,
+    # as the authors' start-of-epoch allocation for epochs 1..T-1): V(3) of the cubic schedule
     kept = sum((1 - u.sparsity) * u.numel_update for u in model.units)
-    assert kept == pytest.approx(0.1 * 128, abs=1)
+    assert kept == pytest.approx(alloc.budget(3, 4), abs=1)
+    assert alloc.pending is None and [t for t, _ in alloc.history] == [0, 1, 2, 3]
 
 
 def test_warmup_keeps_init_sparsity_and_interval():
@@ -137,11 +148,10 @@ def test_warmup_keeps_init_sparsity_and_interval():
     g = torch.Generator().manual_seed(2)
     for step in range(1, 9):
         fake_grads(model, {0: 5.0}, g)
-        st.step = step
-        alloc.after_optimizer_step(st)
+        run_step(alloc, st, step)
         if step <= 4:
             assert all(u.sparsity == pytest.approx(0.2) for u in model.units)
-    assert [s for s, _ in alloc.history] == [0, 6, 8]
+    assert [s for s, _ in alloc.history] == [0, 6]  # step 8 is the last: nothing after it
 
 
 def test_epoch_schedule_and_size_aware():
@@ -152,13 +162,12 @@ def test_epoch_schedule_and_size_aware():
     g = torch.Generator().manual_seed(3)
     for step in range(1, 11):
         fake_grads(model, {}, g)
-        st.step = step
-        alloc.after_optimizer_step(st)
+        run_step(alloc, st, step)
         if step % 5 == 0:
             alloc.on_epoch_end(st)
-    assert [s for s, _ in alloc.history] == [0, 5, 10]
+    assert [s for s, _ in alloc.history] == [0, 5]  # epoch 2 is the last: nothing after it
     kept = sum((1 - u.sparsity) * u.numel_update for u in model.units)
-    assert kept == pytest.approx(0.5 * (64 + 512), abs=2)
+    assert kept == pytest.approx(alloc.budget(1, 2), abs=2)
 
 
 def test_resume_continues_identically(tmp_path):
@@ -167,8 +176,7 @@ def test_resume_continues_identically(tmp_path):
         alloc.on_train_start(st)
         for step in steps:
             fake_grads(model, {0: 3.0, 2: 0.3}, g)
-            st.step = step
-            alloc.after_optimizer_step(st)
+            run_step(alloc, st, step)
 
     torch.manual_seed(0)
     ref_model = Net()
@@ -204,8 +212,7 @@ def test_heatmap_written(tmp_path):
     g = torch.Generator().manual_seed(0)
     for step in range(1, 4):
         fake_grads(model, {1: 4.0}, g)
-        st.step = step
-        alloc.after_optimizer_step(st)
+        run_step(alloc, st, step)
     out = tmp_path / "plots" / "sparsity.png"
     alloc.plot_history(out)
     assert out.is_file() and out.read_bytes()[:4] == b"\x89PNG"
@@ -253,12 +260,10 @@ def test_with_real_snella_layers(images):
     for step in range(1, 4):
         nn.functional.cross_entropy(model(images), labels).backward()
         opt.step()
-        st.step = step
-        alloc.after_optimizer_step(st)
+        run_step(alloc, st, step)
         opt.zero_grad()
     kept = sum((1 - u.sparsity) * u.numel_update for u in units.values())
-    total = sum(u.numel_update for u in units.values())
-    assert kept == pytest.approx(0.4 * total, abs=len(units))
+    assert kept == pytest.approx(alloc.budget(2, 3), abs=len(units))
     assert len({round(u.sparsity, 6) for u in units.values()}) > 1  # layers differ
     assert all(math.isfinite(v) for v in alloc.scores().values())
 
@@ -274,11 +279,13 @@ def test_epoch_end_is_the_last_step_of_the_epoch():
     g = torch.Generator().manual_seed(4)
     for step in range(1, 4):
         fake_grads(model, {0: 2.0}, g)
-        st.step = step
-        alloc.after_optimizer_step(st)
-    assert [s for s, _ in alloc.history] == [0, 3]
+        run_step(alloc, st, step)
+    decided = alloc.pending
+    assert decided is not None and [s for s, _ in alloc.history] == [0]  # not yet applied
     alloc.on_epoch_end(st)
-    assert [s for s, _ in alloc.history] == [0, 3]
+    assert alloc.pending is decided  # no second allocation for the same epoch
+    alloc.on_step_start(st)  # epoch 2's first step
+    assert [s for s, _ in alloc.history] == [0, 3] and alloc.pending is None
 
     model = Net()
     alloc = SnellaAllocator(model, cfg(schedule_unit="epoch"), total_steps=6)
@@ -319,7 +326,7 @@ def test_in_fit_loop_resume_equals_uninterrupted(tmp_path):
         return alloc
 
     ref = run(tmp_path / "ref")
-    assert [s for s, _ in ref.history] == [0, 2, 4]
+    assert [s for s, _ in ref.history] == [0, 2]
     run(tmp_path / "cut", max_steps=2)
     resumed = run(tmp_path / "cut")
     assert resumed.history == ref.history

@@ -201,7 +201,8 @@ def test_fused_equals_unfused_outputs_and_gradients(kernel, mode, n_units, bias)
 
 @pytest.mark.parametrize("kernel,learnable,segments", [
     ("piecewise", False, 2), ("piecewise", True, 4), ("mixture", False, 2), ("mixture", True, 1)])
-@pytest.mark.parametrize("mode,s", [("code", 0.5), ("soft", 0.5), ("code", 0.0), ("none", 0.3)])
+@pytest.mark.parametrize("mode,s", [("code", 0.5), ("soft", 0.5), ("code", 0.0), ("none", 0.3),
+                                    ("squared", 0.5)])
 @pytest.mark.parametrize("fused,block", [(True, None), (True, 8), (False, None)])
 def test_closed_form_backward_equals_autograd(monkeypatch, kernel, learnable, segments, mode, s,
                                               fused, block):
@@ -242,9 +243,11 @@ def test_closed_form_backward_equals_autograd(monkeypatch, kernel, learnable, se
 
 
 def test_fused_function_passes_gradcheck():
-    # "code": the detached threshold does not enter the surviving values (in "soft" it does,
-    # so finite differences would see dt/dA, which the method defines as zero)
-    fused, _ = snell_pair("mixture", "code", 3, sparsities=(0.2, 0.5, 0.0))
+    # "squared" (the code's forward with its true derivative): the detached threshold does not
+    # enter the surviving values (in "soft" it does, so finite differences would see dt/dA,
+    # which the method defines as zero); "code" detaches |dW| on purpose (the authors'), so
+    # its gradient is not the forward's derivative (test_tuners_faithful checks it)
+    fused, _ = snell_pair("mixture", "squared", 3, sparsities=(0.2, 0.5, 0.0))
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     units = fused.snell_units
     a = units[1].snell_A.detach().clone().requires_grad_(True)

@@ -3,8 +3,8 @@
 Method-agnostic: a method plugs in an *objective* ``objective(model, batch) -> (loss, logs)``
 (optional: ``setup(accelerator)``; ``find_unused_parameters = True`` when some trainable
 parameters get no gradient, e.g. the head in label-free distillation) and *callbacks*
-(``on_train_start``, ``after_optimizer_step``, ``on_epoch_end``, ``state_dict``,
-``load_state_dict``). Runs on CPU, one GPU, or several processes under ``accelerate launch`` /
+(``on_train_start``, ``on_step_start`` — before the first forward of each optimizer step —,
+``after_optimizer_step``, ``on_epoch_end``, ``state_dict``, ``load_state_dict``). Runs on CPU, one GPU, or several processes under ``accelerate launch`` /
 ``torchrun`` (DDP; gloo on CPU). Writes ``out_dir/metrics.jsonl``, ``out_dir/checkpoint/``
 and, with ``select_metric``, ``out_dir/best/``.
 """
@@ -164,8 +164,10 @@ def fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tra
                             num_workers=cfg.num_workers, drop_last=True,
                             generator=torch.Generator().manual_seed(cfg.seed + epoch),
                             pin_memory=accelerator.device.type == "cuda")
-        for batch in loader:
+        for micro, batch in enumerate(loader):
             batch = send_to_device(batch, accelerator.device)
+            if micro % cfg.grad_accum == 0:  # before the first forward of an optimizer step
+                _call(callbacks, "on_step_start", state)
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     loss, logs = objective(model, batch)

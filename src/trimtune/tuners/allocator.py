@@ -143,6 +143,11 @@ class SnellaAllocator:
     survives). As in AdaLoRA, the allocation made on entering the final phase
     (``t > T - t_final``) is kept fixed afterwards. During warm-up every unit keeps ``s_init``.
 
+    Timing (the authors' ``train_alloc.py``): the allocation decided after step (or epoch) ``t``
+    is applied by ``on_step_start`` before the next forward, and none is decided after the
+    last one, so the evaluated / saved model carries the masks of its last training step.
+    A loop that never calls ``on_step_start`` gets it applied one step late.
+
     Args:
         model: the adapted model; if ``None`` it is taken from ``state.model`` at train start.
         config: a :class:`~trimtune.tuners.config.SnellaConfig` (fields ``init_sparsity``,
@@ -152,7 +157,8 @@ class SnellaAllocator:
 
     Attributes:
         history: list of ``(step, {unit_name: sparsity})``, one entry at train start and one
-            per reallocation; see :meth:`plot_history`.
+            per applied reallocation (``step`` = optimizer steps done before the first forward
+            that used it); see :meth:`plot_history`.
     """
 
     def __init__(self, model: nn.Module | None = None, config: Any = None,
@@ -183,7 +189,9 @@ class SnellaAllocator:
         self.units: dict[str, nn.Module] = {}
         self.ibar: dict[str, dict[str, torch.Tensor]] = {}
         self.unc: dict[str, dict[str, torch.Tensor]] = {}
-        self.sparsity: dict[str, float] = {}
+        self.sparsity: dict[str, float] = {}  # in force (what the units use)
+        self.pending: dict[str, float] | None = None  # decided, applied at the next step start
+        self._total_steps = 0
         self.history: list[tuple[int, dict[str, float]]] = []
         self.num_updates = 0  # importance updates done (optimizer steps seen)
         self.epochs_done = 0
@@ -229,29 +237,53 @@ class SnellaAllocator:
             self.units[name].sparsity = float(s)
 
     # ------------------------------------------------------------------ callback protocol
+    # When an allocation happens (as the authors' train_alloc.py, which reallocates at the START
+    # of epochs 1..T-1): it is computed after optimizer step t from the importance seen so far
+    # and *applied* at ``on_step_start`` of step t + 1, before its forward; nothing is computed
+    # after the last step (t = T). So every evaluation, checkpoint, best-epoch copy or save sees
+    # exactly the masks its last training step used.
     def on_train_start(self, state: Any) -> None:
         if self.model is None or not self.units:
             self._bind(state.model)
         self._T = self.horizon(state)
+        self._total_steps = int(self.total_steps or getattr(state, "total_steps", 0) or 0)
         if self._resumed:
             self._push()
             return
         self.sparsity = {n: min(self.s_init, 1.0 - 1.0 / self.capacity[n]) for n in self.units}
+        self.pending = None
         self._push()
         self.history = [(int(getattr(state, "step", 0)), dict(self.sparsity))]
+
+    def on_step_start(self, state: Any) -> None:
+        """Apply the allocation computed after the previous optimizer step (if any)."""
+        if self._T is None:
+            self.on_train_start(state)
+        self._apply_pending(int(getattr(state, "step", 0)))
+
+    def _apply_pending(self, step: int) -> None:
+        if self.pending is None:
+            return
+        self.sparsity, self.pending = self.pending, None
+        self._push()
+        self.history.append((step, dict(self.sparsity)))
 
     def after_optimizer_step(self, state: Any) -> None:
         if self._T is None:
             self.on_train_start(state)
+        # a loop without on_step_start: apply what is still pending now (one step late)
+        self._apply_pending(int(state.step) - 1)
         self.update_importance()
+        if self._total_steps and int(state.step) >= self._total_steps:
+            return  # no training step follows: keep the masks the last step trained with
         if self.unit == "step":
             t = int(state.step)
             if t % self.interval == 0:
-                self.reallocate(t, self._T, step=t)
+                self.pending = self.allocate(t, self._T)
         else:
-            # the last optimizer step of an epoch *is* the epoch end: allocating here (rather
-            # than only in on_epoch_end) lands in any checkpoint taken at that step, so a
-            # resumed run never misses an epoch-end reallocation
+            # the last optimizer step of an epoch *is* the epoch end: deciding here (rather
+            # than only in on_epoch_end) lands the pending allocation in any checkpoint taken
+            # at that step, so a resumed run applies it before its first step
             spe = getattr(state, "steps_per_epoch", None)
             if spe and int(state.step) % int(spe) == 0:
                 self._epoch_tick(state, int(state.step) // int(spe))
@@ -265,12 +297,13 @@ class SnellaAllocator:
         self._epoch_tick(state, int(state.step) // int(spe) if spe else self.epochs_done + 1)
 
     def _epoch_tick(self, state: Any, t: int) -> None:
-        """Epoch ``t`` (1-based) has ended: reallocate once, every ``interval`` epochs."""
+        """Epoch ``t`` (1-based) has ended: decide the next epoch's allocation once, every
+        ``interval`` epochs, unless it was the last epoch."""
         if t <= self.epochs_done:
             return
         self.epochs_done = t
-        if t % self.interval == 0:
-            self.reallocate(t, self._T, step=int(state.step))
+        if t < self._T and t % self.interval == 0:
+            self.pending = self.allocate(t, self._T)
 
     # ------------------------------------------------------------------ importance
     @torch.no_grad()
@@ -310,24 +343,30 @@ class SnellaAllocator:
         return {n: v / total for n, v in raw.items()}
 
     # ------------------------------------------------------------------ allocation
-    def reallocate(self, t: float, T: float, step: int | None = None) -> dict[str, float]:
-        """Split ``V(t)`` across units by score and push the sparsities; returns them.
-
-        Does nothing during warm-up (``t <= t_init``) or once the final allocation is frozen.
-        """
+    def allocate(self, t: float, T: float) -> dict[str, float] | None:
+        """The per-unit sparsities for time ``t`` of ``T`` (``V(t)`` split by score), without
+        applying them; ``None`` during warm-up (``t <= t_init``) or once frozen."""
         if t <= _absolute(self.t_init, T) or self.frozen:
-            return dict(self.sparsity)
+            return None
         names = list(self.units)
         sc = self.scores()
         caps = [self.capacity[n] for n in names]
         b = allocate_budget(self.budget(t, T), [sc[n] for n in names], caps)
+        out = {}
         for n, bl, c in zip(names, b, caps):
             s = min(max(1.0 - bl / c, 0.0), 1.0)
-            self.sparsity[n] = min(s, 1.0 - 1.0 / c)
-        self._push()
+            out[n] = min(s, 1.0 - 1.0 / c)
         if t > T - _absolute(self.t_final, T):
             self.frozen = True
-        self.history.append((int(t if step is None else step), dict(self.sparsity)))
+        return out
+
+    def reallocate(self, t: float, T: float, step: int | None = None) -> dict[str, float]:
+        """:meth:`allocate` and apply at once (outside a training loop); returns the
+        sparsities in force."""
+        new = self.allocate(t, T)
+        if new is not None:
+            self.pending = new
+            self._apply_pending(int(t if step is None else step))
         return dict(self.sparsity)
 
     # ------------------------------------------------------------------ resume
@@ -338,6 +377,7 @@ class SnellaAllocator:
             return {n: {k: v.detach().cpu().clone() for k, v in kv.items()} for n, kv in d.items()}
 
         return {"ibar": cpu(self.ibar), "unc": cpu(self.unc), "sparsity": dict(self.sparsity),
+                "pending": None if self.pending is None else dict(self.pending),
                 "history": [(s, dict(sp)) for s, sp in self.history],
                 "num_updates": self.num_updates, "epochs_done": self.epochs_done,
                 "frozen": self.frozen}
@@ -348,6 +388,8 @@ class SnellaAllocator:
         self.ibar = {n: dict(kv) for n, kv in d["ibar"].items()}
         self.unc = {n: dict(kv) for n, kv in d["unc"].items()}
         self.sparsity = {n: float(s) for n, s in d["sparsity"].items()}
+        pending = d.get("pending")
+        self.pending = None if pending is None else {n: float(s) for n, s in pending.items()}
         self.history = [(int(s), dict(sp)) for s, sp in d["history"]]
         self.num_updates = int(d["num_updates"])
         self.epochs_done = int(d["epochs_done"])

@@ -27,8 +27,11 @@ class SnellConfig:
         segments: P, column blocks of the piecewise / mixture kernel (rank % P == 0).
         learnable_coeffs: learn the piecewise coefficients (paper) instead of fixed +-0.1 (code).
         sparsity: fraction s in [0, 1) of every update zeroed.
-        sparsify: ``"code"`` (``dW |dW| 1[|dW| > t]``), ``"soft"`` (``dW max(|dW| - t, 0)``)
-            or ``"none"``.
+        sparsify: ``"code"`` (``dW |dW| 1[|dW| > t]`` with the magnitude detached: the
+            authors' forward and backward), ``"squared"`` (the same forward, full derivative),
+            ``"soft"`` (the paper, ``dW max(|dW| - t, 0)``) or ``"none"``. SNELL at
+            ``sparsity=0`` uses the plain kernel update (``"none"``), as the authors' code
+            (``KLoRA``); SNELLA always sparsifies (squares) as theirs.
         target_modules: regex (or list of regexes) matched against qualified module names;
             a pattern matches a name in full or a dotted suffix of it (``"qkv"`` matches
             ``blocks.0.attn.qkv``). ``None``: :data:`DEFAULT_TARGETS`. Only ``nn.Linear``.
@@ -87,6 +90,15 @@ class SnellConfig:
         self.train_tokens = tuple(self.train_tokens or ())
         if isinstance(self.target_modules, list):
             self.target_modules = tuple(self.target_modules)
+
+    @property
+    def unit_sparsify(self) -> str:
+        """The sparsify mode the units run: ``"none"`` for SNELL at sparsity 0 (the authors'
+        ``KLoRA``: no squaring), else ``sparsify``."""
+        if self.method == "snell" and self.sparsity == 0 and self.sparsify in ("code",
+                                                                                "squared"):
+            return "none"
+        return self.sparsify
 
     @property
     def initial_sparsity(self) -> float:

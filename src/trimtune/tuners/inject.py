@@ -79,7 +79,7 @@ def make_layer(base: nn.Linear, config: SnellConfig, name: str = "") -> SnellLin
     n_units = 3 if config.split_qkv and _is_fused_qkv(name) and base.out_features % 3 == 0 else 1
     units = [SparseDelta(base.in_features, base.out_features // n_units, config.rank,
                          create_kernel(config.kernel, config.segments, config.learnable_coeffs),
-                         sparsity=config.initial_sparsity, sparsify=config.sparsify,
+                         sparsity=config.initial_sparsity, sparsify=config.unit_sparsify,
                          recompute=config.recompute)
              for _ in range(n_units)]
     w = base.weight

@@ -10,11 +10,17 @@ two small factors::
 Sparsification is a competition by magnitude, recomputed at every forward (nothing stored):
 ``t = kthvalue(|dW|.flatten(), k)``, ``k = floor(s * d_in * d_out)``, then
 
-- ``"code"`` (default, the authors' code): ``dW_s = dW * |dW| * 1[|dW| > t]``;
-- ``"soft"`` (the paper, Eq. 5): ``dW_s = dW * max(|dW| - t, 0)``;
-- ``"none"``: ``dW_s = dW`` (plain kernel update; what the SNELL code does at s = 0).
+- ``"code"`` (default, the authors' code, forward AND backward):
+  ``dW_s = dW * sg(|dW|) * 1[|dW| > t]`` with ``sg`` = stop-gradient, as their
+  ``weight * F.threshold(weight.detach().abs(), t, 0)``: the gradient w.r.t. ``dW`` is ``|dW|``
+  on the survivors;
+- ``"squared"``: the same forward, differentiated in full (``2 |dW|`` on the survivors);
+- ``"soft"`` (the paper, Eq. 5): ``dW_s = dW * max(|dW| - t, 0)`` (true derivative);
+- ``"none"``: ``dW_s = dW`` (plain kernel update; the authors' SNELL at s = 0, class ``KLoRA``).
 
-At ``s = 0`` "code" and "soft" both give the squared form ``dW * |dW|`` (as the SNELLA code).
+At ``s = 0`` "code", "squared" and "soft" give the squared form ``dW * |dW|`` (as the authors'
+SNELLA class, which squares at every sparsity); :func:`~trimtune.tuners.inject.make_layer`
+gives SNELL at sparsity 0 the plain update ``"none"``, as the authors' SNELL code does.
 
 The dense ``dW`` (the size of the weight) is not kept for backward: :class:`SparseDeltaFunction`
 saves only ``x``, ``A``, ``B``, the kernel's parameters and the threshold, and recomputes
@@ -49,7 +55,7 @@ from torch.func import functional_call
 from ..errors import TrimtuneError
 from .kernels import Kernel, MixtureKernel, PiecewiseLinearKernel, merge_segments, split_segments
 
-SPARSIFY = ("code", "soft", "none")
+SPARSIFY = ("code", "squared", "soft", "none")
 
 
 def check_sparsity(s: float) -> float:
@@ -101,21 +107,23 @@ def sparsify(dw: torch.Tensor, threshold: torch.Tensor | None, mode: str = "code
         dw: (d_in, d_out) dense update.
         threshold: scalar t (no gradient flows through it); ``None`` means no competition
             (s = 0): ``"code"`` and ``"soft"`` then give ``dW * |dW|`` without building a mask.
-        mode: ``"code"``, ``"soft"`` or ``"none"`` (see the module docstring).
+        mode: ``"code"``, ``"squared"``, ``"soft"`` or ``"none"`` (see the module docstring).
 
     Returns:
         (d_in, d_out) with every entry ``|dW| <= t`` exactly zero (``"none"``: ``dW``).
+        Under autograd, ``"code"`` has the authors' gradient ``|dW|`` (magnitude detached).
     """
     if mode == "none":
         return dw
     if mode not in SPARSIFY:
         raise TrimtuneError(f"unknown sparsify mode {mode!r}: use one of {', '.join(SPARSIFY)}")
     a = dw.abs()
+    mag = a.detach() if mode == "code" else a
     if threshold is None:
-        return dw * a
-    if mode == "code":
-        return torch.where(a > threshold, dw * a, 0.0)
-    return dw * (a - threshold).clamp(min=0)
+        return dw * mag
+    if mode == "soft":
+        return dw * (a - threshold).clamp(min=0)
+    return torch.where(a > threshold, dw * mag, 0.0)
 
 
 def competition_threshold(dw: torch.Tensor, sparsity: float, mode: str
@@ -211,7 +219,8 @@ def delta_vjp(kernel: Kernel, names: Sequence[str], cache: dict, mode: str,
         else:  # in place on one new buffer (g itself may alias the weight gradient)
             gd = dw.abs()
             keep = None if t is None else gd > t
-            gd.mul_(2)  # d(dw |dw|) = 2 |dw|  ("code", and both modes at s = 0)
+            if mode != "code":  # d(dw |dw|) = 2 |dw|; "code" detaches |dw| (the authors): |dw|
+                gd.mul_(2)
             if keep is not None:
                 if mode == "soft":  # dw * relu(|dw| - t) -> 2 |dw| - t (clamp: strict >)
                     gd.sub_(t)
@@ -453,7 +462,7 @@ class SparseDelta(nn.Module):
         kernel: a :class:`~trimtune.tuners.kernels.Kernel` (its parameters live under
             ``kernel.*``, e.g. ``kernel.alpha``).
         sparsity: s in [0, 1), fraction of entries zeroed; settable at any time.
-        sparsify: ``"code"``, ``"soft"`` or ``"none"``.
+        sparsify: ``"code"``, ``"squared"``, ``"soft"`` or ``"none"``.
         recompute: recompute dW in backward (default); ``False`` uses plain autograd, which
             keeps the (d_in, d_out) dense update for backward (faster, more memory).
 
@@ -544,7 +553,8 @@ class SparseDelta(nn.Module):
 class SnellLinear(nn.Module):
     """A frozen ``nn.Linear`` plus the concatenated outputs of its :class:`SparseDelta` units.
 
-    ``out = base(x) + DropPath(cat([u(dropout(x)) for u in units], -1))``; unit ``i`` covers
+    ``out = base(x) + cat([DropPath(u(dropout(x))) for u in units], -1)`` (one DropPath draw
+    per unit, as the authors' separate q, k, v modules); unit ``i`` covers
     output rows ``out_splits[i]`` of the weight (for a fused qkv: three units of d/3).
 
     Args:
@@ -613,9 +623,11 @@ class SnellLinear(nn.Module):
             return self._fused_forward(x)
         y = self.base(x)
         h = self.dropout(x)
-        parts = [u(h) for u in self.snell_units]
+        # one DropPath draw per unit: a split qkv gets independent q, k, v masks (the authors'
+        # three TuningModules each own a DropPath)
+        parts = [self.drop_path(u(h)) for u in self.snell_units]
         branch = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-        return y + self.drop_path(branch).to(y.dtype)
+        return y + branch.to(y.dtype)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
