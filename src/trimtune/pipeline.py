@@ -27,7 +27,7 @@ from .lowrank import DistillConfig, is_compressed, load_compressed, save_compres
 from .lowrank.io import factorise_like
 from .measure import evaluate_model
 from .measure.plots import plot_confusion, plot_curves
-from .models import arch_of, build_from_arch, create_backbone
+from .models import arch_of, build_from_arch, create_backbone, set_drop_path_rate
 from .names import METHODS, SNELL_METHODS
 from .train import TrainConfig, fit
 from .tuners import (SnellaAllocator, SnellaConfig, SnellConfig, attach, iter_units,
@@ -128,6 +128,15 @@ class FinetuneConfig:
     density: float | None = None  # masked-sparse: fraction of each weight that trains
     protocol: str = "vtab"  # vtab: resize only; fgvc: random-resized crop + flip
     label_smoothing: float = 0.0
+    # SNELL / SNELLA regularisation and allocation schedule (trimtune.recipes: "authors" sets
+    # 0.1 / 0.1 / 0.1 and an epoch schedule as the released scripts; these are the "fast" ones)
+    branch_dropout: float = 0.0  # dropout on the update branch's input (not attn.proj)
+    branch_drop_path: float = 0.0  # DropPath on each unit's update (q, k, v independently)
+    drop_path_rate: float = 0.0  # backbone stochastic depth (timm's linear decay over blocks)
+    schedule_unit: str = "step"  # snella: count the budget schedule in "step"s or "epoch"s
+    alloc_interval: int = 1  # snella: reallocate every N schedule units
+    t_init: float = 0  # snella: schedule warm-up (count, or fraction of the run if < 1)
+    t_final: float = 0  # snella: final phase with the allocation fixed
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, epochs=10))
     method_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -137,18 +146,26 @@ class FinetuneConfig:
                                 f"{', '.join(METHODS)}")
         if self.protocol not in ("vtab", "fgvc"):
             raise TrimtuneError(f"unknown protocol {self.protocol!r}; choose vtab or fgvc")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise TrimtuneError(f"drop-path rate {self.drop_path_rate} is outside [0, 1): use "
+                                "e.g. 0.1 (the authors') or 0")
+        if self.method in SNELL_METHODS:  # the tuner config checks its own fields, now
+            _tuner_config(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def _tuner_config(cfg: FinetuneConfig):
-    common = dict(rank=cfg.rank, **cfg.method_kwargs)
+    common = dict(rank=cfg.rank, dropout=cfg.branch_dropout, drop_path=cfg.branch_drop_path,
+                  **cfg.method_kwargs)
     if cfg.kernel:
         common["kernel"] = cfg.kernel
     if cfg.method == "snell":
         return SnellConfig(sparsity=cfg.sparsity, **common)
-    return SnellaConfig(target_sparsity=cfg.sparsity, init_sparsity=cfg.init_sparsity, **common)
+    return SnellaConfig(target_sparsity=cfg.sparsity, init_sparsity=cfg.init_sparsity,
+                        schedule_unit=cfg.schedule_unit, interval=cfg.alloc_interval,
+                        t_init=cfg.t_init, t_final=cfg.t_final, **common)
 
 
 def prepare(model: nn.Module, cfg: FinetuneConfig, *, total_steps: int | None = None
@@ -222,6 +239,8 @@ def finetune(model: nn.Module | str, data: Dataset | str, config: FinetuneConfig
         base_spec = {"model": "base"}
     # the schedules (SNELLA allocator, AdaLoRA) take the loop's total steps (epochs x whole
     # steps per epoch x processes): max_steps only stops early, so a resumed run matches
+    if cfg.drop_path_rate:
+        set_drop_path_rate(model, cfg.drop_path_rate)
     torch.manual_seed(seed)  # adapter init: same seed, same start (and on every DDP rank)
     model, callbacks = prepare(model, cfg, total_steps=None)
 

@@ -1,6 +1,6 @@
 """Backbones: timm names, local weight files and the offline zoo (``trimtune.models``)."""
 
-from .factory import arch_of, build_from_arch, create_backbone, load_weights
+from .factory import arch_of, build_from_arch, create_backbone, load_weights, set_drop_path_rate
 from .imgfocus import convert_imgfocus_onnx, imgfocus_onnx_path
 from .zoo import ZOO, ZooEntry, cache_dir, cached_weights, list_zoo
 
@@ -16,4 +16,5 @@ __all__ = [
     "imgfocus_onnx_path",
     "list_zoo",
     "load_weights",
+    "set_drop_path_rate",
 ]

@@ -456,3 +456,35 @@ def _infer_kwargs(model: nn.Module, name: str) -> dict:
         if k in kwargs and kwargs[k][0] == kwargs[k][1]:
             kwargs[k] = kwargs[k][0]
     return _jsonable(kwargs)
+
+
+def set_drop_path_rate(model: nn.Module, rate: float) -> nn.Module:
+    """Backbone stochastic depth after creation, as timm's ``drop_path_rate``: block ``i`` of
+    ``n`` drops its residual branches with probability ``rate * i / (n - 1)`` (timm's linear
+    decay rule; the authors' ``--drop-path``). In place; ``rate = 0`` removes it.
+
+    Works on models with ``blocks`` whose items hold ``drop_path``/``drop_path1``/
+    ``drop_path2`` (timm ViT, DeiT, DINOv2, EVA, BEiT...).
+
+    Raises:
+        TrimtuneError: ``rate`` outside [0, 1), or a model without such blocks.
+    """
+    from timm.layers import DropPath
+
+    rate = float(rate)
+    if not 0.0 <= rate < 1.0:
+        raise TrimtuneError(f"drop-path rate {rate} is outside [0, 1): use e.g. 0.1, or 0 "
+                            "to turn stochastic depth off")
+    blocks = list(getattr(model, "blocks", None) or [])
+    slots = [(i, blk, n) for i, blk in enumerate(blocks) for n in ("drop_path", "drop_path1",
+                                                                  "drop_path2")
+             if isinstance(getattr(blk, n, None), (DropPath, nn.Identity))]
+    if not slots:
+        raise TrimtuneError(f"{type(model).__name__} has no `blocks` with drop_path modules: "
+                            "backbone drop-path works on timm ViT-style models; pass "
+                            "drop_path_rate=... to timm.create_model for others, or use 0")
+    n = len(blocks)
+    for i, blk, name in slots:
+        p = rate * i / max(1, n - 1)
+        setattr(blk, name, DropPath(p) if p > 0 else nn.Identity())
+    return model
