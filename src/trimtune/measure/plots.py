@@ -78,8 +78,11 @@ def plot_confusion(confusion: np.ndarray, classes, path, title: str = "") -> Pat
     return _save(fig, path)
 
 
-def plot_bars(groups: dict[str, dict[str, float]], path, ylabel: str, title: str = "") -> Path:
-    """Grouped bar chart: ``groups[series][category] = value``."""
+def plot_bars(groups: dict[str, dict[str, float]], path, ylabel: str, title: str = "",
+              errors: dict[str, dict[str, float]] | None = None,
+              ylim: tuple[float, float] | None = None) -> Path:
+    """Grouped bar chart: ``groups[series][category] = value``; ``errors`` (same keys) draws
+    error bars (e.g. the standard deviation over seeds)."""
     series = list(groups)
     cats = list(dict.fromkeys(c for s in series for c in groups[s]))
     x = np.arange(len(cats))
@@ -87,7 +90,10 @@ def plot_bars(groups: dict[str, dict[str, float]], path, ylabel: str, title: str
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(cats)), 3.8))
     for i, s in enumerate(series):
         vals = [groups[s].get(c, np.nan) for c in cats]
-        ax.bar(x + (i - (len(series) - 1) / 2) * w, vals, w, label=s)
+        err = [errors.get(s, {}).get(c, np.nan) for c in cats] if errors else None
+        ax.bar(x + (i - (len(series) - 1) / 2) * w, vals, w, label=s, yerr=err, capsize=3)
+    if ylim:
+        ax.set_ylim(*ylim)
     ax.set_xticks(x, cats, rotation=20, ha="right")
     ax.set(ylabel=ylabel, title=title)
     ax.legend(fontsize=8)
