@@ -31,6 +31,10 @@ Presets (explicit flags win):
              idle 2-core CPU (what CI-class machines can run)
     full     112 px, 10 epochs, 5 seeds, the whole test set (a GPU: --device cuda)
 
+Variants run in the order of ``--variants`` (the question first), the ablation after
+``--ablation-after``; results are written after every run, so a run stopped by a time limit
+leaves the most important rows.
+
 Run:
     .venv/bin/python benchmarks/bench_quality.py --preset reduced --ablation
     .venv/bin/python benchmarks/bench_quality.py --preset full --ablation --tag cuda
@@ -105,10 +109,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", default="dinov2_small.imgfocus", help="backbone")
     ap.add_argument("--tasks", default="fashion-mnist:1k,mnist-5k:1k",
                     help="few-shot training sets; each is tested on NAME@test")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma list of VARIANTS")
+    ap.add_argument("--variants", default="lora-r8,snella-r8,full,linear,snell-r8,lora-r32,"
+                    "snella-r32", help="comma list of VARIANTS, run in this order")
     ap.add_argument("--ablation", action="store_true",
                     help="also run the SNELLA ablation on the first task")
     ap.add_argument("--ablations", default=",".join(ABLATIONS), help="which ablations")
+    ap.add_argument("--ablation-after", default="snella-r8",
+                    help="run the ablation once this variant is done (snella-r8 or later)")
     ap.add_argument("--img-size", type=int, default=None, help="resolution (preset)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs per run (preset)")
     ap.add_argument("--seeds", default=None, help="comma list of seeds (preset)")
@@ -375,6 +382,16 @@ class Study:
         return [100 * (sx[s]["test_top1"] - sy[s]["test_top1"]) for s in sorted(sx) if s in sy]
 
 
+def run_ablation(study: Study, a, grids: dict) -> None:
+    task = a.task_list[0]
+    if not study.selected(task, "snella-r8"):
+        study.study(task, "snella-r8", grids)
+    lr = next(iter(study.selected(task, "snella-r8").values()))["lr"]
+    for abl in a.ablation_list:
+        log(f"{task} / snella-r8:{abl} at lr {lr:g}")
+        study.study(task, f"snella-r8:{abl}", grids, lr=lr)
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -385,20 +402,19 @@ def main(argv=None) -> int:
     log(f"backbone {a.model} at {a.img_size}px; tasks {a.task_list}; seeds {a.seed_list}")
     base = tt.create_backbone(a.model, num_classes=10, img_size=a.img_size)
     study = Study(a, base, info)
-    # the question first (snella vs lora), then the other baselines, then the ablation
-    order = [v for v in ("lora-r8", "snella-r8") if v in a.variant_list] + [
-        v for v in a.variant_list if v not in ("lora-r8", "snella-r8")]
-    for v in order:
+    # variants in the order given (put the question first: lora-r8,snella-r8,...); the
+    # ablation runs once --ablation-after is done on every task (it needs snella-r8's lr), so a
+    # run stopped by a time limit has the most important rows
+    ablation_done = not a.ablation_list
+    for v in a.variant_list:
         for task in a.task_list:
             log(f"{task} / {v}")
             study.study(task, v, grids)
-    if a.ablation_list:
-        task = a.task_list[0]
-        sel = study.selected(task, "snella-r8")
-        lr = next(iter(sel.values()))["lr"] if sel else grids["snella"][-1]
-        for abl in a.ablation_list:
-            log(f"{task} / snella-r8:{abl} at lr {lr:g}")
-            study.study(task, f"snella-r8:{abl}", grids, lr=lr)
+        if v == a.ablation_after and not ablation_done:
+            run_ablation(study, a, grids)
+            ablation_done = True
+    if not ablation_done:
+        run_ablation(study, a, grids)
     study.save(final=True)
     print("\n" + study.report(True)[0])
     return 0
