@@ -7,13 +7,52 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__
-from .errors import TrimtuneError
+from .errors import RunInterrupted, TrimtuneError
 
 EPILOG = "Docs and examples: README.md. Every command takes --help."
+
+#: one runnable example per command (offline: zoo weights, built-in data), shown by --help
+EXAMPLES = {
+    "models": "trimtune models",
+    "datasets": "trimtune datasets",
+    "compress": "trimtune compress --model dinov2_small.imgfocus --img-size 112 --ratio 2 "
+                "--out runs/c2",
+    "distill": "trimtune distill --student runs/c2 --teacher dinov2_small.imgfocus "
+               "--data fashion-mnist --max-images 256 --batch-size 16 --out runs/c2-distill",
+    "finetune": "trimtune finetune --model dinov2_small.imgfocus --img-size 112 --data digits:100 "
+                "--val-data digits:100@val --test-data digits@test --epochs 2 --batch-size 16 "
+                "--out runs/ft-digits",
+    "evaluate": "trimtune evaluate --model runs/ft-digits --data digits --split test",
+    "merge": "trimtune merge runs/ft-digits --out runs/ft-digits-merged",
+    "quickstart": "trimtune quickstart --data digits:100 --distill-images 256 --epochs 1 "
+                  "--no-memory --out runs/qs-digits",
+    "bench": "trimtune bench compress --help",
+}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help (unless the help already says it, or there is none),
+    and the epilog's example kept on its own line."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.required or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or "default" in text
+                or not action.option_strings):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _command(sub, name: str, **kw) -> argparse.ArgumentParser:
+    """A sub-command whose --help shows the defaults and a runnable example."""
+    return sub.add_parser(name, formatter_class=HelpFormatter,
+                          epilog=f"example:\n  {EXAMPLES[name]}\n\n{EPILOG}", **kw)
 
 
 def _add_quickstart_args(p: argparse.ArgumentParser) -> None:
@@ -24,7 +63,9 @@ def _add_quickstart_args(p: argparse.ArgumentParser) -> None:
                    help="resolution (multiple of the patch size; default 112)")
     p.add_argument("--data", default="fashion-mnist:1k",
                    help="labelled training set (default fashion-mnist:1k)")
-    p.add_argument("--test-data", default="fashion-mnist@test", help="test set")
+    p.add_argument("--test-data", default=None,
+                   help="test set (default: the test split of --data's dataset, e.g. "
+                        "digits@test for --data digits:100)")
     p.add_argument("--test-images", type=int, default=2000,
                    help="evaluate on this many test images (seeded, stratified; 0 = all)")
     p.add_argument("--distill-data", default="fashion-mnist",
@@ -45,6 +86,8 @@ def _add_quickstart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-memory", action="store_true",
                    help="skip the training-memory column (saves ~1 minute)")
     p.add_argument("--out", default="runs/quickstart", metavar="DIR", help="run folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the runs of an earlier quickstart in --out (refused otherwise)")
 
 
 def _add_train_args(p: argparse.ArgumentParser, *, epochs: int, lr: float, batch: int,
@@ -66,12 +109,18 @@ def _add_train_args(p: argparse.ArgumentParser, *, epochs: int, lr: float, batch
     g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
                    help="autocast on GPUs that support it (ignored on the CPU)")
     g.add_argument("--ema", type=float, default=None, help="model EMA decay, e.g. 0.9999")
-    g.add_argument("--seed", type=int, default=0, help="seed for weights, data order, masks")
+    g.add_argument("--seed", type=int, default=0,
+                   help="one seed for everything: new head, adapter init, few-shot choice, data "
+                        "order, masks (same seed, same bits)")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     g.add_argument("--ckpt-every", type=int, default=200,
                    help="checkpoint every N optimizer steps (and at the end)")
     g.add_argument("--resume", action="store_true",
-                   help="continue from the last checkpoint in --out (same schedule, same order)")
+                   help="continue the run in --out from its last checkpoint (same schedule, same "
+                        "order); every setting that changes the result must be the same")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (refused otherwise); the new run is "
+                        "written beside it and swapped in only once it finished")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -82,7 +131,17 @@ def _train_config(a: argparse.Namespace, out: str):
                        batch_size=a.batch_size, grad_accum=a.grad_accum, clip_grad=a.clip_grad,
                        mixed_precision=a.mixed_precision, ema=a.ema, seed=a.seed,
                        num_workers=a.num_workers, ckpt_every=a.ckpt_every, resume=a.resume,
-                       progress=not a.no_progress, out_dir=out)
+                       overwrite=a.overwrite, progress=not a.no_progress, out_dir=out)
+
+
+def _check_out(a: argparse.Namespace, *, run: bool = True) -> None:
+    """Before anything slow: the output folder is writable and, for a training run, holds no
+    run unless --resume or --overwrite."""
+    from .checkpoint import check_writable, holds_run, refuse_existing
+    out = Path(a.out)
+    if run and holds_run(out) and not (a.resume or a.overwrite):
+        raise refuse_existing(out)
+    check_writable(out)
 
 
 def _model_args(p: argparse.ArgumentParser, flag: str = "--model", required: bool = True) -> None:
@@ -130,6 +189,7 @@ def cmd_datasets(a) -> int:
 def cmd_compress(a) -> int:
     from . import lowrank
     from .pipeline import load_model
+    _check_out(a, run=False)
     model = load_model(a.model, weights=a.weights, img_size=a.img_size)
     policy = sum(x is not None for x in (a.energy, a.rank))
     if policy > 1:
@@ -150,6 +210,7 @@ def cmd_compress(a) -> int:
 def cmd_distill(a) -> int:
     from .lowrank import DistillConfig
     from .pipeline import distill, load_model, save_model
+    _check_out(a)
     student = load_model(a.student)
     teacher = load_model(a.teacher, weights=a.teacher_weights, img_size=_img_size(student))
     cfg = DistillConfig(train=_train_config(a, a.out), block_weight=a.block_weight,
@@ -188,6 +249,7 @@ def _apply_recipe(a: argparse.Namespace) -> None:
 
 def cmd_finetune(a) -> int:
     from .pipeline import FinetuneConfig, finetune
+    _check_out(a)
     _apply_recipe(a)
     cfg = FinetuneConfig(method=a.method, rank=a.rank, kernel=a.kernel, sparsity=a.sparsity,
                          init_sparsity=a.init_sparsity, density=a.density, protocol=a.protocol,
@@ -197,11 +259,13 @@ def cmd_finetune(a) -> int:
                          t_init=a.t_init, t_final=a.t_final, train=_train_config(a, a.out))
     from .pipeline import load_model
     from .data import load_dataset
-    ds = load_dataset(a.data, "train", seed=a.seed)
+    from .pipeline import split_spec
+    ds = load_dataset(*split_spec(a.data, "train"), seed=a.seed)
     model = load_model(a.model, weights=a.weights, img_size=a.img_size,
-                       num_classes=ds.num_classes)
+                       num_classes=ds.num_classes, seed=a.seed)  # a new head: seeded too
     base_spec = {"model": str(Path(a.model).resolve()) if Path(a.model).is_dir() else a.model,
-                 "num_classes": ds.num_classes, "img_size": a.img_size, "weights": a.weights}
+                 "num_classes": ds.num_classes, "img_size": a.img_size,
+                 "weights": str(Path(a.weights).resolve()) if a.weights else None}
     r = finetune(model, a.data, cfg, eval_data=a.val_data, test_data=a.test_data,
                  base_spec=base_spec)
     if r.best and r.best.get("val_acc") is not None:
@@ -217,6 +281,8 @@ def cmd_evaluate(a) -> int:
     from .measure import evaluate_model
     from .measure.plots import plot_confusion
     from .pipeline import load_model
+    if a.out:
+        _check_out(a, run=False)
     model = load_model(a.model, weights=a.weights, img_size=a.img_size)
     ds = load_dataset(a.data, a.split, transform=build_transform(model, train=False),
                       seed=a.seed)
@@ -238,6 +304,7 @@ def cmd_evaluate(a) -> int:
 
 def cmd_merge(a) -> int:
     from .pipeline import load_model, merge, save_model
+    _check_out(a, run=False)
     model = merge(load_model(a.run))
     save_model(model, a.out)
     print(f"merged model saved to {a.out}/ (model.safetensors + trimtune.json)")
@@ -271,12 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"trimtune {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    s = sub.add_parser("models", help="list the offline zoo and the accepted model sources")
+    s = _command(sub, "models", help="list the offline zoo and the accepted model sources")
     s.set_defaults(func=cmd_models)
-    s = sub.add_parser("datasets", help="list the built-in datasets and accepted formats")
+    s = _command(sub, "datasets", help="list the built-in datasets and accepted formats")
     s.set_defaults(func=cmd_datasets)
 
-    s = sub.add_parser("compress", help="PELA step 1: low-rank (SVD) factorisation",
+    s = _command(sub, "compress", help="PELA step 1: low-rank (SVD) factorisation",
                        description="Factorise the linear layers of a Transformer by truncated "
                                    "SVD. Rank policy: --ratio (default), --energy or --rank.")
     _model_args(s)
@@ -298,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, metavar="DIR", help="output folder")
     s.set_defaults(func=cmd_compress)
 
-    s = sub.add_parser("distill", help="PELA step 2: intermediate pre-training of a "
+    s = _command(sub, "distill", help="PELA step 2: intermediate pre-training of a "
                        "compressed student from its frozen teacher")
     s.add_argument("--student", required=True, metavar="DIR",
                    help="compressed model folder from `trimtune compress`")
@@ -329,14 +396,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_distill)
 
     from .names import KERNELS, METHODS
-    s = sub.add_parser("finetune", help="fine-tune with SNELLA, SNELL, LoRA or a baseline",
-                       allow_abbrev=False)  # --recipe needs to see which flags were given
+    s = _command(sub, "finetune", help="fine-tune with SNELLA, SNELL, LoRA or a baseline",
+                 allow_abbrev=False)  # --recipe needs to see which flags were given
     _model_args(s)
     s.add_argument("--method", choices=METHODS, default="snella", help="tuning method")
     s.add_argument("--data", required=True, help="training dataset, e.g. fashion-mnist:1k")
     s.add_argument("--val-data", default=None,
-                   help="validation set for model selection (e.g. fashion-mnist:1k with split "
-                        "val: write it as DATASET@val); without it the last epoch is kept")
+                   help="validation set for model selection, e.g. fashion-mnist:1k@val; without "
+                        "it the last epoch is kept. Validation never overlaps training: when it "
+                        "is held out of --data (X:1k@val beside X:1k, X@val beside X), training "
+                        "uses the rest (X:1k@train800, X@train90) and says so")
     s.add_argument("--test-data", default=None,
                    help="test set evaluated once at the end (e.g. fashion-mnist@test)")
     s.add_argument("--rank", type=int, default=8, help="rank r of A and B (snell/a, lora...)")
@@ -386,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="snella: final phase with the allocation fixed (default 0)")
     s.set_defaults(func=cmd_finetune)
 
-    s = sub.add_parser("evaluate", help="top-1 / per-class accuracy and a confusion matrix")
+    s = _command(sub, "evaluate", help="top-1 / per-class accuracy and a confusion matrix")
     _model_args(s)
     s.add_argument("--data", required=True, help="dataset")
     s.add_argument("--split", default="test", help="split to evaluate (default test)")
@@ -396,19 +465,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write eval JSON and the plot (default: the model folder)")
     s.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("merge", help="fold a fine-tuned update into the weights")
+    s = _command(sub, "merge", help="fold a fine-tuned update into the weights")
     s.add_argument("run", metavar="RUN_DIR", help="a `trimtune finetune` run folder")
     s.add_argument("--out", required=True, metavar="DIR", help="output model folder")
     s.set_defaults(func=cmd_merge)
 
-    s = sub.add_parser("quickstart", help="the whole pipeline on the built-in default",
+    s = _command(sub, "quickstart", help="the whole pipeline on the built-in default",
                        description="DINOv2 ViT-S/14 (offline zoo) -> compress c=2 -> distill -> "
                                    "SNELLA on Fashion-MNIST 1k-shot -> merge -> evaluate; one "
                                    "table at the end.")
     _add_quickstart_args(s)
     s.set_defaults(func=cmd_quickstart)
 
-    s = sub.add_parser("bench", help="run a benchmark script from benchmarks/")
+    s = _command(sub, "bench", help="run a benchmark script from benchmarks/")
     s.add_argument("what", choices=["memory", "speed", "compress", "distill", "quality"],
                    help="which benchmark")
     s.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
@@ -425,15 +494,34 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(a, "func", None):
         parser.print_help()
         return 0
+    got: list[int] = []
+
+    def on_term(signum, frame):  # outside training: stop like Ctrl-C, so cleanups run
+        got.append(signum)
+        raise KeyboardInterrupt
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_term) if in_main else None
     try:
         return a.func(a) or 0
+    except RunInterrupted as e:  # training wrote a checkpoint (or kept the previous run)
+        print(f"trimtune {a.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
     except TrimtuneError as e:
         print(f"trimtune {a.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file system refusal (permissions, full disk...): one line, no trace
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"trimtune {a.command}: error: {e.strerror or e}{where}: fix the path or free "
+              "space and run again", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted; checkpoints written so far are kept (use --resume)", file=sys.stderr)
-        return 130
+        print(f"trimtune {a.command}: interrupted before a training checkpoint was written; "
+              "nothing to resume: run the command again", file=sys.stderr)
+        return 128 + (got[0] if got else signal.SIGINT)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         _end_distributed()
 
 

@@ -8,3 +8,12 @@ one line and exits non-zero, without a traceback.
 
 class TrimtuneError(ValueError):
     """A user error: the message says what is wrong and how to fix it."""
+
+
+class RunInterrupted(TrimtuneError):
+    """Training stopped on SIGINT (Ctrl-C) or SIGTERM; the message says what was kept and how
+    to continue. ``signum`` is the signal number (the CLI exits with ``128 + signum``)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

@@ -9,6 +9,7 @@ method plugs in an objective or a callback here.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +21,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from . import __version__
-from .checkpoint import read_json, read_safetensors, write_json, write_safetensors
-from .data import build_transform, load_dataset, stratified_choice
+from .checkpoint import new_run_dir, read_json, read_safetensors, run_folder, write_json, write_safetensors
+from .data import build_transform, load_dataset, stratified_choice, train_split_beside
 from .errors import TrimtuneError
 from .lowrank import DistillConfig, is_compressed, load_compressed, save_compressed, set_trainable
 from .lowrank.io import factorise_like
@@ -33,16 +34,24 @@ from .train import TrainConfig, fit
 from .tuners import (SnellaAllocator, SnellaConfig, SnellConfig, attach, iter_units,
                      load_adapter, prepare_method, save_adapter)
 from .tuners import merge as merge_snell
-from .tuners.baselines import merge_method
+from .tuners.baselines import merge_method, target_linears
+from .tuners.inject import _is_fused_qkv, find_targets
 
 
 # --------------------------------------------------------------------------- models
 
 
 def load_model(spec: str | nn.Module, *, num_classes: int | None = None,
-               img_size: int | None = None, weights: str | None = None) -> nn.Module:
+               img_size: int | None = None, weights: str | None = None,
+               seed: int | None = None) -> nn.Module:
     """A model from a timm / zoo name, a compressed-model or merged-model folder, or a
-    fine-tuning run folder (base + adapter). ``num_classes`` replaces the head when it differs."""
+    fine-tuning run folder (base + adapter). ``num_classes`` replaces the head when it differs;
+    ``seed`` seeds torch first, so that new head is the same on every run."""
+    if img_size is not None and img_size < 1:
+        raise TrimtuneError(f"img_size={img_size}: give a positive resolution that is a "
+                            "multiple of the patch size, e.g. 224")
+    if seed is not None:
+        torch.manual_seed(seed)
     if isinstance(spec, nn.Module):
         model = spec
     else:
@@ -105,7 +114,10 @@ def distill(student: nn.Module, teacher: nn.Module | str, data: Dataset | str,
     if max_images and max_images < len(ds):
         ds = ds.subset(stratified_choice(ds.targets, max_images, tc.seed))
     set_trainable(student, cfg.trainable)
-    return fit(student, ds, cfg.objective(teacher), tc)
+    settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "train"}
+    settings.update(data=_describe_data(data, ds), teacher=_identity(teacher),
+                    student=_identity(student))
+    return fit(student, ds, cfg.objective(teacher), tc, settings=settings)
 
 
 def _img_size(model: nn.Module) -> int | None:
@@ -168,9 +180,42 @@ def _tuner_config(cfg: FinetuneConfig):
                         t_init=cfg.t_init, t_final=cfg.t_final, **common)
 
 
+def check_rank(model: nn.Module, cfg: FinetuneConfig) -> None:
+    """Refuse a rank above ``min(d_in, d_out)`` of a target layer (a SNELL / SNELLA unit, a
+    LoRA / DoRA / AdaLoRA linear): it only adds memory (r x (d_in + d_out) per layer), never
+    expressiveness, and a huge one exhausts the machine before the first step."""
+    if cfg.method in SNELL_METHODS:
+        tcfg = _tuner_config(cfg)
+        layers = []
+        for name in find_targets(model, tcfg.target_modules):
+            lin = model.get_submodule(name)
+            split = 3 if tcfg.split_qkv and _is_fused_qkv(name) and lin.out_features % 3 == 0 \
+                else 1
+            layers.append((name, lin.in_features, lin.out_features // split))
+        rank = cfg.rank
+    elif cfg.method in ("lora", "dora", "adalora"):
+        layers = [(n, m.in_features, m.out_features) for n in
+                  target_linears(model, cfg.method_kwargs.get("target_modules"))
+                  for m in [model.get_submodule(n)]]
+        rank = cfg.method_kwargs.get("init_r") or (
+            math.ceil(1.5 * cfg.rank) if cfg.method == "adalora" else cfg.rank)
+    else:
+        return
+    if rank < 1:
+        raise TrimtuneError(f"rank={cfg.rank}: give a rank of 1 or more, e.g. 8")
+    name, d_in, d_out = min(layers, key=lambda t: min(t[1], t[2]))
+    if rank > min(d_in, d_out):
+        raise TrimtuneError(
+            f"rank {rank} is above min(d_in, d_out) = {min(d_in, d_out)} of target layer {name} "
+            f"({d_in} -> {d_out}{' per unit' if cfg.method in SNELL_METHODS else ''}): it would "
+            f"only add memory; use --rank {min(d_in, d_out)} or less")
+
+
 def prepare(model: nn.Module, cfg: FinetuneConfig, *, total_steps: int | None = None
             ) -> tuple[nn.Module, list]:
-    """Freeze the base and add the method's trainable parts; returns (model, callbacks)."""
+    """Freeze the base and add the method's trainable parts; returns (model, callbacks).
+    A rank above a target's ``min(d_in, d_out)`` is refused first (:func:`check_rank`)."""
+    check_rank(model, cfg)
     if cfg.method in SNELL_METHODS:
         tcfg = _tuner_config(cfg)
         attach(model, tcfg)
@@ -205,6 +250,37 @@ class FinetuneResult:
     history: list
 
 
+class BestEpoch:
+    """Best-validation selection state: the trainable tensors, the SNELLA per-unit sparsities
+    (the mask depends on them too) and the value. Passed to the loop as a callback only for
+    its ``state_dict``: every checkpoint holds it, so a resumed run selects and saves exactly
+    what an uninterrupted one does."""
+
+    def __init__(self) -> None:
+        self.value: float | None = None
+        self.state: dict[str, torch.Tensor] | None = None
+        self.sparsity: dict[str, float] | None = None
+
+    def update(self, model: nn.Module, value: float) -> None:
+        if self.value is None or value > self.value:
+            self.value, self.state = value, _trainable_state(model)
+            self.sparsity = {n: u.sparsity for n, u in iter_units(model)}
+
+    def restore(self, model: nn.Module) -> None:
+        """Load the best weights (and sparsities) into ``model``; a no-op before any eval."""
+        if self.state is None:
+            return
+        model.load_state_dict(self.state, strict=False)
+        for n, u in iter_units(model):
+            u.sparsity = self.sparsity[n]
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "state": self.state, "sparsity": self.sparsity}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.value, self.state, self.sparsity = d["value"], d["state"], d["sparsity"]
+
+
 def finetune(model: nn.Module | str, data: Dataset | str, config: FinetuneConfig | None = None,
              *, eval_data: Dataset | str | None = None, test_data: Dataset | str | None = None,
              base_spec: dict | None = None) -> FinetuneResult:
@@ -213,25 +289,58 @@ def finetune(model: nn.Module | str, data: Dataset | str, config: FinetuneConfig
     Model selection uses ``eval_data`` only (best validation epoch); without it the last
     epoch is kept. ``test_data`` is evaluated once, at the end, on the selected weights.
     The run folder (``config.train.out_dir``) receives run.json, metrics.jsonl, the adapter
-    and plots.
+    and plots. A folder that already holds a run is refused unless ``config.train.resume``
+    (same result settings, checked against the checkpoint) or ``config.train.overwrite``
+    (the new run replaces the old one only once it finished: a failure leaves the old one).
+
+    ``config.train.seed`` fixes everything: the new classifier head (created here when the
+    class count differs), the adapter init, the data order and the masks.
+
+    Validating on the held-out part of the training set (``"X:1k@val"`` beside ``"X:1k"``)
+    trains on the rest (``"X:1k@train800"``) and prints a note: validation never overlaps
+    the training images.
     """
     cfg = config or FinetuneConfig()
-    seed = cfg.train.seed
+    tc = cfg.train
+    seed = tc.seed
+    main = int(os.environ.get("RANK", "0")) == 0  # under DDP only rank 0 writes the run folder
+    out = Path(tc.out_dir) if tc.out_dir is not None else new_run_dir()
+    if isinstance(data, str) and isinstance(eval_data, str):
+        data = disjoint_train(data, eval_data)
+    with run_folder(out, resume=bool(tc.resume), overwrite=tc.overwrite, main=main) as work:
+        return _finetune(model, data, cfg, eval_data, test_data, base_spec, work if main else None,
+                         final=out)
+
+
+def disjoint_train(data: str, eval_data: str) -> str:
+    """``data`` with its split changed so that it does not contain ``eval_data`` (see
+    :func:`trimtune.data.train_split_beside`); prints a note when it changed."""
+    name, split = split_spec(data, "train")
+    vname, vsplit = split_spec(eval_data, "val")
+    other = train_split_beside(name, split, vname, vsplit)
+    if other is None:
+        return data
+    print(f"note: validation {eval_data} is held out of {data}; training on {name}@{other} "
+          "(the rest) so that selection never sees training images")
+    return f"{name}@{other}"
+
+
+def _finetune(model, data, cfg: FinetuneConfig, eval_data, test_data, base_spec,
+              out: Path | None, final: Path | None) -> FinetuneResult:
+    tc = cfg.train
+    seed = tc.seed
     probe = _as_dataset(data, "train", None, seed)
+    _check_trainable_data(probe, data)
+    # the new head (when the class count differs) is part of the run: seeded like the rest
     if isinstance(model, str):
         base_spec = base_spec or {"model": model, "num_classes": probe.num_classes}
-        model = load_model(model, num_classes=probe.num_classes)
-    else:  # a new head when the class count differs (and the arch record follows it)
-        model = load_model(model, num_classes=probe.num_classes)
+    model = load_model(model, num_classes=probe.num_classes, seed=seed)
     tf_train = build_transform(model, train=True, protocol=cfg.protocol)
     tf_eval = build_transform(model, train=False, protocol=cfg.protocol)
     train_ds = _as_dataset(data, "train", tf_train, seed)
     eval_ds = _as_dataset(eval_data, "val", tf_eval, seed)
     test_ds = _as_dataset(test_data, "test", tf_eval, seed)
 
-    tc = cfg.train
-    main = int(os.environ.get("RANK", "0")) == 0  # under DDP only rank 0 writes the run folder
-    out = Path(tc.out_dir) if tc.out_dir and main else None
     if out and base_spec is None:
         # an in-memory base (e.g. compressed + distilled) cannot be rebuilt from a name: keep
         # its weights in the run folder so load_model(run_dir) gives back the tuned model
@@ -244,29 +353,29 @@ def finetune(model: nn.Module | str, data: Dataset | str, config: FinetuneConfig
     torch.manual_seed(seed)  # adapter init: same seed, same start (and on every DDP rank)
     model, callbacks = prepare(model, cfg, total_steps=None)
 
-    best: dict = {}
+    best = BestEpoch()
 
     def eval_fn(m: nn.Module) -> dict:
-        if eval_ds is None:
-            return {}
         r = evaluate_model(m, eval_ds, batch_size=max(64, tc.batch_size), progress=False)
-        if not best or r.top1 > best["val_acc"]:  # the SNELLA mask depends on sparsity too
-            best.update(val_acc=r.top1, state=_trainable_state(m),
-                        sparsity={n: u.sparsity for n, u in iter_units(m)})
+        best.update(m, r.top1)
         return {"val_acc": r.top1}
 
+    run_base = base_spec or _base_spec(model)
     if out:
-        out.mkdir(parents=True, exist_ok=True)
         write_json(out / "run.json", {
             "trimtune_version": __version__, "kind": "finetune", "config": cfg.to_dict(),
-            "base": base_spec or _base_spec(model), "data": _describe_data(data, train_ds),
+            "base": run_base, "data": _describe_data(data, train_ds),
         })
-    result = fit(model, train_ds, ClassificationObjective(cfg.label_smoothing), tc,
-                 callbacks=callbacks, eval_fn=eval_fn if eval_ds is not None else None)
-    if best:
-        model.load_state_dict(best["state"], strict=False)
-        for n, u in iter_units(model):
-            u.sparsity = best["sparsity"][n]
+    # what changes the result besides the loop's own settings: compared on resume
+    settings = {k: v for k, v in cfg.to_dict().items() if k != "train"}
+    settings.update(data=_describe_data(data, train_ds),
+                    val_data=None if eval_ds is None else _describe_data(eval_data, eval_ds),
+                    base=run_base)
+    tc_run = dataclasses.replace(tc, out_dir=out or final, overwrite=False)
+    result = fit(model, train_ds, ClassificationObjective(cfg.label_smoothing), tc_run,
+                 callbacks=[*callbacks, best], eval_fn=eval_fn if eval_ds is not None else None,
+                 settings=settings)
+    best.restore(model)
     test = None
     if test_ds is not None:
         r = evaluate_model(model, test_ds, batch_size=max(64, tc.batch_size))
@@ -276,7 +385,7 @@ def finetune(model: nn.Module | str, data: Dataset | str, config: FinetuneConfig
                            title=f"{cfg.method}: test top-1 {r.top1:.3f}")
     if out:
         save(model, out / "adapter", method=cfg.method)
-        summary = {"best_val_acc": best.get("val_acc"), "test_top1": test and test["top1"],
+        summary = {"best_val_acc": best.value, "test_top1": test and test["top1"],
                    "test": test}
         write_json(out / "results.json", summary)
         if (out / "metrics.jsonl").is_file():
@@ -284,8 +393,18 @@ def finetune(model: nn.Module | str, data: Dataset | str, config: FinetuneConfig
         for cb in callbacks:
             if hasattr(cb, "plot_history"):
                 cb.plot_history(out / "sparsity.png")
-    return FinetuneResult(model=model, out_dir=out, best={"val_acc": best.get("val_acc")},
-                          test=test, history=getattr(result, "history", []))
+    return FinetuneResult(model=model, out_dir=final if out else None,
+                          best={"val_acc": best.value}, test=test,
+                          history=getattr(result, "history", []))
+
+
+def _check_trainable_data(ds, spec) -> None:
+    """A classifier needs two classes or more: refuse a one-class dataset before training."""
+    n = getattr(ds, "num_classes", None)
+    if n is not None and n < 2:
+        name = spec if isinstance(spec, str) else getattr(ds, "spec", type(ds).__name__)
+        raise TrimtuneError(f"{name} has {n} class: fine-tuning a classifier needs 2 or more "
+                            "(an ImageFolder needs one sub-folder per class)")
 
 
 def split_spec(spec: str, default_split: str) -> tuple[str, str]:
@@ -304,6 +423,15 @@ def _as_dataset(data, split: str, transform, seed: int = 0) -> Dataset | None:
 def _describe_data(spec, ds) -> dict:
     return {"spec": spec if isinstance(spec, str) else getattr(ds, "spec", type(ds).__name__),
             "num_images": len(ds), "num_classes": getattr(ds, "num_classes", None)}
+
+
+def _identity(model: nn.Module) -> dict:
+    """What a resume compares about a model: its architecture record, or its class and size."""
+    try:
+        return _base_spec(model)
+    except TrimtuneError:
+        return {"class": type(model).__name__,
+                "num_params": sum(p.numel() for p in model.parameters())}
 
 
 def _base_spec(model: nn.Module) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_path, write_json
+from .checkpoint import atomic_path, check_writable, holds_run, write_json
 from .data import build_transform, load_dataset
 from .errors import TrimtuneError
 from .lowrank import DistillConfig, compress
@@ -26,6 +26,10 @@ from .measure.plots import plot_bars
 from .models import create_backbone
 from .pipeline import FinetuneConfig, distill, finetune, merge, save_model, split_spec
 from .train import TrainConfig
+
+
+#: the two fine-tuning runs, by row label -> their sub-folder of --out
+RUNS = {"original + snella": "original_snella", "compressed + snella": "compressed_snella"}
 
 
 def _subset(ds, n: int, seed: int):
@@ -70,9 +74,16 @@ def linear_probe(model, train_ds, seed: int = 0):
 def quickstart(a: argparse.Namespace) -> dict:
     t_start = time.time()
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    runs = [out / "distill", *(out / r for r in RUNS)]
+    done = [r for r in runs if holds_run(r)]
+    if done and not a.overwrite:
+        raise TrimtuneError(
+            f"{out} already holds a quickstart ({done[0].name}/): pass --overwrite to replace "
+            "it, or choose another --out")
+    check_writable(out)
     torch.manual_seed(a.seed)
     data_name, _ = split_spec(a.data, "train")
+    test_spec = a.test_data or f"{data_name}@test"  # a K-shot set's test = the official one
     probe = load_dataset(data_name, "train", seed=a.seed)
     nc = probe.num_classes
 
@@ -83,7 +94,7 @@ def quickstart(a: argparse.Namespace) -> dict:
     teacher = create_backbone(a.model, weights=a.weights, num_classes=nc, img_size=a.img_size)
     tf = build_transform(teacher, train=False)
     train_ds = load_dataset(data_name, "train", transform=tf, seed=a.seed)
-    test_name, test_split = split_spec(a.test_data, "test")
+    test_name, test_split = split_spec(test_spec, "test")
     test_ds = _subset(load_dataset(test_name, test_split, transform=tf, seed=a.seed),
                       a.test_images, a.seed)
 
@@ -105,7 +116,7 @@ def quickstart(a: argparse.Namespace) -> dict:
                                            warmup_epochs=0.2,
                                            batch_size=a.batch_size, weight_decay=0.05,
                                            seed=a.seed, out_dir=str(out / "distill"),
-                                           resume=False),
+                                           resume=False, overwrite=a.overwrite),
                          ce_weight=0.0)  # unlabeled: only the 1k-shot labels are ever used
     distill(student, teacher, distill_ds, dcfg)
     save_model(student, out / "distilled")
@@ -113,13 +124,13 @@ def quickstart(a: argparse.Namespace) -> dict:
     ft = dict(method="snella", rank=a.rank, sparsity=a.sparsity)
     for label, base in (("original + snella", teacher), ("compressed + snella", student)):
         stage(f"{4 if 'original' in label else 5}/5 SNELLA fine-tuning: {label}")
-        run = out / label.replace(" + ", "_").replace(" ", "_")
+        run = out / RUNS[label]
         base = copy.deepcopy(base)
         if a.head_init == "probe":
             linear_probe(base, train_ds, a.seed)
         tc = TrainConfig(epochs=a.epochs, lr=a.lr, min_lr=1e-5, batch_size=a.batch_size,
                          warmup_epochs=0.5, weight_decay=1e-4, seed=a.seed, out_dir=str(run),
-                         resume=False)
+                         resume=False, overwrite=a.overwrite)
         r = finetune(base, train_ds, FinetuneConfig(**ft, train=tc),
                      base_spec={"model": a.model, "num_classes": nc, "img_size": a.img_size}
                      if "original" in label else None)
@@ -154,7 +165,7 @@ def quickstart(a: argparse.Namespace) -> dict:
             row["train_mem_MB"] = mem["peak_bytes"] / 2**20
         table.append(row)
     elapsed = time.time() - t_start
-    md = _markdown(table, a, elapsed, len(test_ds))
+    md = _markdown(table, a, elapsed, len(test_ds), test_spec)
     print("\n" + md)
     with atomic_path(out / "summary.md") as tmp:
         tmp.write_text(md)
@@ -167,7 +178,7 @@ def quickstart(a: argparse.Namespace) -> dict:
     return {"rows": table, "seconds": elapsed}
 
 
-def _markdown(table: list[dict], a, elapsed: float, n_test: int) -> str:
+def _markdown(table: list[dict], a, elapsed: float, n_test: int, test_spec: str) -> str:
     cols = ["configuration", "params_M", "gflops", "latency_ms", "train_mem_MB", "test_top1"]
     heads = {"configuration": "configuration", "params_M": "params (M)", "gflops": "GFLOPs/img",
              "latency_ms": "CPU latency bs1 (ms)", "train_mem_MB": "train mem (MB)",
@@ -183,7 +194,7 @@ def _markdown(table: list[dict], a, elapsed: float, n_test: int) -> str:
             cells.append(v if isinstance(v, str) else f"{v:.4f}" if c == "test_top1"
                          else f"{v:.2f}" if c != "train_mem_MB" else f"{v:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Test set: {n_test} images of {a.test_data}. Fine-tuning: SNELLA r={a.rank}, "
+    lines += ["", f"Test set: {n_test} images of {test_spec}. Fine-tuning: SNELLA r={a.rank}, "
               f"target sparsity {a.sparsity}, {a.epochs} epochs, lr {a.lr}, batch "
               f"{a.batch_size}. Distillation: {a.distill_images} unlabeled images x "
               f"{a.distill_epochs} epoch(s). Training memory: peak RSS increase of one "

@@ -321,7 +321,7 @@ def test_in_fit_loop_resume_equals_uninterrupted(tmp_path):
         model = attach(tiny_vit(), conf)
         alloc = SnellaAllocator(config=conf)
         tc = TrainConfig(epochs=2, batch_size=4, lr=1e-2, out_dir=out, max_steps=max_steps,
-                         progress=False, log_every=1)
+                         progress=False, log_every=1, resume="auto")
         fit(model, data, objective, tc, callbacks=[alloc])
         return alloc
 

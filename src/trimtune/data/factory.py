@@ -161,6 +161,31 @@ def _select(spec: str, kind: str, official: dict[str, Callable[[], LabeledDatase
     raise _no_split(spec, split, accepted)
 
 
+def train_split_beside(name: str, split: str, val_name: str, val_split: str) -> str | None:
+    """The split to train on instead of ``split`` when validating on ``val_name@val_split``
+    would otherwise select on training images; None when they are already disjoint.
+
+    ``X:1k`` (the whole K-shot set) beside ``X:1k@val`` -> ``train800``; a VTAB-1k folder's
+    ``train`` (train800val200) beside its ``val200`` -> ``train800``; a built-in or ImageFolder
+    ``train`` beside the ``val`` held out of it (no official val) -> ``train90``.
+    """
+    if name.strip() != val_name.strip():
+        return None
+    kind, arg, k = parse_spec(name)
+    if k is not None:
+        whole = FEWSHOT_SPLITS.get(split) == "train"
+        return "train800" if whole and FEWSHOT_SPLITS.get(val_split) == "val" else None
+    if kind == "vtab":
+        whole = VTAB_ALIASES.get(split, split) == "train800val200"
+        return "train800" if whole and VTAB_ALIASES.get(val_split, val_split) == "val200" else None
+    if split not in ("train", "trainval") or val_split != "val":
+        return None
+    if kind in BUILTIN_INFO:
+        return "train90"
+    official = _official_splits(kind, arg, 0, name)
+    return "train90" if "train" in official and "val" not in official else None
+
+
 def load_dataset(spec: str | Path, split: str = "train", transform: Transform | None = None,
                  seed: int = 0) -> LabeledDataset:
     """Load a dataset split as a torch ``Dataset`` of ``(image, label)`` pairs.

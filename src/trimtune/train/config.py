@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +19,13 @@ class TrainConfig:
     grad_accum``. The learning-rate schedule (warm-up + cosine to ``min_lr``) always spans
     ``epochs`` full epochs; ``max_steps`` only stops the run early (with a checkpoint), so a
     stopped run resumes onto exactly the schedule of an uninterrupted one.
+
+    ``out_dir`` is never written over by accident (left None, every run gets a new numbered
+    folder ``runs/train-001``, ``-002``...): a folder that already holds a run is
+    refused unless ``resume=True`` (continue it; every setting that changes the result must
+    equal the checkpoint's, see :meth:`result_settings`) or ``overwrite=True`` (replace it;
+    the new run is written beside it and swapped in only once it finished). ``resume="auto"``
+    resumes when a checkpoint exists and starts fresh otherwise; it is never the default.
     """
 
     epochs: int = 1
@@ -33,12 +40,13 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     ema: float | None = None  # EMA decay (timm ModelEmaV3), None = off
     seed: int = 0
-    out_dir: str | Path = "runs/train"
+    out_dir: str | Path | None = None  # None: a new numbered folder runs/train-NNN per run
     ckpt_every: int | None = None  # optimizer steps between checkpoints; None = final only
     log_every: int = 10
     num_workers: int = 0
     max_steps: int | None = None
-    resume: bool | Literal["auto"] = "auto"
+    resume: bool | Literal["auto"] = False
+    overwrite: bool = False
     progress: bool = True
     select_metric: str | None = None  # e.g. "val_acc": keep the best trainable weights in best/
     select_mode: Literal["max", "min"] = "max"
@@ -62,7 +70,20 @@ class TrainConfig:
              f"max_steps={self.max_steps}: set it to 1 or more, or None")
         need(self.select_mode in ("max", "min"),
              f"select_mode={self.select_mode!r}: use 'max' or 'min'")
-        self.out_dir = Path(self.out_dir)
+        need(not (self.resume is True and self.overwrite),
+             "resume=True and overwrite=True contradict each other: resume continues the run "
+             "in out_dir, overwrite replaces it; choose one")
+        self.out_dir = None if self.out_dir is None else Path(self.out_dir)
+
+    #: fields that do not change what is learned (where, how often, how it is shown)
+    NOT_RESULT = ("out_dir", "ckpt_every", "log_every", "num_workers", "max_steps", "resume",
+                  "overwrite", "progress")
+
+    def result_settings(self) -> dict[str, Any]:
+        """The settings that change the trained weights (lr, epochs, batch size, seed...):
+        stored in every checkpoint and compared on resume."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in self.NOT_RESULT}
 
 
 @dataclass

@@ -11,11 +11,15 @@ and, with ``select_metric``, ``out_dir/best/``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -32,8 +36,8 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_path, write_json, write_safetensors
-from ..errors import TrimtuneError
+from ..checkpoint import atomic_path, new_run_dir, run_folder, write_json, write_safetensors
+from ..errors import RunInterrupted, TrimtuneError
 from .checkpointing import (checkpoint_path, load_checkpoint, rng_state, save_checkpoint,
                             set_rng_state)
 from .config import TrainConfig, TrainResult, TrainState
@@ -43,8 +47,8 @@ Objective = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]]
 
 
 def fit(model: nn.Module, train_data: Dataset, objective: Objective, config: TrainConfig,
-        callbacks: Sequence[Any] = (), eval_fn: Callable[[nn.Module], dict] | None = None
-        ) -> TrainResult:
+        callbacks: Sequence[Any] = (), eval_fn: Callable[[nn.Module], dict] | None = None,
+        *, settings: dict[str, Any] | None = None) -> TrainResult:
     """Train ``model`` in place on ``train_data`` by minimising ``objective``; see the module doc.
 
     Args:
@@ -53,13 +57,77 @@ def fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tra
         train_data: a map-style dataset; batches are collated by the default collate and moved
             to the device before ``objective(model, batch)`` is called.
         objective: ``(model, batch) -> (loss, {name: value})``.
-        config: a :class:`TrainConfig`.
-        callbacks: objects with any of the optional callback methods.
-        eval_fn: ``eval_fn(model) -> dict`` called (unwrapped model, eval mode) at each epoch end.
+        config: a :class:`TrainConfig`. ``config.out_dir`` holding a checkpoint is refused
+            unless ``resume`` or ``overwrite`` is set (see :class:`TrainConfig`).
+        callbacks: objects with any of the optional callback methods; their ``state_dict()``
+            is part of every checkpoint.
+        eval_fn: ``eval_fn(model) -> dict`` called (unwrapped model, eval mode) at each epoch end,
+            before the checkpoint of that step.
+        settings: the caller's settings that change the result (method, rank, loss weights,
+            data...): stored in the checkpoint with ``config.result_settings()`` and compared on
+            resume; a difference is refused with one line naming the setting.
     Returns:
         A :class:`TrainResult`.
+
+    SIGINT (Ctrl-C) and SIGTERM stop the loop at the next optimizer step, write a checkpoint
+    and raise :class:`~trimtune.errors.RunInterrupted` saying how to resume (a second signal
+    aborts at once).
     """
-    cfg, out = config, Path(config.out_dir)
+    main = int(os.environ.get("RANK", "0")) == 0
+    out = Path(config.out_dir) if config.out_dir is not None else new_run_dir()
+    config = dataclasses.replace(config, out_dir=out)
+    with run_folder(out, resume=bool(config.resume), overwrite=config.overwrite, main=main,
+                    markers=FIT_MARKERS) as work:
+        staged = work != out
+        try:
+            with _signals_stop() as flag:
+                result = _fit(model, train_data, objective, config, callbacks, eval_fn,
+                              work, dict(settings or {}), flag)
+        except RunInterrupted as e:
+            if staged:  # run_folder drops the new run: the previous one stays as it was
+                raise RunInterrupted(
+                    f"interrupted by {signal.Signals(e.signum).name}; the previous run in {out} "
+                    "is untouched and this new run was discarded: run the command again to "
+                    "replace it", e.signum) from None
+            raise
+    if staged:  # the folder was swapped in: report final paths
+        result = dataclasses.replace(result, out_dir=out, **{
+            k: out / Path(v).relative_to(work) for k in ("checkpoint", "best", "metrics_file")
+            if (v := getattr(result, k)) is not None})
+    return result
+
+
+FIT_MARKERS = ("checkpoint", "metrics.jsonl", "best")
+
+
+@contextmanager
+def _signals_stop():
+    """SIGINT / SIGTERM set ``flag[0]`` to the signal number (the loop checkpoints and stops at
+    the next optimizer step); a second signal raises KeyboardInterrupt at once. Handlers are
+    installed only in the main thread and restored on exit."""
+    flag: list[int] = [0]
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag[0]:
+            raise KeyboardInterrupt
+        flag[0] = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _fit(model: nn.Module, train_data: Dataset, objective: Objective, config: TrainConfig,
+         callbacks: Sequence[Any], eval_fn: Callable[[nn.Module], dict] | None, out: Path,
+         settings: dict[str, Any], interrupt: list[int]) -> TrainResult:
+    cfg = config
+    settings = {**cfg.result_settings(), **settings}
     accelerator = _make_accelerator(cfg, getattr(objective, "find_unused_parameters", False))
     main = accelerator.is_main_process
     set_seed(cfg.seed)
@@ -97,6 +165,7 @@ def fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tra
     ckpt_file, best_value = checkpoint_path(out), None
     if cfg.resume is True or (cfg.resume == "auto" and ckpt_file.is_file()):
         ck = load_checkpoint(ckpt_file)
+        _same_settings(ck.get("settings"), settings, out)
         if (ck["total_steps"], ck["steps_per_epoch"]) != (total_steps, steps_per_epoch):
             raise TrimtuneError(
                 f"checkpoint in {out} is for {ck['total_steps']} steps of "
@@ -129,7 +198,7 @@ def fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tra
                 "rng": rng_state(), "step": state.step, "epoch": state.epoch,
                 "batch": (state.step % steps_per_epoch) * cfg.grad_accum,
                 "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-                "best_value": best_value})
+                "best_value": best_value, "settings": settings})
         accelerator.wait_for_everyone()
         return ckpt_file
 
@@ -190,8 +259,8 @@ def fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tra
             if ema is not None:
                 ema.update(raw, step=state.step)
             n_logged += 1
-            stopped = state.should_stop or state.step >= (cfg.max_steps or total_steps + 1)
-            if stopped or state.step % cfg.log_every == 0 or state.step % steps_per_epoch == 0:
+            last = state.step >= min(total_steps, cfg.max_steps or total_steps)
+            if last or state.step % cfg.log_every == 0 or state.step % steps_per_epoch == 0:
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
                 state.logs = {k: v / n_logged for k, v in running.items()}
                 lr = optimizer.param_groups[0]["lr"]
@@ -201,24 +270,31 @@ def fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tra
                 running, n_logged, t0, seen = {}, 0, time.perf_counter(), 0
             bar.update(1)
             state.epoch = state.step // steps_per_epoch
-            if stopped or (cfg.ckpt_every and state.step % cfg.ckpt_every == 0):
+            if state.step % steps_per_epoch == 0:
+                # ---- epoch end: callbacks, evaluation, best weights; before this step's
+                # checkpoint, so a run stopped here resumes with the epoch's work done
+                _call(callbacks, "on_epoch_end", state)
+                if eval_fn is not None:
+                    model.eval()
+                    with torch.no_grad():
+                        val = {k: float(v) for k, v in eval_fn(raw).items()}
+                    model.train()
+                    log({"step": state.step, "epoch": epoch, **val})
+                    state.logs.update(val)
+                    best_value = _keep_best(raw, val, best_value, cfg, out, main)
+            stopped = last or state.should_stop
+            signum = _agree(interrupt[0], accelerator)
+            if signum or stopped or (cfg.ckpt_every and state.step % cfg.ckpt_every == 0):
                 checkpoint()
+            if signum:
+                bar.close()
+                name = signal.Signals(signum).name
+                raise RunInterrupted(
+                    f"interrupted by {name} at optimizer step {state.step} of {total_steps}; "
+                    f"checkpoint written to {ckpt_file}: run the same command with --resume "
+                    "(resume=True) to continue", signum)
             if stopped:
                 break
-        if stopped:
-            break
-        # ---- epoch end: callbacks, evaluation, best weights -------------------------------------
-        state.epoch = epoch + 1
-        _call(callbacks, "on_epoch_end", state)
-        if eval_fn is not None:
-            model.eval()
-            with torch.no_grad():
-                val = {k: float(v) for k, v in eval_fn(raw).items()}
-            model.train()
-            log({"step": state.step, "epoch": epoch, **val})
-            state.logs.update(val)
-            best_value = _keep_best(raw, val, best_value, cfg, out, main)
-        stopped = state.should_stop
     bar.close()
     final = checkpoint()
     if tb is not None:
@@ -280,15 +356,42 @@ def _check_finite(loss: torch.Tensor, logs: dict[str, Any], state: TrainState,
     if bad.item() == 0:
         return
     terms = [k for k, v in logs.items() if not math.isfinite(float(v))] or ["loss"]
-    kept = "no checkpoint was written yet"
+    kept = ""
     if ckpt_file.is_file():
         good = load_checkpoint(ckpt_file)["step"]
-        kept = f"the last good checkpoint is kept: {ckpt_file} (step {good})"
+        kept = f"; the checkpoint of step {good} is kept in {ckpt_file.parent} for inspection"
     raise TrimtuneError(
         f"non-finite loss ({float(loss.detach())}) at optimizer step {state.step + 1} "
-        f"(epoch {state.epoch}), term(s): {', '.join(terms)}; {kept}. Fix: lower lr "
-        f"(now {cfg.lr:g}), set clip_grad, disable fp16 (mixed_precision='no' or 'bf16'), "
-        f"then resume")
+        f"(epoch {state.epoch}), term(s): {', '.join(terms)}{kept}. Fix: run again from the "
+        f"start with --overwrite (overwrite=True) and a lower lr (now {cfg.lr:g}), or set "
+        f"clip_grad, or mixed_precision 'no' / 'bf16' instead of fp16 (resuming would keep "
+        f"the settings that diverged)")
+
+
+def _agree(signum: int, accelerator: Accelerator) -> int:
+    """The signal any process received (0 if none): every process stops at the same step."""
+    if accelerator.num_processes == 1:
+        return signum
+    t = torch.tensor([signum], device=accelerator.device)
+    return int(accelerator.gather(t).max().item())
+
+
+def _same_settings(saved: dict[str, Any] | None, now: dict[str, Any], out: Path) -> None:
+    """Refuse a resume whose result-changing settings differ from the checkpoint's."""
+    if saved is None:  # a checkpoint from before settings were recorded
+        return
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if _norm(a) != _norm(b):
+            raise TrimtuneError(
+                f"cannot resume {out}: {key}={b!r} differs from the checkpoint's {key}={a!r}; "
+                f"resume with {key}={a!r}, or start a fresh run with --overwrite "
+                f"(overwrite=True) or another output folder")
+
+
+def _norm(v: Any) -> Any:
+    """Compare settings as JSON would store them (tuples == lists, Paths == strings)."""
+    return json.loads(json.dumps(v, sort_keys=True, default=str))
 
 
 def _keep_best(raw: nn.Module, val: dict[str, float], best_value: float | None, cfg: TrainConfig,
