@@ -34,7 +34,7 @@ def run_snella(out: Path, world: int) -> dict:
     train = tt.TrainConfig(epochs=2, batch_size=GLOBAL_BATCH // world, lr=3e-3, min_lr=1e-5,
                            weight_decay=0.0, out_dir=out, progress=False, resume=False)
     cfg = FinetuneConfig(method="snella", rank=4, sparsity=0.5, train=train,
-                         method_kwargs=dict(dropout=0.0, drop_path=0.0))
+                         branch_dropout=0.0, branch_drop_path=0.0)
     r = finetune(model, DATA, cfg)
     return {"state": {n: p.detach().clone() for n, p in r.model.named_parameters()
                       if p.requires_grad},
