@@ -181,6 +181,14 @@ def bad_inputs(tiny_dir: Path, tmp: Path) -> dict[str, list]:
         "ratio 0.5": ["compress", "--model", tiny_dir, "--ratio", "0.5", "--out", out],
         "energy 1.5": ["compress", "--model", tiny_dir, "--energy", "1.5", "--out", out],
         "energy 0": ["compress", "--model", tiny_dir, "--energy", "0", "--out", out],
+        "calib without a data-aware init": ["compress", "--model", tiny_dir, "--calib", DATA,
+                                            "--out", out],
+        "whiten without calib": ["compress", "--model", tiny_dir, "--init", "whiten",
+                                 "--out", out],
+        "calib images 0": ["compress", "--model", tiny_dir, "--init", "asvd", "--calib", DATA,
+                           "--calib-images", "0", "--out", out],
+        "unknown calib data": ["compress", "--model", tiny_dir, "--init", "whiten", "--calib",
+                               "no-such-data", "--out", out],
         "unknown dataset": ["finetune", "--model", tiny_dir, "--data", "no-such-data",
                             "--out", out],
         "img size": ["compress", "--model", "vit_tiny_patch16_224", "--img-size", "30",
@@ -203,6 +211,21 @@ def test_bad_input_one_line_exit_2(case, tiny_dir, tmp_path, capsys):
     assert len(lines) == 1, (case, err)
     assert lines[0].startswith(f"trimtune {argv[0]}: error: ") and "Traceback" not in err
     assert not (tmp_path / "out" / "trimtune.json").exists()
+
+
+def test_compress_whiten_records_init(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "w"
+    code, _, err = run(["compress", "--model", tiny_dir, "--ratio", "2", "--init", "whiten",
+                        "--calib", DATA, "--calib-images", "2", "--no-plot", "--out", out], capsys)
+    assert code == 0, err
+    # 2 images are too few for a full-rank Gram matrix: said in one line, still written
+    assert err.strip().startswith("trimtune compress: warning: whitening:")
+    assert len(err.strip().splitlines()) == 1
+    init = read_json(out / "trimtune.json")["init"]
+    assert init["method"] == "whiten" and init["calib"] == DATA and init["calib_images"] == 2
+    with pytest.raises(SystemExit) as e:  # an unknown init name: argparse's exit 2
+        main(["compress", "--model", str(tiny_dir), "--init", "pca", "--out", str(out)])
+    assert e.value.code == 2 and "invalid choice: 'pca'" in capsys.readouterr().err
 
 
 def test_unknown_method_is_an_argparse_error(tiny_dir, tmp_path, capsys):

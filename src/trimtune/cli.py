@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -195,8 +196,12 @@ def cmd_compress(a) -> int:
     if policy > 1:
         raise TrimtuneError("give only one of --ratio, --energy, --rank")
     out = Path(a.out)
+    if a.calib is not None and a.init == "svd":
+        raise TrimtuneError("--calib is only read by --init whiten or asvd: add one of them, or "
+                            "drop --calib for plain SVD")
     student = lowrank.compress(model, ratio=a.ratio, energy=a.energy, rank=a.rank,
-                               include=a.include, exclude=a.exclude, svd=a.svd)
+                               include=a.include, exclude=a.exclude, svd=a.svd, init=a.init,
+                               calib=a.calib, calib_images=a.calib_images)
     desc = lowrank.describe(student)
     print(desc)
     lowrank.save_compressed(student, out)
@@ -361,6 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SVD algorithm: full (torch.linalg.svd), gram (eigen-decomposition of the "
                         "smaller Gram matrix in float64), randomized (very large layers); auto "
                         "picks gram, or randomized from a side of 4096")
+    s.add_argument("--init", choices=["svd", "whiten", "asvd"], default="svd",
+                   help="factor init: svd (PELA, default), whiten (SVD-LLM: truncation-aware "
+                        "whitening by the calibration inputs' Gram matrix) or asvd (activation-"
+                        "scaled SVD); whiten and asvd need --calib")
+    s.add_argument("--calib", default=None, metavar="DATA",
+                   help="unlabeled calibration images for --init whiten/asvd (a dataset name or "
+                        "folder, e.g. fashion-mnist; labels unused)")
+    s.add_argument("--calib-images", type=int, default=256,
+                   help="how many calibration images to stream through the model (default 256)")
     s.add_argument("--no-plot", action="store_true", help="skip the singular-value plot")
     s.add_argument("--out", required=True, metavar="DIR", help="output folder")
     s.set_defaults(func=cmd_compress)
@@ -500,10 +514,15 @@ def main(argv: list[str] | None = None) -> int:
         got.append(signum)
         raise KeyboardInterrupt
 
+    def one_line(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"trimtune {a.command}: warning: {message}", file=sys.stderr)
+
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, on_term) if in_main else None
     try:
-        return a.func(a) or 0
+        with warnings.catch_warnings():
+            warnings.showwarning = one_line
+            return a.func(a) or 0
     except RunInterrupted as e:  # training wrote a checkpoint (or kept the previous run)
         print(f"trimtune {a.command}: {e}", file=sys.stderr)
         return 128 + e.signum

@@ -13,6 +13,18 @@ Which rank (one policy, plus per-layer ``overrides``):
 
 A layer whose rank would not save parameters (``r * (in + out) >= in * out``) stays dense unless
 ``keep_dense_if_no_saving=False``.
+
+Which factors (``init``):
+
+- ``"svd"``: PELA's truncated SVD of ``W``, the best rank-r weight (Eckart-Young);
+- ``"whiten"``: SVD-LLM's truncation-aware whitening: SVD of ``W S`` with ``S`` the Cholesky
+  factor of the layer's calibration inputs' Gram matrix ``X^T X``, ``S^-1`` folded back into
+  the first factor: the best rank-r layer for the calibration outputs, min ``||(W - W_r) X^T||_F``;
+- ``"asvd"``: ASVD's activation scaling: SVD of ``W diag(mean|x|^alpha)``, the scale folded back.
+
+The data-aware inits read a few hundred unlabeled ``calib`` images streamed through the original
+model (:mod:`.calibrate`); rank policies apply to the weighted spectrum (for ``energy``: the
+fraction of the calibration output energy kept).
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -28,11 +41,13 @@ from torch import nn
 
 from ..errors import TrimtuneError
 from ..models import arch_of
-from .layers import LowRankLinear, truncated_svd
+from .layers import (LowRankLinear, activation_scale, truncated_svd, weighted_target,
+                     whitening_factor)
 
 DEFAULT_SKIP: tuple[str, ...] = ("norm", "head", "patch_embed", "downsample")
 MIN_OUT_FEATURES = 10
 RANDOMIZED_MIN_DIM = 4096  # svd="auto" uses torch.svd_lowrank when min(in, out) >= this
+INITS = ("svd", "whiten", "asvd")
 
 __all__ = ["compress", "is_compressed", "factorised_layers", "select_layers", "rank_for",
            "get_arch", "DEFAULT_SKIP"]
@@ -163,6 +178,12 @@ def compress(
     overrides: Mapping[str, int] | None = None,
     svd: str = "auto",
     svd_dtype: torch.dtype = torch.float32,
+    init: str = "svd",
+    calib=None,
+    calib_images: int = 256,
+    calib_batch_size: int = 32,
+    damp: float = 1e-6,
+    asvd_alpha: float = 0.5,
     keep_dense_if_no_saving: bool = True,
     min_out_features: int = MIN_OUT_FEATURES,
     inplace: bool = False,
@@ -184,6 +205,15 @@ def compress(
             (randomized when ``min(in, out) >= 4096`` and the policy does not need the whole
             spectrum, else gram).
         svd_dtype: dtype the SVD runs in (``torch.float64`` for bit-exact work).
+        init: ``"svd"`` (PELA, the default), ``"whiten"`` (SVD-LLM) or ``"asvd"`` (see the
+            module docstring); the data-aware two need ``calib``.
+        calib: unlabeled calibration images: a dataset spec (``"fashion-mnist"``, read with the
+            model's evaluation transform), a ``Dataset``, a ``DataLoader`` or an image tensor.
+        calib_images: how many calibration images to stream through the model (default 256).
+        calib_batch_size: images per forward pass while calibrating.
+        damp: whitening: ``lam / mean(diag(X^T X))`` added to the Gram matrix's diagonal; raised
+            tenfold (with a warning) while the Gram matrix is too ill-conditioned to factorise.
+        asvd_alpha: ASVD: exponent of the channel scale ``mean|x|^alpha``.
         keep_dense_if_no_saving: leave a layer dense when ``r*(in+out) >= in*out``.
         min_out_features: linears with fewer outputs stay dense (default skip rule only).
         inplace: modify ``model`` instead of a deep copy.
@@ -191,7 +221,7 @@ def compress(
 
     Returns:
         the compressed model (``model.trimtune_lowrank`` records ``ranks``, ``policy``, ``skip``,
-        ``energy`` (kept fraction per layer) and ``kept_dense``; ``model.trimtune_arch`` is kept;
+        ``energy`` (kept fraction per layer), ``kept_dense`` and ``init`` (method and calibration); ``model.trimtune_arch`` is kept;
         ``model.trimtune_spectra`` holds the singular values for :func:`plot_spectra`), or
         ``(model, spectra)`` when ``return_spectra``.
     """
@@ -212,6 +242,8 @@ def compress(
         arch = get_arch(model)
     except TrimtuneError:
         arch = None  # compress works on any model; save_compressed will ask for the arch
+    stats, init_record = _calibrate(model, chosen, init, calib, calib_images, calib_batch_size,
+                                    damp, asvd_alpha)
 
     out = model if inplace else copy.deepcopy(model)
     modules = dict(out.named_modules())
@@ -230,10 +262,19 @@ def compress(
                       and not need_spectrum else "gram")
         meta = lin.weight.is_meta  # planning on the meta device: ranks and sizes, no values
         usv = total = None
+        target = lin.weight
+        if stats is not None:  # the data-aware inits factorise W S (S invertible)
+            if init == "whiten":
+                right, used = whitening_factor(stats[name].gram, damp)
+                if used > damp:
+                    init_record["damped"][name] = used
+            else:
+                right = activation_scale(stats[name].abs_mean, asvd_alpha)
+            target = weighted_target(lin.weight, right)
         if need_spectrum:
-            usv = truncated_svd(lin.weight, min(n_in, n_out),
+            usv = truncated_svd(target, min(n_in, n_out),
                                 svd="full" if method == "full" else "gram", dtype=svd_dtype)
-            total = float(usv[1].double().pow(2).sum())  # = ||W||_F^2
+            total = float(usv[1].double().pow(2).sum())  # = ||W S||_F^2
         r = (min(r_over, n_in, n_out) if r_over is not None else
              rank_for(n_in, n_out, ratio=policy.get("ratio"), energy=energy, rank=rank,
                       spectrum=None if usv is None else usv[1], total_energy=total))
@@ -249,13 +290,14 @@ def compress(
                 n_in, n_out, r, bias=lin.bias is not None, device="meta", dtype=lin.weight.dtype))
             continue
         if usv is None:
-            usv = truncated_svd(lin.weight, r, svd=method, dtype=svd_dtype)
+            usv = truncated_svd(target, r, svd=method, dtype=svd_dtype)
         setattr(modules[parent_name] if parent_name else out, attr,
-                LowRankLinear.from_svd(lin, *usv, rank=r))
+                LowRankLinear.from_svd(lin, *usv, rank=r) if stats is None else
+                LowRankLinear.from_weighted_svd(lin, usv[0], usv[1], rank=r))
         s = usv[1].detach().float().cpu()
-        if total is None:  # sum of all squared singular values, or ||W||_F^2 if truncated
+        if total is None:  # sum of all squared singular values, or ||W S||_F^2 if truncated
             total = float(usv[1].double().pow(2).sum() if len(usv[1]) == min(n_in, n_out)
-                           else lin.weight.detach().double().pow(2).sum())
+                           else target.detach().double().pow(2).sum())
         kept_energy[name] = min(1.0, float((s[:r].double() ** 2).sum()) / max(total, 1e-300))
         spectra[name] = s
     if not ranks:
@@ -266,12 +308,60 @@ def compress(
                   include=_as_patterns(include, "include") or None,
                   exclude=_as_patterns(exclude, "exclude") or None,
                   min_out_features=min_out_features)
+    if init_record.get("damped"):
+        worst = max(init_record["damped"].items(), key=lambda kv: kv[1])
+        warnings.warn(
+            f"whitening: the calibration Gram matrix of {len(init_record['damped'])} layer(s) "
+            f"was too ill-conditioned to factorise and was damped more (up to {worst[1]:.0e} x "
+            f"its mean diagonal, {worst[0]!r}): pass more calibration images "
+            f"(calib_images > {init_record['calib_images']})", stacklevel=2)
     out.trimtune_lowrank = {"ranks": ranks, "policy": policy, "skip": skip,
-                            "energy": kept_energy, "kept_dense": kept_dense}
+                            "energy": kept_energy, "kept_dense": kept_dense,
+                            "init": init_record}
     out.trimtune_spectra = spectra
     if arch is not None:
         out.trimtune_arch = arch
     return (out, spectra) if return_spectra else out
+
+
+def _calibrate(model: nn.Module, chosen: dict[str, nn.Linear], init: str, calib, images: int,
+               batch_size: int, damp: float, alpha: float) -> tuple[dict | None, dict]:
+    """Check the init arguments; for the data-aware inits, the calibration statistics of the
+    ``chosen`` layers of the original ``model`` and the record kept in ``trimtune.json``."""
+    if init not in INITS:
+        raise TrimtuneError(f"unknown init {init!r}: use one of {', '.join(INITS)}")
+    if init == "svd":
+        if calib is not None:
+            raise TrimtuneError("calib is only read by init='whiten' or 'asvd': pass one of them, "
+                                "or drop calib for plain SVD")
+        return None, {"method": "svd"}
+    if calib is None:
+        raise TrimtuneError(f"init={init!r} needs calibration images: pass calib= (e.g. "
+                            "'fashion-mnist', a Dataset or a DataLoader)")
+    if not (isinstance(damp, (int, float)) and 0 < damp < 1):
+        raise TrimtuneError(f"damp={damp!r} must be in (0, 1): e.g. 1e-6")
+    if not (isinstance(alpha, (int, float)) and 0 < alpha <= 1):
+        raise TrimtuneError(f"asvd_alpha={alpha!r} must be in (0, 1]: e.g. 0.5")
+    if any(m.weight.is_meta for m in chosen.values()):
+        raise TrimtuneError(f"init={init!r} needs real weights, not a meta-device model")
+    from .calibrate import collect_stats
+    stats, info = collect_stats(model, chosen, calib, images=images, batch_size=batch_size,
+                                gram=init == "whiten")
+    record = {"method": init, "calib": info["calib"], "calib_images": info["images"],
+              "calib_tokens": info["tokens"]}
+    if init == "whiten":
+        record.update(damp=float(damp), damped={})
+        short = {n: m.in_features for n, m in chosen.items() if stats[n].rows < m.in_features}
+        if short:
+            warnings.warn(
+                f"whitening: {info['images']} calibration image(s) give {info['tokens']} "
+                f"input vectors, fewer than the {max(short.values())} inputs of "
+                f"{len(short)} layer(s): their Gram matrices are rank-deficient and were damped "
+                "(the factorisation stays finite but fits those images closely): pass more "
+                "calibration images", stacklevel=3)
+    else:
+        record["alpha"] = float(alpha)
+    return stats, record
 
 
 def is_compressed(model: nn.Module) -> bool:

@@ -2,7 +2,9 @@
 
 ``trimtune.json`` holds everything needed to rebuild the module tree without the original
 model or a download: the timm architecture and its kwargs, the number of classes, the rank of
-every factorised layer, the rank policy, the skip patterns, the package and format versions.
+every factorised layer, the rank policy, the skip patterns, the factor init and its calibration
+data (``init``; files written before it existed load as ``{"method": "svd"}``), the package and
+format versions.
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, *,
         "policy": record.get("policy"),
         "skip": record.get("skip"),
         "energy": record.get("energy"),
+        "init": record.get("init") or ({"method": "svd"} if layers else None),
         "dense": not layers,
     }
     directory = Path(directory)
@@ -163,5 +166,6 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device = "
     model.trimtune_arch = arch
     model.trimtune_lowrank = {"ranks": dict(ranks), "policy": config.get("policy"),
                               "skip": config.get("skip"), "energy": config.get("energy") or {},
-                              "kept_dense": {}}
+                              "kept_dense": {},
+                              "init": config.get("init") or {"method": "svd"}}
     return model.to(device).eval()

@@ -77,6 +77,57 @@ def truncated_svd(
     return u[:, :rank], s, vh[:rank]
 
 
+def whitening_factor(gram: torch.Tensor, damp: float = 1e-6, max_tries: int = 12
+                     ) -> tuple[torch.Tensor, float]:
+    """Lower Cholesky factor ``S`` of the damped Gram matrix: ``S S^T = G + lam * I``.
+
+    ``lam = damp * mean(diag(G))`` (relative, so it does not depend on the activation scale);
+    if ``G`` is too ill-conditioned for the Cholesky factorisation (rank-deficient: fewer
+    calibration tokens than inputs, or dead input channels), ``damp`` grows tenfold until it
+    succeeds. An all-zero or non-finite ``G`` gives ``S = I`` and damp 0 (nothing usable seen:
+plain SVD).
+
+    Args:
+        gram: ``X^T X`` (in x in), any float dtype; factorised in float64.
+        damp: relative damping of the first try.
+
+    Returns:
+        ``(S (in x in, float64, lower triangular), damp used)``.
+    """
+    g = gram.detach().double()
+    g = (g + g.mT) / 2
+    scale = float(g.diagonal().mean())
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    if not scale > 0 or not torch.isfinite(g).all():
+        return eye, 0.0
+    d = float(damp)
+    for _ in range(max_tries):
+        chol, info = torch.linalg.cholesky_ex(g + (d * scale) * eye)
+        if int(info) == 0 and bool(torch.isfinite(chol).all()):
+            return chol, d
+        d = max(d * 10, 1e-12)
+    return eye, 0.0  # pragma: no cover - damping reached 1e6 without success: plain SVD
+
+
+def activation_scale(abs_mean: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """ASVD's input-channel scale ``mean|x|^alpha`` (in,), float64; channels that never fired
+    get the smallest positive scale (1e-6 of the largest) so the fold-back stays finite."""
+    s = abs_mean.detach().double().clamp_min(0) ** alpha
+    top = float(s.max()) if s.numel() else 0.0
+    if not top > 0:
+        return torch.ones_like(s)
+    return s.clamp_min(top * 1e-6)
+
+
+def weighted_target(weight: torch.Tensor, right: torch.Tensor | None) -> torch.Tensor:
+    """``W @ S`` in float64 (``S``: an (in x in) matrix, an (in,) diagonal, or None: ``W``)."""
+    w = weight.detach().double()
+    if right is None:
+        return w
+    right = right.to(w.device, torch.float64)
+    return w * right if right.dim() == 1 else w @ right
+
+
 class LowRankLinear(nn.Module):
     """``nn.Linear(in, out)`` factorised as ``second(first(x))`` through a rank-``r`` bottleneck.
 
@@ -158,6 +209,38 @@ class LowRankLinear(nn.Module):
         with torch.no_grad():
             layer.first.weight.copy_(root[:, None] * vh)     # (r, in)
             layer.second.weight.copy_(u * root[None, :])     # (out, r)
+            if linear.bias is not None:
+                layer.second.bias.copy_(linear.bias)
+        for p in layer.parameters():
+            p.requires_grad_(w.requires_grad)
+        return layer
+
+    @classmethod
+    def from_weighted_svd(cls, linear: nn.Linear, u: torch.Tensor, s: torch.Tensor, rank: int
+                          ) -> LowRankLinear:
+        """Build the layer from the SVD ``U diag(s) V^T`` of a weighted weight ``W S`` (``S``
+        invertible: the whitening factor or ASVD's diagonal scale).
+
+        The factors are SVD-LLM's, ``second = U_r sqrt(s_r)`` and ``first = sqrt(s_r) V_r^T
+        S^-1``, with ``S^-1`` folded back through the identity ``sqrt(s_r) V_r^T S^-1 =
+        s_r^-1/2 U_r^T W`` (from ``U^T W S = diag(s) V^T``), so no inverse of an
+        ill-conditioned ``S`` is ever formed: the product is ``U_r U_r^T W``, the projection of
+        ``W`` on the leading output directions of the calibration data, never larger than ``W``.
+        Directions with ``s ~ 0`` (a rank-deficient ``W``) get zero factors.
+        """
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
+                    device=w.device, dtype=w.dtype)
+        u = u[:, :rank].to(w.device, torch.float64)
+        s = s[:rank].to(w.device, torch.float64)
+        ok = s > float(s[0]) * 1e-10 if len(s) else s > 0
+        root = torch.where(ok, s.clamp_min(1e-300).sqrt(), torch.zeros_like(s))
+        inv_root = torch.where(ok, 1.0 / root.clamp_min(1e-300), torch.zeros_like(s))
+        first = inv_root[:, None] * (u.mT @ w.detach().double())   # (r, in)
+        second = u * root[None, :]                                   # (out, r)
+        with torch.no_grad():
+            layer.first.weight.copy_(first)
+            layer.second.weight.copy_(second)
             if linear.bias is not None:
                 layer.second.bias.copy_(linear.bias)
         for p in layer.parameters():
