@@ -236,3 +236,45 @@ def test_model_without_linear_and_double_compress(vit):
         compress(compress(vit))
     with pytest.raises(TrimtuneError, match="does not fit"):
         LowRankLinear(8, 4, rank=5)
+
+
+def _decaying(out_f: int, in_f: int, seed: int = 0) -> torch.Tensor:
+    """A float32 weight whose singular values fall from 1 to 1e-4, as trained weights do."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(out_f, in_f)
+    u, _ = torch.linalg.qr(torch.randn(out_f, k, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(in_f, k, generator=g, dtype=torch.float64))
+    return (u * torch.logspace(0, -4, k, dtype=torch.float64) @ v.T).float()
+
+
+@pytest.mark.parametrize("shape", [(192, 64), (64, 256), (96, 96)])
+@torch.no_grad()
+def test_float32_gram_within_eckart_young_bound(shape):
+    """The default float32 eigen-decomposition: the rank-r error is Eckart-Young's within
+    1e-4 (relative), and the product differs from the float64 one by < 1e-4 ||W||."""
+    w = _decaying(*shape)
+    lin = nn.Linear(shape[1], shape[0])
+    lin.weight.copy_(w)
+    s64 = torch.linalg.svdvals(w.double())
+    for r in (4, 16, min(shape) // 2, min(shape)):
+        fast = LowRankLinear.from_linear(lin, r, svd="gram")  # float32
+        exact = LowRankLinear.from_linear(lin, r, svd="gram", svd_dtype=torch.float64)
+        err = float((fast.weight_product.double() - w.double()).norm())
+        best = float(s64[r:].pow(2).sum().sqrt())
+        assert err <= best * (1 + 1e-4) + 1e-5 * float(w.double().norm())  # + float32 rounding
+        diff = (fast.weight_product.double() - exact.weight_product.double()).norm()
+        assert float(diff) < 1e-4 * float(w.double().norm())
+
+
+@torch.no_grad()
+def test_batched_groups_equal_per_layer_and_share_no_storage(vit):
+    """compress() decomposes same-shape layers in one batched call: the factors are those of
+    a per-layer decomposition; the copy holds new tensors only (the original is untouched)."""
+    lr = compress(vit, rank=9)
+    orig = dict(vit.named_modules())
+    for name, m in factorised_layers(lr).items():
+        ref = LowRankLinear.from_linear(orig[name], 9, svd="gram")
+        torch.testing.assert_close(m.weight_product, ref.weight_product, atol=1e-5, rtol=0)
+    ptrs = {p.data_ptr() for p in vit.parameters()}
+    assert not any(p.data_ptr() in ptrs for p in lr.parameters())
+    assert not is_compressed(vit) and isinstance(vit.blocks[0].attn.qkv, nn.Linear)

@@ -33,6 +33,7 @@ import copy
 import math
 import re
 import warnings
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -41,8 +42,8 @@ from torch import nn
 
 from ..errors import TrimtuneError
 from ..models import arch_of
-from .layers import (LowRankLinear, activation_scale, truncated_svd, weighted_target,
-                     whitening_factor)
+from .layers import (LowRankLinear, activation_scale, gram_eigh, svd_from_gram, truncated_svd,
+                     weighted_target, whitening_factor)
 
 DEFAULT_SKIP: tuple[str, ...] = ("norm", "head", "patch_embed", "downsample")
 MIN_OUT_FEATURES = 10
@@ -245,14 +246,12 @@ def compress(
     stats, init_record = _calibrate(model, chosen, init, calib, calib_images, calib_batch_size,
                                     damp, asvd_alpha)
 
-    out = model if inplace else copy.deepcopy(model)
-    modules = dict(out.named_modules())
-    ranks: dict[str, int] = {}
-    kept_energy: dict[str, float] = {}
+    # 1. what each layer factorises (W, or W S for the data-aware inits), how, and the rank
+    #    when the policy needs no spectrum
+    sdtype = torch.float64 if stats is not None else svd_dtype
+    plan: dict[str, dict[str, Any]] = {}
     kept_dense: dict[str, str] = {}
-    spectra: dict[str, torch.Tensor] = {}
-    for name in chosen:
-        lin: nn.Linear = modules[name]
+    for name, lin in chosen.items():
         n_in, n_out = lin.in_features, lin.out_features
         r_over = next((r for pat, r in override_pats if re.search(pat, name)), None)
         need_spectrum = r_over is None and energy is not None
@@ -260,8 +259,16 @@ def compress(
         if svd == "auto":
             method = ("randomized" if min(n_in, n_out) >= RANDOMIZED_MIN_DIM
                       and not need_spectrum else "gram")
-        meta = lin.weight.is_meta  # planning on the meta device: ranks and sizes, no values
-        usv = total = None
+        r = None if need_spectrum else (
+            min(r_over, n_in, n_out) if r_over is not None else
+            rank_for(n_in, n_out, ratio=policy.get("ratio"), rank=rank))
+        if r is not None and keep_dense_if_no_saving and r * (n_in + n_out) >= n_in * n_out:
+            kept_dense[name] = f"rank {r} saves no parameters"
+            continue
+        if method == "randomized" and r is not None and r >= min(n_in, n_out):
+            method = "gram"
+        if need_spectrum and method == "randomized":
+            method = "gram"
         target = lin.weight
         if stats is not None:  # the data-aware inits factorise W S (S invertible)
             if init == "whiten":
@@ -271,35 +278,68 @@ def compress(
             else:
                 right = activation_scale(stats[name].abs_mean, asvd_alpha)
             target = weighted_target(lin.weight, right)
-        if need_spectrum:
-            usv = truncated_svd(target, min(n_in, n_out),
-                                svd="full" if method == "full" else "gram", dtype=svd_dtype)
-            total = float(usv[1].double().pow(2).sum())  # = ||W S||_F^2
-        r = (min(r_over, n_in, n_out) if r_over is not None else
-             rank_for(n_in, n_out, ratio=policy.get("ratio"), energy=energy, rank=rank,
-                      spectrum=None if usv is None else usv[1], total_energy=total))
-        if keep_dense_if_no_saving and r * (n_in + n_out) >= n_in * n_out:
-            kept_dense[name] = f"rank {r} saves no parameters"
+        plan[name] = {"rank": r, "method": method, "target": target}
+
+    # 2. one batched eigen-decomposition per group of same-shape layers (the gram method)
+    eig: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for name, p in plan.items():
+        t = p["target"]
+        if p["method"] == "gram" and not t.is_meta:
+            groups[(tuple(t.shape), t.device)].append(name)
+    for names in groups.values():
+        s_all, vec_all = gram_eigh(torch.stack([plan[n]["target"].detach() for n in names]),
+                                   sdtype)
+        eig.update({n: (s_all[i], vec_all[i]) for i, n in enumerate(names)})
+
+    # 3. per layer: the rank (from the spectrum for the energy policy) and the factors
+    ranks: dict[str, int] = {}
+    kept_energy: dict[str, float] = {}
+    spectra: dict[str, torch.Tensor] = {}
+    new_layers: dict[str, nn.Module] = {}
+    for name, p in plan.items():
+        lin, target, r = chosen[name], p["target"], p["rank"]
+        n_in, n_out = lin.in_features, lin.out_features
+        full = min(n_in, n_out)
+        if target.is_meta:  # planning on the meta device: ranks and sizes, no values
+            ranks[name] = r
+            new_layers[name] = LowRankLinear(n_in, n_out, r, bias=lin.bias is not None,
+                                             device="meta", dtype=lin.weight.dtype)
             continue
-        if method == "randomized" and r >= min(n_in, n_out):
-            method = "gram"
-        parent_name, _, attr = name.rpartition(".")
+        usv = None
+        if name in eig:
+            s_full, vec = eig[name]
+        else:
+            usv = truncated_svd(target, full if r is None else r, svd=p["method"], dtype=sdtype)
+            s_full = usv[1]
+        total = (float(s_full.double().pow(2).sum()) if len(s_full) == full
+                 else float(target.detach().double().pow(2).sum()))  # = ||W S||_F^2
+        if r is None:  # energy policy
+            r = rank_for(n_in, n_out, energy=energy, spectrum=s_full, total_energy=total)
+            if keep_dense_if_no_saving and r * (n_in + n_out) >= n_in * n_out:
+                kept_dense[name] = f"rank {r} saves no parameters"
+                continue
+        if name in eig:
+            usv = svd_from_gram(target, s_full, vec, r)
+            s_full = usv[1]
         ranks[name] = r
-        if meta:
-            setattr(modules[parent_name] if parent_name else out, attr, LowRankLinear(
-                n_in, n_out, r, bias=lin.bias is not None, device="meta", dtype=lin.weight.dtype))
-            continue
-        if usv is None:
-            usv = truncated_svd(target, r, svd=method, dtype=svd_dtype)
-        setattr(modules[parent_name] if parent_name else out, attr,
-                LowRankLinear.from_svd(lin, *usv, rank=r) if stats is None else
-                LowRankLinear.from_weighted_svd(lin, usv[0], usv[1], rank=r))
-        s = usv[1].detach().float().cpu()
-        if total is None:  # sum of all squared singular values, or ||W S||_F^2 if truncated
-            total = float(usv[1].double().pow(2).sum() if len(usv[1]) == min(n_in, n_out)
-                           else target.detach().double().pow(2).sum())
+        new_layers[name] = (LowRankLinear.from_svd(lin, *usv, rank=r) if stats is None else
+                            LowRankLinear.from_weighted_svd(lin, usv[0], usv[1], rank=r))
+        s = s_full.detach().float().cpu()
         kept_energy[name] = min(1.0, float((s[:r].double() ** 2).sum()) / max(total, 1e-300))
         spectra[name] = s
+    ranks = {n: ranks[n] for n in chosen if n in ranks}  # module order
+
+    # 4. the factorised layers take the dense ones' places (a deep copy that never copies the
+    #    weights it replaces, unless inplace)
+    if inplace:
+        out = model
+        modules = dict(out.named_modules())
+        for name, layer in new_layers.items():
+            parent_name, _, attr = name.rpartition(".")
+            setattr(modules[parent_name] if parent_name else out, attr, layer)
+    else:
+        out = copy.deepcopy(model, {id(chosen[n]): layer for n, layer in new_layers.items()})
     if not ranks:
         raise TrimtuneError("no layer would save parameters at this policy (every rank >= "
                             "in*out/(in+out)): use a larger ratio / smaller rank or energy, or "

@@ -23,6 +23,52 @@ from ..errors import TrimtuneError
 SvdMethod = Literal["full", "gram", "randomized"]
 
 
+def gram_eigh(weight: torch.Tensor, dtype: torch.dtype = torch.float32
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values and the smaller side's singular vectors of ``weight`` through the
+    eigen-decomposition of its smaller Gram matrix (``W^T W`` if tall, ``W W^T`` if wide).
+
+    Batched: ``weight`` may be (..., out, in), e.g. the stacked same-shape layers of a model,
+    decomposed in one call.
+
+    Returns:
+        ``S`` (..., k) descending and ``vec`` (..., k, k), its columns the matching right
+        (tall) or left (wide) singular vectors, in ``dtype``.
+    """
+    w = weight.detach().to(dtype)
+    tall = w.shape[-2] >= w.shape[-1]
+    ev, vec = torch.linalg.eigh(w.mT @ w if tall else w @ w.mT)  # ascending
+    return ev.flip(-1).clamp_min(0).sqrt(), vec.flip(-1)
+
+
+def svd_from_gram(weight: torch.Tensor, s: torch.Tensor, vec: torch.Tensor, rank: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U_r, S, Vh_r)`` of one (out x in) ``weight`` from its :func:`gram_eigh` output.
+
+    The other side is ``W V_r`` (or ``U_r^T W``) normalised, and the leading ``rank`` singular
+    values are recomputed as its column norms: accurate to the working precision even where
+    the Gram matrix's eigenvalues are not (a singular value 1e-4 of the largest has an
+    eigenvalue 1e-8, below float32's resolution). So ``U_r S_r Vh_r`` is exactly the
+    projection ``W V_r V_r^T``, at full rank ``W`` itself.
+
+    Returns:
+        ``U`` (out x rank), ``S`` (k,): ``s`` with its first ``rank`` entries recomputed, and
+        ``Vh`` (rank x in).
+    """
+    w = weight.detach().to(vec.dtype)
+    tiny = 1e-300 if vec.dtype == torch.float64 else 1e-30
+    if w.shape[0] >= w.shape[1]:  # vec = V (in x in)
+        wv = w @ vec[:, :rank]
+        s_r = wv.norm(dim=0)
+        u, vh = wv / s_r.clamp_min(tiny), vec[:, :rank].mT
+    else:                          # vec = U (out x out)
+        u = vec[:, :rank]
+        uw = u.mT @ w
+        s_r = uw.norm(dim=1)
+        vh = uw / s_r.clamp_min(tiny)[:, None]
+    return u, torch.cat([s_r, s[rank:].to(s_r.dtype)]), vh
+
+
 def truncated_svd(
     weight: torch.Tensor,
     rank: int,
@@ -36,12 +82,14 @@ def truncated_svd(
     Args:
         weight: matrix of shape (out, in).
         rank: number of singular triplets to keep, 1 <= rank <= min(out, in).
-        svd: ``"full"`` (``torch.linalg.svd``), ``"gram"`` (``torch.linalg.eigh`` of the smaller
-            Gram matrix ``W^T W`` or ``W W^T`` in float64: 2-3x faster on CPU; ``U_r S_r V_r^T``
-            is then ``W V_r V_r^T``, the exact projection, however small the dropped values) or
+        svd: ``"full"`` (``torch.linalg.svd``), ``"gram"`` (:func:`gram_eigh`: ``eigh`` of the
+            smaller Gram matrix, several times faster on CPU; ``U_r S_r V_r^T`` is then
+            ``W V_r V_r^T``, the exact projection, however small the dropped values) or
             ``"randomized"`` (``torch.svd_lowrank``, for very large layers; its spectrum has
             only ``rank + oversample`` values).
-        dtype: dtype the decomposition runs in (``"gram"`` always uses float64).
+        dtype: dtype the decomposition runs in. float32 is exact enough for the gram path on
+            trained weights (the rank-r error stays within 1e-4 of Eckart-Young's, tested);
+            float64 for bit-exact work.
 
     Returns:
         ``U`` (out x rank), ``S`` (k,) with k >= rank: every singular value computed, descending,
@@ -55,18 +103,8 @@ def truncated_svd(
         else:
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
     elif svd == "gram":
-        w = weight.detach().double()
-        tall = w.shape[0] >= w.shape[1]
-        ev, vec = torch.linalg.eigh(w.mT @ w if tall else w @ w.mT)  # ascending
-        ev, vec = ev.flip(0), vec.flip(1)
-        s = ev.clamp_min(0).sqrt()
-        inv = 1.0 / s[:rank].clamp_min(float(s[0]) * 1e-12 + 1e-300)
-        if tall:  # vec = V (in x in)
-            vh = vec[:, :rank].mT
-            u = (w @ vec[:, :rank]) * inv
-        else:     # vec = U (out x out)
-            u = vec[:, :rank]
-            vh = (u.mT @ w) * inv[:, None]
+        s, vec = gram_eigh(w, dtype)
+        u, s, vh = svd_from_gram(w, s, vec, rank)
     elif svd == "randomized":
         q = min(rank + oversample, min(w.shape))
         u, s, v = torch.svd_lowrank(w, q=q, niter=niter)
