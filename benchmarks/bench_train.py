@@ -52,6 +52,8 @@ BUILDER = "trimtune.pipeline:build_train_step"
 DEFAULT_MODELS = ("vit_base_patch16_224", "dinov2_small.imgfocus")
 DEFAULT_METHODS = ("full", "linear", "lora", "snell", "snella", "masked-sparse", "snella@c2")
 MB = 2**20
+_LAYERS = r"(qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+FACTOR_TARGETS = {"first": _LAYERS + r"\.first", "both": _LAYERS + r"\.(first|second)"}
 
 # paper anchors (SNELL, NeurIPS 2024, Table: peak memory at batch 8, GPU, ViT-B/16), MB
 ANCHORS_MB = {"vit_base": {"lora": 1546, "snell": 1673, "gps": 2428}}
@@ -73,9 +75,12 @@ def build_kwargs(model: str, method: str, batch: int, *, rank: int, img_size: in
                  sparsity: float, device: str | None) -> dict[str, Any]:
     """Keyword arguments of :func:`trimtune.pipeline.build_train_step` for one configuration.
 
-    ``method`` may carry a compression suffix: ``"snella@c2"`` = SNELLA on the PELA c = 2 model.
+    ``method`` may carry a compression suffix: ``"snella@c2"`` = SNELLA on the PELA c = 2 model
+    (one update per factorised layer, on ``.second``: the default); ``"snella@c2:first"`` /
+    ``"snella@c2:both"`` put the updates on ``.first`` / on both factors instead.
     """
     name, _, comp = method.partition("@")
+    comp, _, factor = comp.partition(":")
     kw: dict[str, Any] = dict(model=model, method=name, rank=rank, batch_size=batch,
                               img_size=img_size, pretrained=is_zoo(model), sparsity=sparsity)
     if comp:
@@ -83,6 +88,11 @@ def build_kwargs(model: str, method: str, batch: int, *, rank: int, img_size: in
             raise SystemExit(f"method {method!r}: write the compression as @c<ratio>, e.g. "
                              "snella@c2")
         kw["compress_ratio"] = float(comp[1:])
+    if factor:
+        if factor not in FACTOR_TARGETS or not comp:
+            raise SystemExit(f"method {method!r}: the factor suffix is :first or :both after "
+                             "a compression, e.g. snella@c2:first")
+        kw["target_modules"] = FACTOR_TARGETS[factor]
     if device:
         kw["device"] = device
     return kw

@@ -516,14 +516,16 @@ def build_train_step(model: str, *, method: str = "snella", rank: int = 8,
                      batch_size: int = 8, num_classes: int = 10, img_size: int | None = None,
                      weights: str | None = None, pretrained: bool = True,
                      compress_ratio: float | None = None, sparsity: float = 0.7,
-                     device: str | None = None, seed: int = 0):
+                     device: str | None = None, seed: int = 0,
+                     target_modules: str | None = None):
     """Build ``(model, step_fn)`` for the memory / speed benchmarks: one AdamW training step
     of ``method`` on a random batch (what a real step allocates: activations kept for
     backward, gradients, optimizer state). Used by ``trimtune.measure.memory``.
 
     For SNELLA the step also runs what :func:`trimtune.train.fit` runs after every optimizer
     step: the allocator callback (importance EMA update and, with ``schedule_unit="step"``,
-    the cross-layer reallocation), so its time and memory are part of the figure."""
+    the cross-layer reallocation), so its time and memory are part of the figure.
+    ``target_modules`` (SNELL / SNELLA) replaces the default target patterns."""
     torch.manual_seed(seed)
     if Path(model).is_dir():
         m = load_model(model, num_classes=num_classes)
@@ -535,8 +537,9 @@ def build_train_step(model: str, *, method: str = "snella", rank: int = 8,
         m = compress(m, ratio=compress_ratio, inplace=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     m.to(dev)
-    m, callbacks = prepare(m, FinetuneConfig(method=method, rank=rank, sparsity=sparsity),
-                           total_steps=100)
+    extra = {"target_modules": target_modules} if target_modules else {}
+    m, callbacks = prepare(m, FinetuneConfig(method=method, rank=rank, sparsity=sparsity,
+                                             method_kwargs=extra), total_steps=100)
     m.train()
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)

@@ -33,24 +33,40 @@ def name_matches(name: str, patterns: str | Sequence[str]) -> bool:
     return any(re.fullmatch(rf"(?:.*\.)?(?:{p})", name) for p in _as_patterns(patterns))
 
 
+LOWRANK_FACTOR = "second"  # the factor a matched factorised layer contributes (see find_targets)
+
+
+def _is_factorised(mod: nn.Module) -> bool:
+    """A ``trimtune.lowrank.LowRankLinear`` (or a stand-in with ``.first`` / ``.second``)."""
+    return isinstance(getattr(mod, "first", None), nn.Linear) and isinstance(
+        getattr(mod, "second", None), nn.Linear)
+
+
 def find_targets(model: nn.Module, patterns: str | Sequence[str] | None = None) -> list[str]:
     """Qualified names of the ``nn.Linear`` modules that ``patterns`` select, in model order.
 
-    A matched factorised layer (``trimtune.lowrank.LowRankLinear``) contributes its two
-    factor linears ``.first`` / ``.second``; other non-linear modules are skipped.
+    A matched factorised layer (``trimtune.lowrank.LowRankLinear``, ``W = W2 W1``) gets ONE
+    update, on its ``.second`` factor (r -> out): ``W2 + dW2``, merged exactly into ``W2``,
+    so tuning a compressed model adds no more units than the dense one had, and keeps for
+    backward only the r-wide input of ``.second`` (rather than the in-wide input of ``.first``
+    as well). Its factors' own names then do not count again; a pattern that matches a factor
+    but not the layer (e.g. ``"qkv\\.first"``) selects that factor.
 
     Raises:
         TrimtuneError: when no ``nn.Linear`` matches.
     """
     found: list[str] = []
+    owners: set[str] = set()  # matched factorised layers: their factors are already decided
     for name, mod in model.named_modules():
         if not name or not name_matches(name, _as_patterns(patterns)):
             continue
+        if name.rpartition(".")[0] in owners:
+            continue
         if isinstance(mod, nn.Linear):
             names = [name]
-        elif isinstance(getattr(mod, "first", None), nn.Linear) and isinstance(
-                getattr(mod, "second", None), nn.Linear):  # a trimtune.lowrank.LowRankLinear
-            names = [f"{name}.first", f"{name}.second"]
+        elif _is_factorised(mod):
+            owners.add(name)
+            names = [f"{name}.{LOWRANK_FACTOR}"]
         else:
             continue
         found += [n for n in names if n not in found]
