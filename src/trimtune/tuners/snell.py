@@ -53,6 +53,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import TrimtuneError
+from . import compiled
 from .kernels import Kernel, MixtureKernel, PiecewiseLinearKernel, merge_segments, split_segments
 
 SPARSIFY = ("code", "squared", "soft", "none")
@@ -71,23 +72,56 @@ def num_zeroed(sparsity: float, numel: int) -> int:
     return min(numel, int(math.floor(sparsity * numel + 1e-9)))
 
 
+#: below this many entries "auto" uses plain ``kthvalue`` on the CPU (sampling does not pay)
+SAMPLE_MIN_NUMEL = 1 << 16
+_SAMPLES = 1 << 14
+
+
 def kth_smallest(v: torch.Tensor, k: int, method: str = "auto") -> torch.Tensor:
     """The ``k``-th smallest entry (1-based) of the 1-D tensor ``v``, exactly.
 
-    ``method``: ``"kthvalue"`` (a selection: no buffer; the fast choice on the CPU),
-    ``"topk"`` (the max of the ``k`` smallest or the min of the ``n - k + 1`` largest,
-    whichever side is smaller: a buffer of at most n / 2 values + indices) or ``"auto"``:
-    topk on CUDA, where ``kthvalue`` is ~35x slower (11.8 ms vs 0.34 ms for 2.4M values on an
-    H100), kthvalue elsewhere. (``torch.quantile`` refuses inputs above 16M elements.)
+    ``method``:
+
+    - ``"kthvalue"``: a selection over all of ``v`` (a copy of ``v``, ~10 ns per entry on a CPU
+      core; its cost also depends on the data);
+    - ``"sample"``: the k-th value of a strided sample of ``2^14`` entries brackets the answer
+      in ``[lo, hi]`` (a +-4 sigma rank margin); one comparison pass counts the entries below
+      ``lo`` and picks the few in ``[lo, hi]`` (~2% of ``v``), and ``kthvalue`` on those gives
+      the exact answer, ties included. If the bracket misses (unlikely; or NaNs), it falls back
+      to ``"kthvalue"``, so the result is always exact;
+    - ``"topk"``: the max of the ``k`` smallest or the min of the ``n - k + 1`` largest,
+      whichever side is smaller (a buffer of at most n / 2 values + indices);
+    - ``"auto"``: topk on CUDA, where ``kthvalue`` is ~35x slower (11.8 ms vs 0.34 ms for
+      2.4M values on an H100); on the CPU "sample" from :data:`SAMPLE_MIN_NUMEL` entries,
+      kthvalue below. (``torch.quantile`` refuses inputs above 16M elements.)
     """
+    n = v.numel()
     if method == "auto":
-        method = "topk" if v.is_cuda else "kthvalue"
+        method = "topk" if v.is_cuda else "sample" if n >= SAMPLE_MIN_NUMEL else "kthvalue"
+    if method == "sample":
+        return _kth_sampled(v, k)
     if method == "kthvalue":
         return v.kthvalue(k).values
-    n = v.numel()
     if k <= n - k + 1:
         return v.topk(k, largest=False, sorted=False).values.max()
     return v.topk(n - k + 1, largest=True, sorted=False).values.min()
+
+
+def _kth_sampled(v: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`kth_smallest` by a sampled bracket refined exactly (see its ``"sample"``)."""
+    n = v.numel()
+    sample = v[::max(1, n // _SAMPLES)].sort().values
+    m = sample.numel()
+    q = (k - 0.5) / n
+    margin = 4.0 * math.sqrt(m * q * (1.0 - q)) + 4.0
+    lo = sample[max(0, int(q * m - margin))]
+    hi = sample[min(m - 1, int(math.ceil(q * m + margin)))]
+    below = int(torch.count_nonzero(v < lo))
+    band = v[(v >= lo) & (v <= hi)]
+    j = k - below  # the answer is the j-th smallest of the band iff 1 <= j <= len(band)
+    if 1 <= j <= band.numel():
+        return band.kthvalue(j).values
+    return v.kthvalue(k).values
 
 
 def magnitude_threshold(dw: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -259,6 +293,51 @@ def delta_vjp(kernel: Kernel, names: Sequence[str], cache: dict, mode: str,
     return ga, gb, [grads.get(n) for n in names]
 
 
+# ----------------------------------------------------------------------------- compiled path
+# The same maths fused by torch.compile (trimtune.tuners.compiled): a unit takes it when
+# compiled.use_compiled(...) says so, in forward and backward alike (both recompute dW with the
+# same code, so the mask recomputed in backward matches the forward's threshold).
+
+
+def _compiled_unit(kernel: Kernel, a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (closed_form_supported(kernel) and a.dim() == 2
+            and compiled.use_compiled(a.device, a.shape[0] * b.shape[0]))
+
+
+def _compiled_args(kernel: Kernel, names: Sequence[str], a: torch.Tensor, b: torch.Tensor,
+                   kparams: Sequence[torch.Tensor]) -> tuple:
+    """``(a3, bt, coeffs, alpha, gamma, beta)`` for :mod:`.compiled`: contiguous
+    (P, d_in, r/P) and (P, r/P, d_out) factors and the kernel scalars in the factors' dtype."""
+    p = _kernel_params(kernel, names, kparams)
+    seg, dt = kernel.segments, a.dtype
+    a3 = split_segments(a, seg).contiguous()
+    bt = split_segments(b, seg).transpose(1, 2).contiguous()
+    zero = a.new_zeros(())
+    scal = [p[n].to(dt) if n in p else zero for n in ("alpha", "gamma", "beta")]
+    return (a3, bt, p["coeffs"].to(dt), *scal)
+
+
+def _mode_tensors(mode: str, t: torch.Tensor | None, like: torch.Tensor) -> tuple:
+    """``(t, sub, two, plain)`` of :mod:`.compiled` for a sparsify mode (tensors: no recompile
+    when the threshold or the sparsity changes); t = 0 when nothing competes."""
+    tt = like.new_zeros(()) if t is None else t.to(like.dtype)
+    sub = tt if mode == "soft" else like.new_zeros(())
+    two = like.new_tensor(1.0 if mode == "code" else 2.0)
+    return tt, sub, two, like.new_tensor(1.0 if mode == "none" else 0.0)
+
+
+def _compiled_forward_delta(kernel: Kernel, names: Sequence[str], a: torch.Tensor,
+                            b: torch.Tensor, kparams: Sequence[torch.Tensor], sparsity: float,
+                            mode: str) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:
+    """``(dW, t, (t, sub, plain))``: the dense update (not sparsified) and its threshold."""
+    with torch.no_grad(), torch.autocast(a.device.type, enabled=False):
+        args = _compiled_args(kernel, names, a, b, kparams)
+        dw = compiled.call("dense", *args, isinstance(kernel, MixtureKernel))
+        t = competition_threshold(dw, sparsity, mode)
+        tt, sub, _, plain = _mode_tensors(mode, t, dw)
+    return dw, t, (tt, sub, plain)
+
+
 class SparseDeltaFunction(torch.autograd.Function):
     """``y = x @ sparsify(kernel(A, B))`` that recomputes ``dW`` in backward.
 
@@ -332,18 +411,25 @@ class FusedSnellFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, units, *params):
         with torch.no_grad():
-            parts, ts, i = [], [], 0
+            parts, ts, fast, i, o0 = [], [], [], 0, 0
             for kernel, sparsity, mode, names in units:
                 n = 2 + len(names)
                 a, b, *kp = params[i:i + n]
-                dws, t = _forward_delta(kernel, names, a, b, kp, sparsity, mode)
-                parts.append(dws)
+                fast.append(_compiled_unit(kernel, a, b))
+                if fast[-1]:  # the unit's rows of W' = W + dW_s^T in one fused pass
+                    dw, t, mt = _compiled_forward_delta(kernel, names, a, b, kp, sparsity, mode)
+                    parts.append(compiled.call("merge", weight[o0:o0 + b.shape[0]], dw, *mt))
+                    del dw
+                else:
+                    dws, t = _forward_delta(kernel, names, a, b, kp, sparsity, mode)
+                    parts.append(weight[o0:o0 + b.shape[0]] + dws.T.to(weight.dtype))
+                    del dws
                 ts.append(t)
-                i += n
-            dws = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (in, out)
-            w = weight + dws.T.to(weight.dtype)  # (out, in) temporary
+                i, o0 = i + n, o0 + b.shape[0]
+            w = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)  # (out, in) temporary
+            del parts
             y = F.linear(x, w, bias)  # ambient autocast applies, as for the base layer
-        ctx.units, ctx.n_ts = units, len(ts)
+        ctx.units, ctx.n_ts, ctx.fast = units, len(ts), tuple(fast)
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, *ts, *params)
         return y
@@ -355,7 +441,7 @@ class FusedSnellFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         if all(closed_form_supported(u[0]) for u in ctx.units):  # factors: 2-D (SparseDelta)
             gx, g_w, g_b, grads = _fused_closed_backward(ctx.units, ctx.has_bias, x, weight, ts,
-                                                         params, gy, need)
+                                                         params, gy, need, ctx.fast)
             return (gx, g_w, g_b, None, *grads)
         flags = need[4:]
         with torch.enable_grad():
@@ -404,7 +490,8 @@ def _row_blocks(d_in: int, d_out: int, device: torch.device) -> list[tuple[int, 
     return [(i, min(i + rows, d_in)) for i in range(0, d_in, rows)]
 
 
-def _fused_closed_backward(units, has_bias: bool, x, weight, ts, params, gy, need):
+def _fused_closed_backward(units, has_bias: bool, x, weight, ts, params, gy, need,
+                           fast: Sequence[bool] | None = None):
     """Backward of :class:`FusedSnellFunction` with the closed-form kernel VJP, one row block
     of each unit's update at a time: ``grad_x = g W'`` built from the matching blocks of
     ``W' = W + dW_s^T`` (never whole; the same matmul work as one full product), and the
@@ -419,12 +506,17 @@ def _fused_closed_backward(units, has_bias: bool, x, weight, ts, params, gy, nee
     g_b = g2.sum(0) if need[2] and has_bias else None
     grads: list[torch.Tensor | None] = [None] * len(params)
     i, o0 = 0, 0
-    for (kernel, _, mode, names), t in zip(units, ts):
+    for u, ((kernel, _, mode, names), t) in enumerate(zip(units, ts)):
         n = 2 + len(names)
         a, b, *kp = params[i:i + n]
         fa, fb, fk = flags[i], flags[i + 1], flags[i + 2:i + n]
         o1 = o0 + b.shape[0]
         gu = g2[:, o0:o1]
+        if fast is not None and fast[u]:
+            grads[i:i + n] = _compiled_unit_backward(kernel, names, mode, t, a, b, kp, x2, gu,
+                                                     weight[o0:o1], gx, flags[i:i + n])
+            i, o0 = i + n, o1
+            continue
         ga = torch.zeros_like(a) if fa else None
         gb = torch.zeros_like(b) if fb else None
         gk: list[torch.Tensor | None] = [None] * len(names)
@@ -450,6 +542,45 @@ def _fused_closed_backward(units, has_bias: bool, x, weight, ts, params, gy, nee
                 grads[i + j] = g if g is not None else torch.zeros_like(params[i + j])
         i, o0 = i + n, o1
     return (gx.reshape(x.shape).to(x.dtype) if gx is not None else None), g_w, g_b, grads
+
+
+def _compiled_unit_backward(kernel: Kernel, names: Sequence[str], mode: str,
+                            t: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                            kp: Sequence[torch.Tensor], x2: torch.Tensor, gu: torch.Tensor,
+                            w: torch.Tensor, gx: torch.Tensor | None, flags: Sequence[bool]
+                            ) -> list[torch.Tensor | None]:
+    """One unit of :func:`_fused_closed_backward` on the compiled path, in row blocks: adds
+    the unit's ``gu @ W'_u`` to ``gx`` (N, in) when given and returns ``[gA, gB, *g_kernel]``
+    (None where not flagged). ``w``: the unit's (out_u, in) rows of the frozen weight."""
+    with torch.no_grad(), torch.autocast(a.device.type, enabled=False):
+        a3, bt, *scal = _compiled_args(kernel, names, a, b, kp)
+        mt = _mode_tensors(mode, t, a3)
+        mixture = isinstance(kernel, MixtureKernel)
+        want = any(flags)
+        ga3, gb3, gsc = torch.zeros_like(a3), torch.zeros_like(bt), None
+        for r0, r1 in _row_blocks(a.shape[0], b.shape[0], a.device):
+            w_blk = None if gx is None else w[:, r0:r1]
+            if want:
+                g_blk = x2[:, r0:r1].T.to(a.dtype) @ gu.to(a.dtype)  # (rows, out_u)
+                w_out, ga_b, gb_b, *gs = compiled.call("vjp", a3[:, r0:r1], bt, *scal, *mt,
+                                                       g_blk, w_blk, mixture)
+                del g_blk
+                ga3[:, r0:r1] = ga_b
+                gb3 += gb_b
+                gsc = gs if gsc is None else [s0 + s1 for s0, s1 in zip(gsc, gs)]
+            elif w_blk is not None:  # frozen factors: only grad_x
+                dw = compiled.call("dense", a3[:, r0:r1], bt, *scal, mixture)
+                w_out = compiled.call("merge", w_blk, dw, mt[0], mt[1], mt[3])
+                del dw
+            if gx is not None:
+                gx[:, r0:r1] += gu @ w_out.to(gu.dtype)
+                del w_out
+        if not want:
+            return [None] * len(flags)
+        by_name = dict(zip(("coeffs", "alpha", "gamma", "beta"), gsc))
+        grads = [merge_segments(ga3), merge_segments(gb3.transpose(1, 2)),
+                 *(by_name[nm].to(p.dtype) for nm, p in zip(names, kp))]
+    return [g if f else None for g, f in zip(grads, flags)]
 
 
 class SparseDelta(nn.Module):
