@@ -1,24 +1,31 @@
-"""Where a SNELL / SNELLA step spends its time, op by op (issue 7's speed analysis).
+"""Where a SNELL / SNELLA step spends its time, op by op (issues 7 and 17).
 
-Three measurements on the current device (CUDA when available), each interleaved so that
-background load hits every variant alike:
+Measurements on the current device (CUDA when available), each interleaved in one process so
+that background load hits every variant alike:
 
-1. the exact k-th value of |dW| (a 768 x 3072 update, sparsity 0.7) by ``torch.kthvalue``,
-   ``torch.sort`` and ``torch.topk`` of the smaller side (``snell.kth_smallest``);
-2. forward + backward of one fused ``SnellLinear`` (768 -> 3072, mixture kernel, r = 8) with
-   the hand-written kernel backward (``snell.delta_vjp``) against autograd through the
-   recomputed update;
-3. one AdamW training step (``pipeline.build_train_step``, SNELLA allocator included) of
-   lora, snell and snella on ``--model`` at ``--batch``.
+1. the exact k-th value of |dW| (a 768 x 3072 mixture-kernel update, sparsity 0.7) by
+   ``torch.kthvalue``, the sampled bracket refined exactly, ``torch.sort`` and ``torch.topk``
+   of the smaller side (``snell.kth_smallest``);
+2. forward + backward of one fused ``SnellLinear`` (768 -> 3072, mixture kernel, r = 8): the
+   compiled path (``trimtune.tuners.compiled``), the eager closed-form backward
+   (``snell.delta_vjp``) and autograd through the recomputed update;
+3. for every ``--models`` x ``--batches``: one AdamW training step
+   (``pipeline.build_train_step``, SNELLA allocator included) of PEFT lora, snella on the
+   eager path (``TRIMTUNE_COMPILE=0``) and snella on the default path (compiled on the CPU),
+   ``--reps`` interleaved rounds after a warm-up step (which compiles); ratios to lora;
+4. ``--profile``: torch.profiler's top ops of one step of the default snella path on the first
+   model at the first batch.
 
-Run:  .venv/bin/python benchmarks/bench_snell_ops.py [--model vit_base_patch16_224]
-          [--batch 8] [--reps 5] [--device cuda]
+Run (the issue 17 table, ~40 min on a shared 2-core CPU):
+    .venv/bin/python benchmarks/bench_snell_ops.py --tag cpu
+Quick:  ... --models vit_base_patch16_224 --batches 8 --reps 2 --sections steps
 Writes benchmarks/results/snell_ops_<tag>.{md,json}.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -54,12 +61,36 @@ def timed(fns: dict, reps: int, device: torch.device) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def mixture_update(device: torch.device) -> torch.Tensor:
+    """|dW| of a freshly initialised 768 x 3072 mixture unit (the real value distribution)."""
+    torch.manual_seed(0)
+    u = snell.SparseDelta(768, 3072, 8, create_kernel("mixture", 2), sparsity=0.7).to(device)
+    with torch.no_grad():
+        return u.dense_delta().abs().flatten()
+
+
 def threshold_ops(device: torch.device, reps: int) -> dict[str, float]:
-    v = torch.rand(768 * 3072, device=device)
+    v = mixture_update(device)
     k = snell.num_zeroed(0.7, v.numel())
     return timed({"kthvalue": lambda: snell.kth_smallest(v, k, "kthvalue"),
+                  "sample + exact refine": lambda: snell.kth_smallest(v, k, "sample"),
                   "sort": lambda: v.sort().values[k - 1],
                   "topk (smaller side)": lambda: snell.kth_smallest(v, k, "topk")}, reps, device)
+
+
+def with_compile(setting: str, f):
+    """``f`` run with ``TRIMTUNE_COMPILE=setting`` (restored afterwards)."""
+    def g() -> None:
+        old = os.environ.get("TRIMTUNE_COMPILE")
+        os.environ["TRIMTUNE_COMPILE"] = setting
+        try:
+            f()
+        finally:
+            if old is None:
+                os.environ.pop("TRIMTUNE_COMPILE")
+            else:
+                os.environ["TRIMTUNE_COMPILE"] = old
+    return g
 
 
 def layer_backward(device: torch.device, reps: int, tokens: int) -> dict[str, float]:
@@ -68,61 +99,113 @@ def layer_backward(device: torch.device, reps: int, tokens: int) -> dict[str, fl
         u = snell.SparseDelta(768, 3072, 8, create_kernel("mixture", 2), sparsity=0.7)
         return snell.SnellLinear(nn.Linear(768, 3072), [u]).to(device)
 
-    layers = {"closed form": make(), "autograd": make()}
+    layers = {"compiled": make(), "closed form": make(), "autograd": make()}
     x = torch.randn(tokens, 768, device=device)
     real = snell.closed_form_supported
 
     def run(name: str):
         def f() -> None:
-            snell.closed_form_supported = real if name == "closed form" else (lambda k: False)
+            snell.closed_form_supported = real if name != "autograd" else (lambda k: False)
             try:
                 layers[name](x.clone().requires_grad_(True)).square().mean().backward()
             finally:
                 snell.closed_form_supported = real
-        return f
+        return with_compile("1" if name == "compiled" else "0", f)
 
     return timed({n: run(n) for n in layers}, reps, device)
 
 
+STEP_VARIANTS = {"lora": ("lora", "0"), "snella eager": ("snella", "0"),
+                 "snella": ("snella", "auto")}
+
+
 def train_steps(model: str, batch: int, device: torch.device, reps: int) -> dict[str, float]:
-    steps = {m: build_train_step(model, method=m, batch_size=batch, pretrained=False,
-                                 device=str(device))[1] for m in ("lora", "snell", "snella")}
+    """Step seconds of :data:`STEP_VARIANTS` (the snella variants share nothing: two models)."""
+    steps = {}
+    for name, (method, setting) in STEP_VARIANTS.items():
+        _, step = build_train_step(model, method=method, batch_size=batch,
+                                   pretrained=False, device=str(device))
+        steps[name] = with_compile(setting, step)
     return timed(steps, reps, device)
+
+
+def profile_step(model: str, batch: int, device: torch.device, rows: int = 12) -> list:
+    """Top ops (self time) of one default-path snella step after a warm-up step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _, step = build_train_step(model, method="snella", batch_size=batch, pretrained=False,
+                               device=str(device))
+    step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+    ev = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ev) or 1.0
+    top = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:rows]
+    return [(e.key[:60], e.self_cpu_time_total / 1e3, e.self_cpu_time_total / total, e.count)
+            for e in top]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="vit_base_patch16_224",
-                    help="timm name, random init (speed does not depend on the weights)")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--models", nargs="+",
+                    default=["vit_base_patch16_224", "dinov2_small.imgfocus"],
+                    help="timm or zoo names, random init (speed does not depend on the weights)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sections", nargs="+", default=["threshold", "layer", "steps", "profile"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tag", default=None, help="results file snell_ops_<tag> (default: device)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
-    res = {}
-    log("threshold of a 768 x 3072 update")
-    res["threshold_s"] = threshold_ops(dev, a.reps)
-    log("one 768 -> 3072 SNELLA layer, forward + backward")
-    res["layer_s"] = layer_backward(dev, a.reps, tokens=a.batch * 50)
-    log(f"training steps of {a.model} at batch {a.batch}")
-    res["step_s"] = train_steps(a.model, a.batch, dev, a.reps)
+    res: dict = {"steps": {}}
+    md = [f"# SNELL / SNELLA op costs ({a.device})", "",
+          f"Medians of {a.reps} interleaved repetitions after one warm-up (which compiles). "
+          "The machine is shared with other engineers' jobs: absolute times carry their load, "
+          "ratios measured interleaved in one process are the figures to read.", ""]
 
     def table(d: dict[str, float], ref: str) -> str:
         return md_table(["variant", "median ms", f"x {ref}"],
                         [[k, f"{1e3 * v:.2f}", f"{v / d[ref]:.2f}"] for k, v in d.items()])
 
+    if "threshold" in a.sections:
+        log("threshold of a 768 x 3072 update")
+        res["threshold_s"] = threshold_ops(dev, max(a.reps, 5))
+        md += ["## Exact k-th value of |dW| (768 x 3072 mixture update, sparsity 0.7)", "",
+               table(res["threshold_s"], "kthvalue"), ""]
+    if "layer" in a.sections:
+        log("one 768 -> 3072 SNELLA layer, forward + backward")
+        res["layer_s"] = layer_backward(dev, max(a.reps, 5), tokens=8 * 197)
+        md += ["## One fused SNELLA layer 768 -> 3072, r = 8, 1576 tokens (ViT-B batch 8), "
+               "forward + backward", "", table(res["layer_s"], "autograd"), ""]
+    if "steps" in a.sections:
+        rows = []
+        for model in a.models:
+            for batch in a.batches:
+                log(f"training steps of {model} at batch {batch}")
+                r = train_steps(model, batch, dev, a.reps)
+                res["steps"][f"{model}|{batch}"] = r
+                rows.append([model, batch, *(f"{1e3 * r[v]:.0f}" for v in STEP_VARIANTS),
+                             f"{r['snella eager'] / r['lora']:.2f}",
+                             f"{r['snella'] / r['lora']:.2f}"])
+                write_results(f"snell_ops_{a.tag or a.device}", "\n".join(md), res)
+        md += ["## One AdamW training step, rank 8, sparsity 0.7 (random init, 224 px)", "",
+               "`snella eager`: `TRIMTUNE_COMPILE=0` (the code before issue 17's compiled "
+               "path, with the sampled threshold); `snella`: the default path.", "",
+               md_table(["model", "batch", *(f"{v} ms" for v in STEP_VARIANTS),
+                         "eager / lora", "snella / lora"], rows), ""]
+    if "profile" in a.sections:
+        log(f"profile of a snella step, {a.models[0]} batch {a.batches[0]}")
+        res["profile"] = profile_step(a.models[0], a.batches[0], dev)
+        md += [f"## Where a snella step goes: {a.models[0]}, batch {a.batches[0]} "
+               "(torch.profiler, self time, one step after a warm-up)", "",
+               md_table(["op", "self ms", "share", "calls"],
+                        [[f"`{k}`", f"{ms:.0f}", f"{sh * 100:.0f}%", c]
+                         for k, ms, sh, c in res["profile"]]), ""]
     info = machine_info()
-    md = [f"# SNELL / SNELLA op costs ({a.device})", "",
-          f"Medians of {a.reps} interleaved repetitions after one warm-up.", "",
-          "## Exact k-th value of |dW| (768 x 3072, sparsity 0.7)", "",
-          table(res["threshold_s"], "kthvalue"), "",
-          f"## One fused SNELLA layer 768 -> 3072, r = 8, {a.batch * 50} tokens, forward + "
-          "backward", "", table(res["layer_s"], "autograd"), "",
-          f"## One AdamW training step, {a.model} (random init), batch {a.batch}", "",
-          table(res["step_s"], "lora"), "", "## Machine", "", machine_markdown(info), ""]
+    md += ["## Machine", "", machine_markdown(info), ""]
     write_results(f"snell_ops_{a.tag or a.device}", "\n".join(md),
                   {"args": vars(a), "machine": info, "results": res})
     print("\n".join(md))
