@@ -13,8 +13,10 @@ that background load hits every variant alike:
    (``pipeline.build_train_step``, SNELLA allocator included) of PEFT lora, snella on the
    eager path (``TRIMTUNE_COMPILE=0``) and snella on the default path (compiled on the CPU),
    ``--reps`` interleaved rounds after a warm-up step (which compiles); ratios to lora;
-4. ``--profile``: torch.profiler's top ops of one step of the default snella path on the first
-   model at the first batch.
+4. ``profile``: torch.profiler's top ops of one step of the default snella path on the first
+   model at the first batch;
+5. ``rss`` (run alone in a fresh process, ``--sections rss``): the resident memory the
+   compiler runtime adds.
 
 Run (the issue 17 table, ~40 min on a shared 2-core CPU):
     .venv/bin/python benchmarks/bench_snell_ops.py --tag cpu
@@ -115,6 +117,28 @@ def layer_backward(device: torch.device, reps: int, tokens: int) -> dict[str, fl
     return timed({n: run(n) for n in layers}, reps, device)
 
 
+def compile_rss() -> dict[str, float]:
+    """Resident memory (MB) the compiled path adds to a process: one fused DINOv2-S-sized
+    MLP unit (384 -> 1536) trained one step eagerly, then one step compiled (the compiler
+    runtime, its graphs and kernels), then three more. Meaningful only as the first section of
+    a fresh process (``--sections rss``)."""
+    def rss() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmRSS"))
+
+    torch.manual_seed(0)
+    u = snell.SparseDelta(384, 1536, 8, create_kernel("mixture", 2), sparsity=0.7)
+    layer = snell.SnellLinear(nn.Linear(384, 1536), [u])
+    x = torch.randn(64, 384, requires_grad=True)
+    with_compile("0", lambda: layer(x).sum().backward())()
+    eager = rss()
+    with_compile("1", lambda: layer(x).sum().backward())()
+    first = rss()
+    for _ in range(3):
+        with_compile("1", lambda: layer(x).sum().backward())()
+    return {"eager_mb": eager, "compiled_first_mb": first, "compiled_later_mb": rss()}
+
+
 STEP_VARIANTS = {"lora": ("lora", "0"), "snella eager": ("snella", "0"),
                  "snella": ("snella", "auto")}
 
@@ -170,6 +194,15 @@ def main(argv=None) -> int:
         return md_table(["variant", "median ms", f"x {ref}"],
                         [[k, f"{1e3 * v:.2f}", f"{v / d[ref]:.2f}"] for k, v in d.items()])
 
+    if "rss" in a.sections:
+        log("resident memory of the compiled path (fresh process)")
+        r = res["rss"] = compile_rss()
+        md += ["## Resident memory the compiled path adds (first section of a fresh process)", "",
+               f"RSS after an eager step of a 384 -> 1536 unit {r['eager_mb']:.0f} MB; after "
+               f"the first compiled step {r['compiled_first_mb']:.0f} MB "
+               f"(+{r['compiled_first_mb'] - r['eager_mb']:.0f} MB: compiler runtime, graphs, "
+               f"kernels; a warm on-disk Inductor cache makes this a load, not a build); after "
+               f"three more {r['compiled_later_mb']:.0f} MB.", ""]
     if "threshold" in a.sections:
         log("threshold of a 768 x 3072 update")
         res["threshold_s"] = threshold_ops(dev, max(a.reps, 5))

@@ -35,6 +35,13 @@ then ``grad_x = g @ W'`` and ``grad_dW_s = x^T g``, and autograd through the ker
 ``B`` and the kernel scalars: 3 full-size matmuls per layer (LoRA: 2) instead of 5 for the
 unfused branch. The unfused path remains for branch dropout / drop-path > 0 (the authors' 0.1).
 
+Compiled path (CPU default for large units). The fused layer's per-unit element-wise work
+(distances, kernel, softmax, mask, W', and the closed-form VJP) runs as a few
+``torch.compile``-fused loops (:mod:`trimtune.tuners.compiled`; ``TRIMTUNE_COMPILE=0`` turns
+it off, ``1`` forces it everywhere) instead of ~20 ATen passes over the (d_in, d_out) update;
+the threshold is still an exact k-th value (:func:`kth_smallest`, a sampled bracket refined
+exactly on the CPU). Small units (tests, tiny models) stay on the eager closed form.
+
 A :class:`SparseDelta` is one (A, B, kernel, sparsity) unit for one (d_in, d_out) block; a
 :class:`SnellLinear` wraps the frozen base linear and concatenates the outputs of its units
 (one unit, or three for timm's fused ``qkv``: separate q, k, v updates as the authors).
