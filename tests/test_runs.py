@@ -280,3 +280,19 @@ def test_sigterm_to_the_cli_writes_a_checkpoint_and_says_how_to_resume(tmp_path)
     r = cli([*args, "--resume", "--max-steps", str(step + 4)], {})
     assert r.returncode == 0, r.stderr[-2000:]
     assert read_json(out / "checkpoint" / "meta.json")["step"] == step + 4
+
+
+def test_ema_is_what_is_selected_and_saved(tmp_path):
+    """Before: --ema changed nothing that was saved. Now the average is evaluated, selected
+    and saved; the checkpoint keeps the trained weights for resume."""
+    plain = finetune(tiny_backbone(), DATA, config(tmp_path / "plain", "lora"))
+    avg = finetune(tiny_backbone(), DATA, config(tmp_path / "ema", "lora", ema=0.5))
+    a = read_safetensors(tmp_path / "plain" / "adapter" / "adapter_model.safetensors")
+    b = read_safetensors(tmp_path / "ema" / "adapter" / "adapter_model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    live = torch.load(tmp_path / "ema" / "checkpoint" / "state.pt", weights_only=False)
+    ema_state = live["ema"]
+    for k, v in b.items():  # the saved adapter is the EMA average, not the trained weights
+        key = k if k in ema_state else "module." + k
+        assert torch.equal(v, ema_state[key]), k
+    assert plain.model is not None and avg.model is not None

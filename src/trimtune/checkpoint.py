@@ -87,6 +87,16 @@ def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, 
             f"{path} is damaged or not a safetensors file ({e}); re-create it") from e
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (read in 16 MiB chunks): the identity of a base model."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def torch_save_atomic(obj: Any, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from . import __version__
-from .checkpoint import new_run_dir, read_json, read_safetensors, run_folder, write_json, write_safetensors
+from .checkpoint import file_sha256, new_run_dir, read_json, read_safetensors, run_folder, write_json, write_safetensors
 from .data import build_transform, load_dataset, stratified_choice, train_split_beside
 from .errors import TrimtuneError
 from .lowrank import DistillConfig, is_compressed, load_compressed, save_compressed, set_trainable
@@ -110,6 +110,7 @@ def distill(student: nn.Module, teacher: nn.Module | str, data: Dataset | str,
     if isinstance(teacher, str):
         teacher = load_model(teacher, num_classes=getattr(student, "num_classes", None),
                              img_size=_img_size(student))
+    _check_pair(student, teacher)
     ds = _as_dataset(data, "train", build_transform(student, train=False), tc.seed)
     if max_images and max_images < len(ds):
         ds = ds.subset(stratified_choice(ds.targets, max_images, tc.seed))
@@ -118,6 +119,19 @@ def distill(student: nn.Module, teacher: nn.Module | str, data: Dataset | str,
     settings.update(data=_describe_data(data, ds), teacher=_identity(teacher),
                     student=_identity(student))
     return fit(student, ds, cfg.objective(teacher), tc, settings=settings)
+
+
+def _check_pair(student: nn.Module, teacher: nn.Module) -> None:
+    """Distillation matches features block by block: the teacher must have the student's width,
+    depth and resolution (it is the model the student was compressed from)."""
+    for what, get in (("width", lambda m: getattr(m, "num_features", None)),
+                      ("depth (blocks)", lambda m: len(m.blocks) if hasattr(m, "blocks") else None),
+                      ("image size", _img_size)):
+        s, t = get(student), get(teacher)
+        if s is not None and t is not None and s != t:
+            raise TrimtuneError(f"teacher {what} {t} != student {what} {s}: distil from the model "
+                                "the student was compressed from (same architecture and "
+                                "--img-size)")
 
 
 def _img_size(model: nn.Module) -> int | None:
@@ -341,11 +355,14 @@ def _finetune(model, data, cfg: FinetuneConfig, eval_data, test_data, base_spec,
     eval_ds = _as_dataset(eval_data, "val", tf_eval, seed)
     test_ds = _as_dataset(test_data, "test", tf_eval, seed)
 
+    base_spec = _with_identity(base_spec)
     if out and base_spec is None:
         # an in-memory base (e.g. compressed + distilled) cannot be rebuilt from a name: keep
-        # its weights in the run folder so load_model(run_dir) gives back the tuned model
-        save_model(model, out / "base")
-        base_spec = {"model": "base"}
+        # its weights in the run folder so load_model(run_dir) gives back the tuned model;
+        # their hash is compared on resume (the folder is not rewritten before that)
+        if not (tc.resume and (out / "base").is_dir()):
+            save_model(model, out / "base")
+        base_spec = {"model": "base", "weights_sha256": _state_sha256(model)}
     # the schedules (SNELLA allocator, AdaLoRA) take the loop's total steps (epochs x whole
     # steps per epoch x processes): max_steps only stops early, so a resumed run matches
     if cfg.drop_path_rate:
@@ -361,11 +378,10 @@ def _finetune(model, data, cfg: FinetuneConfig, eval_data, test_data, base_spec,
         return {"val_acc": r.top1}
 
     run_base = base_spec or _base_spec(model)
-    if out:
-        write_json(out / "run.json", {
-            "trimtune_version": __version__, "kind": "finetune", "config": cfg.to_dict(),
-            "base": run_base, "data": _describe_data(data, train_ds),
-        })
+    run_json = {"trimtune_version": __version__, "kind": "finetune", "config": cfg.to_dict(),
+                "base": run_base, "data": _describe_data(data, train_ds)}
+    if out and not tc.resume:  # a resume rewrites it only once its settings were accepted
+        write_json(out / "run.json", run_json)
     # what changes the result besides the loop's own settings: compared on resume
     settings = {k: v for k, v in cfg.to_dict().items() if k != "train"}
     settings.update(data=_describe_data(data, train_ds),
@@ -376,6 +392,8 @@ def _finetune(model, data, cfg: FinetuneConfig, eval_data, test_data, base_spec,
                  callbacks=[*callbacks, best], eval_fn=eval_fn if eval_ds is not None else None,
                  settings=settings)
     best.restore(model)
+    if out and tc.resume:
+        write_json(out / "run.json", run_json)
     test = None
     if test_ds is not None:
         r = evaluate_model(model, test_ds, batch_size=max(64, tc.batch_size))
@@ -423,6 +441,51 @@ def _as_dataset(data, split: str, transform, seed: int = 0) -> Dataset | None:
 def _describe_data(spec, ds) -> dict:
     return {"spec": spec if isinstance(spec, str) else getattr(ds, "spec", type(ds).__name__),
             "num_images": len(ds), "num_classes": getattr(ds, "num_classes", None)}
+
+
+def _state_sha256(model: nn.Module) -> str:
+    """SHA-256 of a model's state dict (names, dtypes, shapes, bytes): an in-memory base's id."""
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+def _base_files(spec: dict) -> list[Path]:
+    """The files a base named in run.json is read from (a model folder's weights, --weights)."""
+    files = []
+    if spec.get("model") and (Path(spec["model"]) / "model.safetensors").is_file():
+        files.append(Path(spec["model"]) / "model.safetensors")
+    if spec.get("weights") and Path(spec["weights"]).is_file():
+        files.append(Path(spec["weights"]))
+    return files
+
+
+def _with_identity(spec: dict | None) -> dict | None:
+    """``spec`` plus the SHA-256 of the files the base is read from: a base replaced after
+    fine-tuning is then refused when the run is loaded (and on resume)."""
+    if spec is None:
+        return None
+    spec = dict(spec)
+    files = _base_files(spec)
+    if files:
+        spec["sha256"] = {str(f): file_sha256(f) for f in files}
+    return spec
+
+
+def _check_identity(spec: dict, run_dir: Path) -> None:
+    for f, digest in (spec.get("sha256") or {}).items():
+        if not Path(f).is_file():
+            raise TrimtuneError(f"the base of {run_dir} is gone: {f} not found; restore it "
+                                "(run.json names it)")
+        now = file_sha256(f)
+        if now != digest:
+            raise TrimtuneError(f"the base {f} changed since {run_dir} was trained (sha256 "
+                                f"{digest[:12]} -> {now[:12]}): restore the original base, or "
+                                "fine-tune again on the new one")
 
 
 def _identity(model: nn.Module) -> dict:
@@ -476,6 +539,7 @@ def load_run(run_dir: str | Path) -> nn.Module:
         spec = base["model"]
         if (run_dir / spec).is_dir():  # the base kept inside the run folder
             spec = str(run_dir / spec)
+        _check_identity(base, run_dir)
         model = load_model(spec, num_classes=base.get("num_classes"),
                            img_size=base.get("img_size"), weights=base.get("weights"))
     else:
@@ -483,15 +547,21 @@ def load_run(run_dir: str | Path) -> nn.Module:
         if base.get("compressed"):
             factorise_like(model, base["compressed"]["ranks"])
     adapter = run_dir / "adapter"
-    if cfg.method in SNELL_METHODS:
-        load_adapter(model, adapter)
-    else:
-        state = read_safetensors(adapter / "adapter_model.safetensors")
-        model, _ = prepare(model, cfg, total_steps=1)
-        _, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected:
-            raise TrimtuneError(f"adapter in {run_dir} does not fit its base: unexpected "
-                                f"tensors {unexpected[:5]}; was run.json edited?")
+    try:
+        if cfg.method in SNELL_METHODS:
+            load_adapter(model, adapter)
+        else:
+            state = read_safetensors(adapter / "adapter_model.safetensors")
+            model, _ = prepare(model, cfg, total_steps=1)
+            _, unexpected = model.load_state_dict(state, strict=False)
+            if unexpected:
+                raise TrimtuneError(f"adapter in {run_dir} does not fit its base: unexpected "
+                                    f"tensors {unexpected[:5]}; was run.json edited?")
+    except RuntimeError as e:  # torch: size mismatch of a tensor
+        shape = str(e).split("size mismatch for ", 1)[-1].split("\n")[0][:160]
+        raise TrimtuneError(f"adapter in {run_dir} does not fit the base {base.get('model', '')}"
+                            f" ({shape}): the base is not the model this run was trained on; "
+                            "restore that base or fine-tune again") from e
     model.eval()
     return model
 

@@ -163,5 +163,7 @@ def test_best_weights_ema_stop_callback_and_cpu_fp16_note(tmp_path):
     saved = read_safetensors(tmp_path / "best" / "model.safetensors")
     assert set(saved) == {"1.weight", "1.bias", "3.weight", "3.bias"}  # trainable only
     ema = res.ema.module.state_dict()
-    assert not torch.equal(ema["3.weight"], model.state_dict()["3.weight"])
+    live = load_checkpoint(tmp_path)["model"]  # the trained (not averaged) weights
+    assert not torch.equal(ema["3.weight"], live["3.weight"])
+    assert torch.equal(ema["3.weight"], model.state_dict()["3.weight"])  # the result: the EMA
     assert torch.equal(ema["0.weight"], model.state_dict()["0.weight"])  # frozen: unchanged

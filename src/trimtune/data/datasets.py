@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..errors import TrimtuneError
@@ -104,9 +104,27 @@ class ArrayDataset(LabeledDataset):
                             self.transform, self.spec, self.split if split is None else split)
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """A PIL image as 8-bit RGB. 16-bit (``I;16*``) and 32-bit integer (``I``) grey images are
+    scaled from their 16-bit range (PIL's own ``convert`` clips them to 255: almost all white);
+    float (``F``) images from [0, 1] when they fit, else from their own min..max."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            lo, hi = (0.0, 1.0) if a.size and a.min() >= 0 and a.max() <= 1 else (
+                float(a.min(initial=0)), float(a.max(initial=1)))
+            a = (a - lo) / max(hi - lo, 1e-12) * 255.0
+        elif image.mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = a / 257.0  # 65535 -> 255
+        image = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
 def _default_loader(path: str) -> Image.Image:
     with open(path, "rb") as f:
-        return Image.open(f).convert("RGB")
+        image = Image.open(f)
+        image.load()  # decode now, inside the open file: a truncated file fails here
+        return to_rgb(image)
 
 
 class FileDataset(LabeledDataset):
@@ -128,10 +146,15 @@ class FileDataset(LabeledDataset):
     def load_image(self, index: int) -> Image.Image:
         path = self.samples[index][0]
         try:
-            return self.loader(path).convert("RGB")
+            return to_rgb(self.loader(path))
         except FileNotFoundError as e:
             raise TrimtuneError(f"image {path} listed in {self.spec!r} ({self.split}) is missing: "
                                 "restore the file or remove it from the list") from e
+        except (OSError, SyntaxError, ValueError) as e:  # PIL: unidentified, truncated, broken
+            why = ("not an image file PIL can read" if isinstance(e, UnidentifiedImageError)
+                   else f"{type(e).__name__}: {e}")
+            raise TrimtuneError(f"image {path} in {self.spec!r} ({self.split}) cannot be read "
+                                f"({why}): replace or delete the file") from e
 
     def subset(self, indices: Sequence[int] | np.ndarray, split: str | None = None) -> FileDataset:
         return FileDataset([self.samples[int(i)] for i in indices], self.classes, self.transform,

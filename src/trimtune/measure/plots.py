@@ -1,4 +1,8 @@
-"""Plots people would rather look at than read: curves, confusion matrices, bar charts."""
+"""Plots people would rather look at than read: curves, confusion matrices, bar charts.
+
+Every plot stays readable (and small) at any length: long histories are resampled to at most
+a few hundred / thousand points (:func:`evenly`), figure sizes are capped, labels thinned.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,17 @@ def _save(fig, path) -> Path:
     return path
 
 
+MAX_POINTS = 2000  # points of a curve
+MAX_INCHES = 14.0  # a side of a figure
+
+
+def evenly(n: int, most: int) -> list[int]:
+    """At most ``most`` indices of ``range(n)``, evenly spaced, first and last included."""
+    if n <= most:
+        return list(range(n))
+    return sorted({int(round(i)) for i in np.linspace(0, n - 1, most)})
+
+
 def read_jsonl(path) -> list[dict]:
     rows = []
     for line in Path(path).read_text().splitlines():
@@ -41,11 +56,13 @@ def plot_curves(metrics_jsonl, path, title: str = "") -> Path | None:
     steps = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
     if not steps:
         return None
+    steps = [steps[i] for i in evenly(len(steps), MAX_POINTS)]
     accs: dict[str, list] = {}
     for r in rows:
         for k, v in r.items():
             if "acc" in k and "step" in r and isinstance(v, (int, float)):
                 accs.setdefault(k, []).append((r["step"], v))
+    accs = {k: [p[i] for i in evenly(len(p), MAX_POINTS)] for k, p in accs.items()}
     fig, axes = plt.subplots(1, 2 if accs else 1, figsize=(10 if accs else 5, 3.5))
     axes = np.atleast_1d(axes)
     axes[0].plot(*zip(*steps), lw=1)
@@ -63,11 +80,13 @@ def plot_confusion(confusion: np.ndarray, classes, path, title: str = "") -> Pat
     cm = np.asarray(confusion, dtype=float)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     n = len(cm)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * n, 0.8 + 0.5 * n))
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    side = min(MAX_INCHES, 1.0 + 0.5 * n)
+    fig, ax = plt.subplots(figsize=(side, side - 0.2))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     labels = list(classes) if classes else [str(i) for i in range(n)]
-    ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(n), labels, fontsize=8)
+    ticks = evenly(n, 40)
+    ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=8)
     if n <= 20:
         for i in range(n):
             for j in range(n):
@@ -87,7 +106,7 @@ def plot_bars(groups: dict[str, dict[str, float]], path, ylabel: str, title: str
     cats = list(dict.fromkeys(c for s in series for c in groups[s]))
     x = np.arange(len(cats))
     w = 0.8 / max(len(series), 1)
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(cats)), 3.8))
+    fig, ax = plt.subplots(figsize=(min(MAX_INCHES, max(5, 1.2 * len(cats))), 3.8))
     for i, s in enumerate(series):
         vals = [groups[s].get(c, np.nan) for c in cats]
         err = [errors.get(s, {}).get(c, np.nan) for c in cats] if errors else None

@@ -69,6 +69,9 @@ def fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tra
     Returns:
         A :class:`TrainResult`.
 
+    With ``config.ema``, evaluation (``eval_fn``, ``select_metric``) sees the EMA average of
+    the trainable parameters, and the model is left holding that average at the end.
+
     SIGINT (Ctrl-C) and SIGTERM stop the loop at the next optimizer step, write a checkpoint
     and raise :class:`~trimtune.errors.RunInterrupted` saying how to resume (a second signal
     aborts at once).
@@ -276,12 +279,12 @@ def _fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tr
                 _call(callbacks, "on_epoch_end", state)
                 if eval_fn is not None:
                     model.eval()
-                    with torch.no_grad():
+                    with torch.no_grad(), _ema_weights(raw, ema):  # EMA on: it is evaluated
                         val = {k: float(v) for k, v in eval_fn(raw).items()}
+                        best_value = _keep_best(raw, val, best_value, cfg, out, main)
                     model.train()
                     log({"step": state.step, "epoch": epoch, **val})
                     state.logs.update(val)
-                    best_value = _keep_best(raw, val, best_value, cfg, out, main)
             stopped = last or state.should_stop
             signum = _agree(interrupt[0], accelerator)
             if signum or stopped or (cfg.ckpt_every and state.step % cfg.ckpt_every == 0):
@@ -297,6 +300,8 @@ def _fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tr
                 break
     bar.close()
     final = checkpoint()
+    if ema is not None:  # the result of an EMA run is the average: leave it in the model
+        _copy_ema(raw, ema)
     if tb is not None:
         tb.close()
     best = out / "best" if cfg.select_metric and (out / "best").is_dir() else None
@@ -366,6 +371,31 @@ def _check_finite(loss: torch.Tensor, logs: dict[str, Any], state: TrainState,
         f"start with --overwrite (overwrite=True) and a lower lr (now {cfg.lr:g}), or set "
         f"clip_grad, or mixed_precision 'no' / 'bf16' instead of fp16 (resuming would keep "
         f"the settings that diverged)")
+
+
+@contextmanager
+def _ema_weights(raw: nn.Module, ema: ModelEmaV3 | None):
+    """Inside: ``raw``'s trainable parameters hold the EMA average; restored on exit."""
+    if ema is None:
+        yield
+        return
+    live = {n: p.detach().clone() for n, p in raw.named_parameters() if p.requires_grad}
+    _copy_ema(raw, ema)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in raw.named_parameters():
+                if n in live:
+                    p.copy_(live[n])
+
+
+@torch.no_grad()
+def _copy_ema(raw: nn.Module, ema: ModelEmaV3) -> None:
+    averaged = dict(ema.module.named_parameters())
+    for n, p in raw.named_parameters():
+        if p.requires_grad:
+            p.copy_(averaged[n])
 
 
 def _agree(signum: int, accelerator: Accelerator) -> int:

@@ -413,10 +413,13 @@ class SnellaAllocator:
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
+        from ..measure.plots import MAX_INCHES, evenly  # readable at any length
         names = list(self.history[0][1])
-        grid = torch.tensor([[sp.get(n, float("nan")) for _, sp in self.history] for n in names])
-        steps = [s for s, _ in self.history]
-        size = (max(4.0, 0.25 * len(steps) + 3), max(3.0, 0.2 * len(names) + 1))
+        cols = [self.history[i] for i in evenly(len(self.history), 300)]
+        grid = torch.tensor([[sp.get(n, float("nan")) for _, sp in cols] for n in names])
+        steps = [s for s, _ in cols]
+        size = (min(MAX_INCHES, max(4.0, 0.25 * len(steps) + 3)),
+                min(MAX_INCHES, max(3.0, 0.2 * len(names) + 1)))
         fig, ax = plt.subplots(figsize=size)
         im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
                        interpolation="nearest")

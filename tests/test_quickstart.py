@@ -1,0 +1,36 @@
+"""`trimtune quickstart` end to end on a random vit_tiny (local weights file, 32 px) and the
+built-in digits: it tests on the test split of --data's own dataset (not Fashion-MNIST), and a
+second quickstart into the same --out is refused before anything loads unless --overwrite."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from trimtune.checkpoint import read_json
+from trimtune.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_quickstart_tests_on_the_data_own_test_split(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False)  # 5.7M, at 32 px: fast
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    argv = ["quickstart", "--model", "vit_tiny_patch16_224", "--weights",
+            str(tmp_path / "w.safetensors"), "--img-size", "32", "--data", "digits:40",
+            "--distill-images", "16", "--test-images", "50", "--epochs", "1",
+            "--batch-size", "8", "--rank", "2", "--no-memory", "--out", str(tmp_path / "qs")]
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0, err[-2000:]
+    summary = (tmp_path / "qs" / "summary.md").read_text()
+    assert "images of digits:40@test" in summary and "fashion" not in summary.lower()
+    args = read_json(tmp_path / "qs" / "summary.json")["args"]
+    assert args["test_data"] is None  # the default follows --data
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and "already holds a quickstart" in err and "--overwrite" in err
