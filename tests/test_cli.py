@@ -235,3 +235,29 @@ def test_unknown_method_is_an_argparse_error(tiny_dir, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'lorax'" in err and "Traceback" not in err
+
+
+def test_help_shows_defaults_and_a_runnable_example(capsys):
+    """Every sub-command's --help ends with an example that the parser accepts, and every
+    option with a default value shows it."""
+    import shlex
+
+    from trimtune.cli import EXAMPLES
+    subs = sub_parsers()
+    assert set(EXAMPLES) == set(subs)
+    for name, parser in subs.items():
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        example = EXAMPLES[name]
+        assert f"example: {example}" in text, name
+        argv = shlex.split(example)
+        assert argv[0] == "trimtune" and argv[1] == name
+        a = build_parser().parse_args(argv[1:])  # runnable: the parser takes it as written
+        assert a.func.__name__ == f"cmd_{name}"
+        for action in parser._actions:
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) \
+                    and action.help != argparse.SUPPRESS:
+                shown = action.help if "default" in (action.help or "") else \
+                    parser.formatter_class("x")._get_help_string(action)
+                assert "default" in shown, f"`trimtune {name} --help`: {action.dest} default"
