@@ -296,3 +296,24 @@ def test_ema_is_what_is_selected_and_saved(tmp_path):
         key = k if k in ema_state else "module." + k
         assert torch.equal(v, ema_state[key]), k
     assert plain.model is not None and avg.model is not None
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_ctrl_c_outside_training_says_what_is_kept(tmp_path, monkeypatch, capsys, checkpoint):
+    import trimtune.cli as cli_mod
+    out = tmp_path / "run"
+    if checkpoint:
+        finetune(tiny_backbone(), DATA, config(out, "linear", epochs=1))
+
+    def interrupted(a):  # e.g. Ctrl-C while the model loads, or during the final test eval
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_mod, "cmd_finetune", interrupted)
+    code = cli_mod.main(["finetune", "--model", "m", "--data", DATA, "--out", str(out),
+                         *(["--resume"] if checkpoint else [])])
+    err = capsys.readouterr().err.strip()
+    assert code == 130 and len(err.splitlines()) == 1
+    if checkpoint:
+        assert "is kept: run the same command with --resume" in err
+    else:
+        assert "nothing to resume" in err and "--resume" not in err

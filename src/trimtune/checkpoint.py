@@ -144,15 +144,20 @@ def holds_run(out: str | os.PathLike, markers: tuple[str, ...] = RUN_MARKERS) ->
 
 def check_writable(out: str | os.PathLike) -> Path:
     """Refuse, with one line, an output folder that cannot be written: an existing file, a
-    read-only folder, a parent that is a file. Creates the folder (and its parents) when
-    missing. Call it before anything slow (loading a model, reading data)."""
+    read-only folder, a parent that is a file. Creates nothing (the nearest existing folder is
+    probed). Call it before anything slow (loading a model, reading data)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise TrimtuneError(f"output folder {out} is an existing file: choose a folder path "
                             "(e.g. runs/NAME)")
+    base = out
+    while not base.exists() and base != base.parent:  # probe the nearest existing folder:
+        base = base.parent  # nothing is created until the run really starts
+    if not base.is_dir():
+        raise TrimtuneError(f"output folder {out} is inside {base}, an existing file: choose "
+                            "a folder path (e.g. runs/NAME)")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=out)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=base)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:

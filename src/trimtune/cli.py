@@ -535,13 +535,26 @@ def main(argv: list[str] | None = None) -> int:
               "space and run again", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"trimtune {a.command}: interrupted before a training checkpoint was written; "
-              "nothing to resume: run the command again", file=sys.stderr)
+        print(f"trimtune {a.command}: {_interrupted(a)}", file=sys.stderr)
         return 128 + (got[0] if got else signal.SIGINT)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         _end_distributed()
+
+
+def _interrupted(a: argparse.Namespace) -> str:
+    """What an interrupt outside the training loop leaves (the loop says it itself)."""
+    out = getattr(a, "out", None)
+    ckpt = Path(out) / "checkpoint" / "state.pt" if out else None
+    if getattr(a, "overwrite", False):
+        return (f"interrupted; the previous run in {out} is untouched and the new one was "
+                "discarded: run the command again")
+    if ckpt is not None and ckpt.is_file():
+        return (f"interrupted; the checkpoint {ckpt} is kept: run the same command with "
+                "--resume to finish the run")
+    return "interrupted before a training checkpoint was written; nothing to resume: run the " \
+           "command again"
 
 
 def _end_distributed() -> None:
