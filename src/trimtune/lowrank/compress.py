@@ -42,6 +42,7 @@ from torch import nn
 
 from ..errors import TrimtuneError
 from ..models import arch_of
+from ..models.probe import Probe, check_forward_path, route_through_modules
 from .layers import (LowRankLinear, activation_scale, gram_eigh, svd_from_gram, truncated_svd,
                      weighted_target, whitening_factor)
 
@@ -189,6 +190,7 @@ def compress(
     min_out_features: int = MIN_OUT_FEATURES,
     inplace: bool = False,
     return_spectra: bool = False,
+    probe: Probe = True,
 ):
     """Factorise the linear layers of ``model`` by truncated SVD (PELA).
 
@@ -219,6 +221,10 @@ def compress(
         min_out_features: linears with fewer outputs stay dense (default skip rule only).
         inplace: modify ``model`` instead of a deep copy.
         return_spectra: also return ``{layer name: singular values (float32 CPU)}``.
+        probe: prove with one probe forward / backward that every factorised layer is called
+            and reached by the gradient (:func:`trimtune.models.probe.check_forward_path`):
+            True builds a random batch from the model, an example input is used as given,
+            False skips the check.
 
     Returns:
         the compressed model (``model.trimtune_lowrank`` records ``ranks``, ``policy``, ``skip``,
@@ -340,6 +346,7 @@ def compress(
             setattr(modules[parent_name] if parent_name else out, attr, layer)
     else:
         out = copy.deepcopy(model, {id(chosen[n]): layer for n, layer in new_layers.items()})
+    route_through_modules(out)  # e.g. EVA's F.linear(x, qkv.weight) -> qkv(x) + bias
     if not ranks:
         raise TrimtuneError("no layer would save parameters at this policy (every rank >= "
                             "in*out/(in+out)): use a larger ratio / smaller rank or energy, or "
@@ -361,6 +368,7 @@ def compress(
     out.trimtune_spectra = spectra
     if arch is not None:
         out.trimtune_arch = arch
+    check_forward_path(out, list(ranks), probe, what="compress")
     return (out, spectra) if return_spectra else out
 
 

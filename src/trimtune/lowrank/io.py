@@ -19,6 +19,7 @@ from torch import nn
 from ..checkpoint import read_json, read_safetensors, write_json, write_safetensors
 from ..errors import TrimtuneError
 from ..models import build_from_arch
+from ..models.probe import route_through_modules
 from .compress import factorised_layers, get_arch
 from .layers import LowRankLinear
 
@@ -43,6 +44,7 @@ def factorise_like(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
     Returns:
         ``model``. Raises TrimtuneError if a name is not a linear layer or a rank does not fit.
     """
+    route_through_modules(model)  # as compress() did: e.g. EVA's qkv called, not read
     modules = dict(model.named_modules())
     for name, r in ranks.items():
         lin = modules.get(name)

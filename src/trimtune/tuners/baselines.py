@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import TrimtuneError
+from ..models.probe import Probe, check_forward_path, route_through_modules
 
 __all__ = [
     "METHODS",
@@ -129,8 +130,8 @@ def _train_modules(model: nn.Module, modules_to_save: Iterable[str]) -> None:
 
 def prepare_method(model: nn.Module, method: str, *, rank: int = 8, alpha: float | None = None,
                    target_modules: str | Sequence[str] | None = None,
-                   modules_to_save: Sequence[str] = ("head",), **kw: Any
-                   ) -> tuple[nn.Module, list[Any]]:
+                   modules_to_save: Sequence[str] = ("head",), probe: Probe = True,
+                   **kw: Any) -> tuple[nn.Module, list[Any]]:
     """Set ``model`` up (in place) for fine-tuning with a baseline ``method``.
 
     Args:
@@ -141,6 +142,11 @@ def prepare_method(model: nn.Module, method: str, *, rank: int = 8, alpha: float
         alpha: LoRA scaling numerator (``lora_alpha``); default ``rank`` (scale 1).
         target_modules: which linears to adapt, see :func:`target_linears`.
         modules_to_save: modules trained in full besides the adapters (default the head).
+        probe: after the adapters are in, a probe forward / backward proves every adapted
+            layer is called and every adapter parameter reached by the gradient, else a
+            TrimtuneError names the layer and the model is put back as it was
+            (:func:`trimtune.models.probe.check_forward_path`): True builds a random batch
+            from the model, an example input is used as given, False skips the check.
         **kw: per method:
             ``dropout`` (lora/dora/adalora, default 0);
             adalora: ``init_r``, ``total_step`` (default: ``state.total_steps`` at train
@@ -161,6 +167,11 @@ def prepare_method(model: nn.Module, method: str, *, rank: int = 8, alpha: float
         raise TrimtuneError(f"method {method!r} does not take {sorted(unknown)}; it takes "
                             f"{list(_OPTIONS[method]) or 'no extra options'}")
     callbacks: list[Any] = []
+    adapted = [] if method in ("full", "linear", "bitfit") else target_linears(model,
+                                                                                target_modules)
+    was_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if adapted:
+        route_through_modules(model)
     if method == "full":
         model.requires_grad_(True)
     elif method in ("linear", "bitfit"):
@@ -188,6 +199,13 @@ def prepare_method(model: nn.Module, method: str, *, rank: int = 8, alpha: float
         _prepare_masked_sparse(model, target_modules, kw)
         _train_modules(model, modules_to_save)
     model.trimtune_method = {"method": method, "rank": rank, "alpha": alpha}
+    try:
+        check_forward_path(model, adapted, probe, what=method)
+    except TrimtuneError:
+        merge_method(model, method)  # the update is zero at init: the original weights
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in was_trainable)
+        raise
     return model, callbacks
 
 

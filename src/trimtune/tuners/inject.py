@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from torch import nn
 
 from ..errors import TrimtuneError
+from ..models.probe import Probe, check_forward_path, route_through_modules
 from .config import DEFAULT_TARGETS, SnellConfig
 from .kernels import create_kernel
 from .snell import SnellLinear, SparseDelta
@@ -105,17 +106,22 @@ def make_layer(base: nn.Linear, config: SnellConfig, name: str = "") -> SnellLin
                        fused=config.fused)
 
 
-def attach(model: nn.Module, config: SnellConfig) -> nn.Module:
+def attach(model: nn.Module, config: SnellConfig, *, probe: Probe = True) -> nn.Module:
     """Freeze ``model``, wrap its targets with sparse kernelised updates; in place.
 
     Trainable afterwards: ``snell_A`` / ``snell_B`` and learnable kernel scalars of every
     unit, every parameter of ``config.modules_to_save`` and the ``config.train_tokens``.
 
+    A probe forward / backward then proves every wrapper is called and every unit reached by
+    the gradient (:func:`trimtune.models.probe.check_forward_path`; ``probe``: True builds a
+    random batch from the model, an example input is used as given, False skips it).
+
     Returns:
         ``model`` itself, with ``model.trimtune_adapter`` set.
 
     Raises:
-        TrimtuneError: the model already has an adapter, or the patterns match nothing.
+        TrimtuneError: the model already has an adapter, the patterns match nothing, or a
+            wrapper is not on the forward path (the model is left as it was).
     """
     if not isinstance(config, SnellConfig):
         raise TrimtuneError(f"attach() got a {type(config).__name__}: use SnellConfig or "
@@ -127,6 +133,7 @@ def attach(model: nn.Module, config: SnellConfig) -> nn.Module:
     targets = find_targets(model, config.target_modules)
     was_trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     model.requires_grad_(False)
+    route_through_modules(model)
     for name in targets:
         _set_module(model, name, make_layer(model.get_submodule(name), config, name))
     saved = [n for n, m in model.named_modules()
@@ -142,6 +149,11 @@ def attach(model: nn.Module, config: SnellConfig) -> nn.Module:
         "method": config.method, "config": config, "targets": targets,
         "modules_to_save": saved, "tokens": tokens, "requires_grad": was_trainable,
     }
+    try:
+        check_forward_path(model, targets, probe, what=f"attach({config.method})")
+    except TrimtuneError:
+        detach(model)
+        raise
     return model
 
 
