@@ -312,11 +312,24 @@ def _fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tr
 
 # ---- helpers ------------------------------------------------------------------------------------
 def _make_accelerator(cfg: TrainConfig, find_unused: bool) -> Accelerator:
+    """The run's Accelerator: DDP (gloo on the CPU) under torchrun, bf16 autocast on the CPU or
+    GPU, fp16 on a GPU only; FSDP on the CPU refused; a lost multi-process launch reported."""
     mp = cfg.mixed_precision
-    if mp != "no" and not torch.cuda.is_available():
-        warnings.warn(f"mixed_precision={mp!r} needs a GPU: training in float32 on the CPU",
-                      stacklevel=3)
+    cuda = torch.cuda.is_available()
+    if mp == "fp16" and not cuda:
+        warnings.warn("mixed_precision='fp16' needs a GPU: training in float32 on the CPU "
+                      "(use bf16 for autocast on the CPU)", stacklevel=3)
         mp = "no"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not cuda and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
+        raise TrimtuneError("FSDP needs CUDA GPUs and none is visible: on the CPU run DDP with "
+                            "`torchrun --nproc_per_node N -m trimtune.cli ...` (drop --use_fsdp)")
+    if world == 1 and "ACCELERATE_USE_CPU" in os.environ and os.environ.get("MASTER_ADDR"):
+        # accelerate's simple launcher (every CPU launch without mpirun) sets MASTER_ADDR for
+        # --num_processes > 1 but starts ONE process
+        warnings.warn("`accelerate launch --num_processes N` started ONE process here "
+                      "(WORLD_SIZE unset): for N processes on the CPU use `torchrun "
+                      "--nproc_per_node N -m trimtune.cli ...`", stacklevel=3)
     # Accelerate keeps process-wide singletons: reset the per-run parts so successive fit()
     # calls in one process (distill, then finetune) may use other settings.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -324,7 +337,7 @@ def _make_accelerator(cfg: TrainConfig, find_unused: bool) -> Accelerator:
     plugin = GradientAccumulationPlugin(num_steps=cfg.grad_accum, sync_with_dataloader=False)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(find_unused))
     # Accelerate only takes the multi-CPU (gloo) path under torchrun when told cpu=True.
-    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu_ddp = not cuda and world > 1
     return Accelerator(mixed_precision=mp, gradient_accumulation_plugin=plugin,
                        kwargs_handlers=[ddp], cpu=cpu_ddp)
 
