@@ -33,6 +33,7 @@ EXAMPLES = {
     "merge": "trimtune merge runs/ft-digits --out runs/ft-digits-merged",
     "quickstart": "trimtune quickstart --data digits:100 --distill-images 256 --epochs 1 "
                   "--no-memory --out runs/qs-digits",
+    "export": "trimtune export runs/ft-digits --format timm --out runs/ft-digits-timm",
     "bench": "trimtune bench compress --help",
 }
 
@@ -316,6 +317,15 @@ def cmd_merge(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from .export import export
+    out = export(a.source, a.out, a.format, opset=a.opset)
+    how = ("timm.create_model('local-dir:%s', pretrained=True)" % out if a.format == "timm"
+           else "onnxruntime.InferenceSession('%s/model.onnx')" % out)
+    print(f"exported ({a.format}, merged, checked) to {out}/: read it with {how}")
+    return 0
+
+
 def cmd_quickstart(a) -> int:
     from .quickstart import quickstart
     quickstart(a)
@@ -483,6 +493,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run", metavar="RUN_DIR", help="a `trimtune finetune` run folder")
     s.add_argument("--out", required=True, metavar="DIR", help="output model folder")
     s.set_defaults(func=cmd_merge)
+
+    s = _command(sub, "export", help="write a merged model for stock timm or ONNX Runtime",
+                 description="Merges the adapter and writes a folder that the stock tool reads "
+                             "exactly (checked before it is kept). timm: config.json + "
+                             "model.safetensors via timm's hub writer (dense models only); onnx: "
+                             "model.onnx + data_config.json.")
+    s.add_argument("source", metavar="RUN_OR_MODEL_DIR",
+                   help="a finetune run folder, a model folder, or a timm / zoo name")
+    s.add_argument("--format", choices=["timm", "onnx"], default="timm", help="file format")
+    s.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    s.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    s.set_defaults(func=cmd_export)
 
     s = _command(sub, "quickstart", help="the whole pipeline on the built-in default",
                        description="DINOv2 ViT-S/14 (offline zoo) -> compress c=2 -> distill -> "
