@@ -14,61 +14,102 @@ from trimtune.tuners import SnellaConfig, attach, merge, prepare_method
 from trimtune.tuners.baselines import merge_method
 
 TINY = dict(depth=2, embed_dim=64, num_heads=2, num_classes=5)
-# name, timm model, kwargs, the documented error (None: it must work). EVA's
-# F.linear(x, qkv.weight) is switched to timm's own qkv(x) + bias path before wrapping.
+TIMM_TARGETS = "fc1|fc2|qkv|proj"
+
+
+def timm_model(arch, **kwargs):
+    return lambda: timm.create_model(arch, pretrained=False, **kwargs)
+
+
+def hf_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+    return ViTForImageClassification(ViTConfig(
+        image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, num_labels=5))
+
+
+def hf_bert():
+    from transformers import BertConfig, BertModel
+    return BertModel(BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=128))
+
+
+# name, builder, target pattern, head (trained in full), the documented error (None: it must
+# work). EVA's F.linear(x, qkv.weight) is switched to timm's own qkv(x) + bias path first.
 ARCHS = [
-    ("vit", "vit_tiny_patch16_224", dict(img_size=32, patch_size=8, **TINY), None),
-    ("deit", "deit_tiny_patch16_224", dict(img_size=32, patch_size=8, **TINY), None),
-    ("eva02", "eva02_tiny_patch14_224", dict(img_size=28, **TINY), None),
-    ("vit_reg", "vit_small_patch14_reg4_dinov2", dict(img_size=28, **TINY), None),
-    ("swin", "swin_tiny_patch4_window7_224", dict(
-        embed_dim=32, depths=(1, 1), num_heads=(1, 2), window_size=4, img_size=32,
-        patch_size=2, num_classes=5), None),
-    ("convnext", "convnext_atto", dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32),
-                                       conv_mlp=False, num_classes=5), None),
+    ("vit", timm_model("vit_tiny_patch16_224", img_size=32, patch_size=8, **TINY),
+     TIMM_TARGETS, "head", None),
+    ("deit", timm_model("deit_tiny_patch16_224", img_size=32, patch_size=8, **TINY),
+     TIMM_TARGETS, "head", None),
+    ("eva02", timm_model("eva02_tiny_patch14_224", img_size=28, **TINY),
+     TIMM_TARGETS, "head", None),
+    ("vit_reg", timm_model("vit_small_patch14_reg4_dinov2", img_size=28, **TINY),
+     TIMM_TARGETS, "head", None),
+    ("swin", timm_model("swin_tiny_patch4_window7_224", embed_dim=32, depths=(1, 1),
+                        num_heads=(1, 2), window_size=4, img_size=32, patch_size=2,
+                        num_classes=5), TIMM_TARGETS, "head", None),
+    ("convnext", timm_model("convnext_atto", depths=(1, 1, 1, 1), dims=(8, 16, 24, 32),
+                            conv_mlp=False, num_classes=5), TIMM_TARGETS, "head", None),
     # timm's convnext_atto default: 1x1 convolutions, no nn.Linear to adapt or factorise
-    ("convnext_conv_mlp", "convnext_atto", dict(depths=(1, 1, 1, 1), dims=(8, 16, 24, 32),
-                                                num_classes=5),
+    ("convnext_conv_mlp", timm_model("convnext_atto", depths=(1, 1, 1, 1), dims=(8, 16, 24, 32),
+                                     num_classes=5), TIMM_TARGETS, "head",
      "match no nn.Linear|no linear layer"),
+    # transformers models: the probe feeds pixel_values / input_ids built from their config
+    ("hf_vit", hf_vit, "q_proj|k_proj|v_proj|o_proj|fc1|fc2", "classifier", None),
+    ("hf_bert", hf_bert, "query|key|value|dense", None, None),
 ]
 
 
-def build(arch, kwargs):
-    torch.manual_seed(0)
-    return timm.create_model(arch, pretrained=False, **kwargs)
-
-
-def adapt(model, how):
+def adapt(model, how, targets, head):
+    keep = [head] if head else []
     if how == "snella":
-        return attach(model, SnellaConfig(rank=4, target_modules="fc1|fc2|qkv|proj"))
-    return prepare_method(model, "lora", rank=4, target_modules="(.*\\.)?(fc1|fc2|qkv|proj)")[0]
+        return attach(model, SnellaConfig(rank=4, target_modules=targets, modules_to_save=keep))
+    return prepare_method(model, "lora", rank=4, target_modules=f"(.*\\.)?({targets})",
+                          modules_to_save=keep)[0]
+
+
+def first(out):
+    """The first output tensor (timm: the logits; transformers: logits / last_hidden_state)."""
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def call(model, x):
+    return first(model(**x) if isinstance(x, dict) else model(x))
+
+
+def loss_of(model, x):
+    """A loss on every output tensor (transformers: last_hidden_state and pooler_output...)."""
+    out = model(**x) if isinstance(x, dict) else model(x)
+    outs = [out] if isinstance(out, torch.Tensor) else [
+        v for v in (out.values() if isinstance(out, dict) else out) if isinstance(v, torch.Tensor)]
+    return sum(o.float().pow(2).mean() for o in outs)
 
 
 @pytest.mark.parametrize("how", ["snella", "lora", "compress"])
-@pytest.mark.parametrize("name,arch,kwargs,error", ARCHS, ids=[a[0] for a in ARCHS])
-def test_every_architecture_replaced_layers_train_and_merge(name, arch, kwargs, error, how,
-                                                            one_thread):
-    model = build(arch, kwargs)
+@pytest.mark.parametrize("name,builder,targets,head,error", ARCHS, ids=[a[0] for a in ARCHS])
+def test_every_architecture_replaced_layers_train_and_merge(name, builder, targets, head, error,
+                                                            how, one_thread):
+    torch.manual_seed(0)
+    model = builder()
     if error:
         with pytest.raises(TrimtuneError, match=error):
-            compress(model, ratio=2.0) if how == "compress" else adapt(model, how)
+            compress(model, ratio=2.0) if how == "compress" else adapt(model, how, targets, head)
         return
     x = example_input(model, batch_size=2)
-    y = torch.tensor([0, 3])
     if how == "compress":
         small = compress(model, ratio=2.0)  # the probe ran inside: every factor is used
         assert factorised_layers(small)
         small.train()
-        F.cross_entropy(small(x), y).backward()
+        loss_of(small, x).backward()
         assert all(p.grad is not None for m in factorised_layers(small).values()
                    for p in m.parameters())
         return
-    model = adapt(model, how)
+    model = adapt(model, how, targets, head)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     model.train()
-    F.cross_entropy(model(x), y).backward()
+    loss_of(model, x).backward()
     opt.step()
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and changed <= trainable
@@ -76,9 +117,9 @@ def test_every_architecture_replaced_layers_train_and_merge(name, arch, kwargs, 
     assert adapter, f"{name}/{how}: no adapter parameter moved"
     model.eval()
     with torch.no_grad():
-        out = model(x)
+        out = call(model, x)
         merged = merge(model) if how == "snella" else merge_method(model, "lora")
-        torch.testing.assert_close(merged(x), out, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(call(merged, x), out, atol=1e-4, rtol=1e-4)
 
 
 class ReadsWeight(nn.Module):
@@ -109,7 +150,8 @@ def test_layer_read_by_weight_is_refused_and_model_left_as_it_was():
 
 
 def test_eva_without_the_switch_is_caught():
-    model = adapt(build("eva02_tiny_patch14_224", dict(img_size=28, **TINY)), "snella")
+    torch.manual_seed(0)
+    model = adapt(ARCHS[2][1](), "snella", TIMM_TARGETS, "head")
     for blk in model.blocks:
         blk.attn.qkv_bias_separate = False  # timm's default path: F.linear(x, qkv.weight)
     with pytest.raises(TrimtuneError, match=r"blocks\.0\.attn\.qkv"):
