@@ -80,3 +80,28 @@ def test_compressed_model_to_timm_is_refused_and_nothing_written(tmp_path, one_t
     assert main(["export", str(tmp_path / "c"), "--out", str(tmp_path / "y")]) == 2
     with pytest.raises(FileNotFoundError):  # stock timm on a trimtune folder: no config.json
         timm.create_model(f"local-dir:{tmp_path / 'c'}", pretrained=True)
+
+
+def test_transformers_from_pretrained_reads_the_merged_model(tmp_path, one_thread):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(
+        image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, num_labels=5))
+    attach(model, SnellaConfig(rank=4, target_modules="q_proj|v_proj|fc1|fc2",
+                               modules_to_save=["classifier"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        want = model(pixel_values=x).logits
+    export(model, tmp_path / "hf", "transformers")
+    back = ViTForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(pixel_values=x).logits, want, atol=1e-5, rtol=0)
+    with pytest.raises(TrimtuneError, match="re-initialise its factors"):
+        export(compress(back, ratio=2.0), tmp_path / "hf2", "transformers")

@@ -6,6 +6,8 @@
   dense model: stock timm cannot build factorised (compressed) layers, so a compressed model
   is refused here; keep it as a trimtune folder (``trimtune merge``, read back by
   ``trimtune.load_model(DIR)``) or export it to ONNX.
+* ``"transformers"``: a transformers model (Python API) through its own ``save_pretrained``,
+  read back by ``from_pretrained`` of its class; dense models only, as for timm.
 * ``"onnx"``: ``model.onnx`` (dense or compressed; batch axis dynamic) + ``data_config.json``
   (input size, mean, std, interpolation), checked against ONNX Runtime when it is installed
   (``pip install trimtune[export]``).
@@ -34,7 +36,7 @@ from .lowrank import is_compressed
 from .models import arch_of
 from .models.probe import example_input
 
-FORMATS = ("timm", "onnx")
+FORMATS = ("timm", "onnx", "transformers")
 __all__ = ["export", "FORMATS"]
 
 
@@ -46,7 +48,7 @@ def export(source: str | os.PathLike | nn.Module, out_dir: str | os.PathLike,
         source: a fine-tuning run folder, a trimtune model folder, a timm / zoo name, or a
             model (an attached adapter is merged into it, in place).
         out_dir: the folder to write (created; files of the same names are replaced).
-        format: ``"timm"`` or ``"onnx"``.
+        format: ``"timm"``, ``"onnx"`` or ``"transformers"``.
         example: the model's input for the checks and the ONNX trace (default: a random batch
             of two at the model's input size).
         opset: ONNX opset.
@@ -64,13 +66,15 @@ def export(source: str | os.PathLike | nn.Module, out_dir: str | os.PathLike,
         raise TrimtuneError(f"cannot build an example input for this {type(model).__name__}: "
                             "pass example=<input tensor> to export()")
     with torch.no_grad():
-        want = model(x)
+        want = model(**x) if isinstance(x, dict) else model(x)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         if format == "timm":
             _write_timm(model, tmp, x, want)
+        elif format == "transformers":
+            _write_transformers(model, tmp, x, want)
         else:
             _write_onnx(model, tmp, x, want, opset)
         out.mkdir(exist_ok=True)
@@ -103,8 +107,31 @@ def _write_timm(model: nn.Module, tmp: Path, x: torch.Tensor, want: torch.Tensor
     _check(got, want, 1e-5, "timm.create_model('local-dir:...')")
 
 
+def _write_transformers(model: nn.Module, tmp: Path, x: Any, want: Any) -> None:
+    if not hasattr(model, "save_pretrained") or not hasattr(type(model), "from_pretrained"):
+        raise TrimtuneError(f"this {type(model).__name__} is not a transformers model: export it "
+                            "with --format timm or onnx")
+    if is_compressed(model):
+        raise TrimtuneError("transformers cannot build a compressed (factorised) model: "
+                            "from_pretrained would re-initialise its factors; export it with "
+                            "--format onnx")
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    back = type(model).from_pretrained(str(tmp)).eval()
+    with torch.no_grad():
+        got = back(**x) if isinstance(x, dict) else back(x)
+    _check(_first(got), _first(want), 1e-5, f"{type(model).__name__}.from_pretrained")
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
 def _write_onnx(model: nn.Module, tmp: Path, x: torch.Tensor, want: torch.Tensor,
                 opset: int) -> None:
+    if not isinstance(x, torch.Tensor) or not isinstance(want, torch.Tensor):
+        raise TrimtuneError(f"ONNX export takes a model of one tensor in, one tensor out (a timm "
+                            f"model); this {type(model).__name__} is not: use "
+                            "torch.onnx.export with its own input names")
     path = tmp / "model.onnx"
     try:
         with warnings.catch_warnings():  # the tracer's notes on timm's shape asserts
