@@ -172,3 +172,12 @@ def test_no_input_can_be_built_warns_once():
     model = nn.Sequential(nn.Linear(8, 8))
     with pytest.warns(UserWarning, match="cannot build an example input"):
         attach(model, SnellaConfig(rank=2, target_modules="0"))
+
+
+def test_probe_restores_mixed_training_modes_and_leaves_no_grad():
+    torch.manual_seed(0)
+    model = ARCHS[0][1]().train()
+    model.blocks[0].eval()
+    attach(model, SnellaConfig(rank=2))
+    assert model.training and not model.blocks[0].training and model.blocks[1].training
+    assert all(p.grad is None for p in model.parameters())

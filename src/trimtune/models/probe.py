@@ -101,7 +101,8 @@ def check_forward_path(model: nn.Module, modules: Iterable[str], probe: Probe = 
     the gradient of the output.
 
     Runs in eval mode under ``enable_grad`` with ``torch.autograd.grad`` (no ``.grad`` is
-    left on any parameter, training mode and ``requires_grad`` flags are restored).
+    left on any parameter; every module's training mode and the ``requires_grad`` flags are
+    restored).
 
     Args:
         model: the model after the modules were replaced.
@@ -130,7 +131,7 @@ def check_forward_path(model: nn.Module, modules: Iterable[str], probe: Probe = 
     params = {f"{n}.{pn}": p for n, m in mods.items() for pn, p in m.named_parameters()
               if p.is_floating_point() and (what == "compress" or p.requires_grad)}
     flags = {k: p.requires_grad for k, p in params.items()}
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # restored module by module
     try:
         for p in params.values():
             p.requires_grad_(True)
@@ -154,7 +155,8 @@ def check_forward_path(model: nn.Module, modules: Iterable[str], probe: Probe = 
             h.remove()
         for k, p in params.items():
             p.requires_grad_(flags[k])
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     missing = [n for n in names if n not in called]
     if missing:
         raise TrimtuneError(
