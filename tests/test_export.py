@@ -24,7 +24,7 @@ def trained_snella(model):
     attach(model, SnellaConfig(rank=4, init_sparsity=0.3))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
     return model.eval()
@@ -92,7 +92,7 @@ def test_transformers_from_pretrained_reads_the_merged_model(tmp_path, one_threa
     attach(model, SnellaConfig(rank=4, target_modules="q_proj|v_proj|fc1|fc2",
                                modules_to_save=["classifier"]))
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     x = torch.randn(2, 3, 32, 32)

@@ -71,7 +71,8 @@ def example_input(model: nn.Module, batch_size: int = 1) -> Any | None:
     if cfg is not None and main == "input_ids" and getattr(cfg, "vocab_size", None):
         return {"input_ids": torch.randint(0, int(cfg.vocab_size), (batch_size, 8), device=dev)}
     if cfg is not None and main == "pixel_values" and getattr(cfg, "image_size", None):
-        size = cfg.image_size if isinstance(cfg.image_size, (tuple, list)) else (cfg.image_size,) * 2
+        size = cfg.image_size
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         chans = getattr(cfg, "num_channels", 3)
         return {"pixel_values": torch.randn(batch_size, chans, *size, device=dev, dtype=dtype)}
     if getattr(model, "pretrained_cfg", None) or hasattr(model, "patch_embed"):
