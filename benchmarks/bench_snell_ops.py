@@ -11,7 +11,7 @@ that background load hits every variant alike:
    (``snell.delta_vjp``) and autograd through the recomputed update;
 3. for every ``--models`` x ``--batches``: one AdamW training step
    (``pipeline.build_train_step``, SNELLA allocator included) of PEFT lora, snella on the
-   eager path (``TRIMTUNE_COMPILE=0``) and snella on the default path (compiled on the CPU),
+   eager path (``TRIMTUNE_COMPILE=0``) and snella on the compiled path (``TRIMTUNE_COMPILE=auto``),
    ``--reps`` interleaved rounds after a warm-up step (which compiles); ratios to lora;
 4. ``profile``: torch.profiler's top ops of one step of the default snella path on the first
    model at the first batch;
