@@ -68,8 +68,10 @@ def loss_on(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def canonical(name: str) -> str:
-    """The original model's name of a (PEFT / SNELL wrapped) state-dict key."""
-    return name.replace(".base_layer.", ".").replace(".base.", ".")
+    """The original model's name of a (PEFT / SNELL wrapped) state-dict key (the trained copy
+    of a module to save stands for the module; its frozen original is not compared)."""
+    return name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".").replace(
+        ".original_module.", ".original_module(frozen).")
 
 
 # ----------------------------------------------------------------------------- counts

@@ -33,6 +33,7 @@ from .names import METHODS, SNELL_METHODS
 from .train import TrainConfig, fit
 from .tuners import (SnellaAllocator, SnellaConfig, SnellConfig, attach, iter_units,
                      load_adapter, prepare_method, save_adapter)
+from .tuners import adapter_configs
 from .tuners import merge as merge_snell
 from .tuners.baselines import merge_method, target_linears
 from .tuners.inject import _is_fused_qkv, find_targets
@@ -183,7 +184,7 @@ class FinetuneConfig:
 
 
 def _tuner_config(cfg: FinetuneConfig):
-    common = dict(rank=cfg.rank, dropout=cfg.branch_dropout, drop_path=cfg.branch_drop_path,
+    common = dict(r=cfg.rank, dropout=cfg.branch_dropout, drop_path=cfg.branch_drop_path,
                   **cfg.method_kwargs)
     if cfg.kernel:
         common["kernel"] = cfg.kernel
@@ -506,12 +507,16 @@ def _base_spec(model: nn.Module) -> dict:
 # --------------------------------------------------------------------------- save / load / merge
 
 
+def _has_snell(model: nn.Module) -> bool:
+    return any(isinstance(c, SnellConfig) for c in adapter_configs(model).values())
+
+
 def save(model: nn.Module, out_dir: str | Path, *, method: str | None = None) -> Path:
     """Adapter-only save. SNELL / SNELLA: the PEFT-style adapter folder of ``tuners``; other
     methods: their trainable tensors (LoRA factors, masks, biases, head...) in the same two
     files, enough to rebuild them on top of the base recorded in run.json."""
     out_dir = Path(out_dir)
-    if getattr(model, "trimtune_adapter", None) is not None:
+    if _has_snell(model):
         return save_adapter(model, out_dir)
     state = _trainable_state(model)
     write_safetensors(out_dir / "adapter_model.safetensors", state,
@@ -568,8 +573,7 @@ def load_run(run_dir: str | Path) -> nn.Module:
 
 def merge(model: nn.Module, method: str | None = None) -> nn.Module:
     """Fold the fine-tuned update into the base weights: a plain model, no extra cost."""
-    method = method or (getattr(model, "trimtune_adapter", None) or {}).get("method")
-    if method in SNELL_METHODS or hasattr(model, "trimtune_adapter"):
+    if method in SNELL_METHODS or _has_snell(model):
         return merge_snell(model)
     return merge_method(model, method)
 

@@ -248,9 +248,9 @@ def test_with_real_snella_layers(images):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from conftest import tiny_vit
 
-    model = attach(tiny_vit(), SnellaConfig(rank=4, init_sparsity=0.2, target_sparsity=0.6))
+    model = attach(tiny_vit(), SnellaConfig(r=4, init_sparsity=0.2, target_sparsity=0.6))
     units = dict(iter_units(model))
-    config = SnellaConfig(rank=4, init_sparsity=0.2, target_sparsity=0.6)
+    config = SnellaConfig(r=4, init_sparsity=0.2, target_sparsity=0.6)
     alloc = SnellaAllocator(config=config)
     st = state(model, total=3)
     alloc.on_train_start(st)
@@ -316,7 +316,7 @@ def test_in_fit_loop_resume_equals_uninterrupted(tmp_path):
         return loss, {}
 
     def run(out, max_steps=None):
-        conf = SnellaConfig(rank=4, init_sparsity=0.1, target_sparsity=0.6, schedule_unit="epoch",
+        conf = SnellaConfig(r=4, init_sparsity=0.1, target_sparsity=0.6, schedule_unit="epoch",
                             dropout=0.0, drop_path=0.0)
         model = attach(tiny_vit(), conf)
         alloc = SnellaAllocator(config=conf)

@@ -74,15 +74,15 @@ def test_squared_mode_is_the_true_derivative_twice_code():
 def test_snell_at_sparsity_zero_is_the_plain_kernel_update(vit):
     """The authors' SNELL at sparsity 0 is ``KLoRA``: ``x @ dW`` (no squaring); SNELLA squares
     at every sparsity (their SNELLA class)."""
-    model = attach(copy.deepcopy(vit), SnellConfig(rank=4, sparsity=0.0))
+    model = attach(copy.deepcopy(vit), SnellConfig(r=4, sparsity=0.0))
     units = dict(iter_units(model))
     assert {u.sparsify_mode for u in units.values()} == {"none"}
     u = next(iter(units.values()))
     with torch.no_grad():
         torch.testing.assert_close(u.delta(), u.kernel(u.snell_A, u.snell_B))
-    model = attach(copy.deepcopy(vit), SnellConfig(rank=4, sparsity=0.5))
+    model = attach(copy.deepcopy(vit), SnellConfig(r=4, sparsity=0.5))
     assert {u.sparsify_mode for _, u in iter_units(model)} == {"code"}
-    model = attach(copy.deepcopy(vit), SnellaConfig(rank=4, init_sparsity=0.0))
+    model = attach(copy.deepcopy(vit), SnellaConfig(r=4, init_sparsity=0.0))
     u = next(u for _, u in iter_units(model))
     assert u.sparsify_mode == "code"
     with torch.no_grad():
@@ -119,7 +119,7 @@ def test_snella_last_training_forward_masks_are_the_saved_ones(tmp_path):
         return F.cross_entropy(model(x), y), {}
 
     for unit in ("step", "epoch"):
-        conf = SnellaConfig(rank=4, init_sparsity=0.1, target_sparsity=0.6, schedule_unit=unit)
+        conf = SnellaConfig(r=4, init_sparsity=0.1, target_sparsity=0.6, schedule_unit=unit)
         model = attach(tiny_vit(), conf)
         seen: list[dict[str, float]] = []
 

@@ -24,18 +24,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import tiny_vit  # noqa: E402
 
 
+def snell_layer_names(model):
+    return [n for n, m in model.named_modules() if isinstance(m, SnellLinear)]
+
+
 def test_attach_wraps_default_targets_and_freezes(vit, images):
-    attach(vit, SnellConfig(rank=4, sparsity=0.5))
-    info = vit.trimtune_adapter
-    assert info["targets"] == [f"blocks.{i}.{n}" for i in range(2)
-                               for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
-    assert isinstance(vit.blocks[0].attn.qkv, SnellLinear)
-    assert len(vit.blocks[0].attn.qkv.snell_units) == 3  # q, k, v updates
-    assert [u.out_features for u in vit.blocks[0].attn.qkv.snell_units] == [64, 64, 64]
-    assert vit.blocks[0].attn.proj.dropout.__class__ is nn.Identity  # as the authors
+    attach(vit, SnellConfig(r=4, sparsity=0.5, dropout=0.1))
+    assert snell_layer_names(vit) == [f"blocks.{i}.{n}" for i in range(2)
+                                      for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    assert list(vit.peft_config) == ["default"]
+    units = vit.blocks[0].attn.qkv.snell_units["default"]
+    assert [u.out_features for u in units] == [64, 64, 64]  # q, k, v updates
+    assert vit.blocks[0].attn.proj.snell_dropout["default"].__class__ is nn.Identity  # authors
+    assert vit.blocks[0].mlp.fc1.snell_dropout["default"].__class__ is nn.Dropout
     trainable = {n for n, p in vit.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in vit.named_parameters()
-                         if ".snell_units." in n or n.startswith("head.") or n == "cls_token"}
+                         if ".snell_units." in n or n.startswith("head.modules_to_save.")
+                         or n == "cls_token"}
     assert len(dict(iter_units(vit))) == 2 * 6
     out = vit(images)
     out.sum().backward()
@@ -44,7 +49,7 @@ def test_attach_wraps_default_targets_and_freezes(vit, images):
 
 def test_merge_equals_adapted_eval_output_and_restores_plain_model(vit, images):
     ref = tiny_vit()
-    attach(vit, SnellaConfig(rank=4, init_sparsity=0.4))
+    attach(vit, SnellaConfig(r=4, init_sparsity=0.4))
     with torch.no_grad():  # move head and kernel scalars away from init
         for p in vit.parameters():
             if p.requires_grad and p.dim() <= 1:
@@ -53,7 +58,7 @@ def test_merge_equals_adapted_eval_output_and_restores_plain_model(vit, images):
     y = vit(images)
     merge(vit)
     assert not any(isinstance(m, SnellLinear) for m in vit.modules())
-    assert not hasattr(vit, "trimtune_adapter")
+    assert not hasattr(vit, "peft_config")
     assert type(vit) is type(ref)
     assert vit.state_dict().keys() == ref.state_dict().keys()
     assert all(p.requires_grad for p in vit.parameters())
@@ -62,26 +67,30 @@ def test_merge_equals_adapted_eval_output_and_restores_plain_model(vit, images):
 
 def test_detach_restores_base_weights(vit, images):
     w = vit.blocks[1].mlp.fc2.weight.detach().clone()
-    attach(vit, SnellConfig(rank=2))
+    attach(vit, SnellConfig(r=2))
     detach(vit)
     assert isinstance(vit.blocks[1].mlp.fc2, nn.Linear)
+    assert type(vit.head) is nn.Linear
     assert torch.equal(vit.blocks[1].mlp.fc2.weight, w)
-    attach(vit, SnellConfig(rank=2))  # attachable again
+    attach(vit, SnellConfig(r=2))  # attachable again
 
 
 def test_bad_attach_inputs(vit):
-    with pytest.raises(TrimtuneError, match="match no nn.Linear"):
-        attach(vit, SnellConfig(target_modules=["nothing_here"]))
-    attach(vit, SnellConfig(rank=2, target_modules="mlp\\.fc1"))
-    assert vit.trimtune_adapter["targets"] == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
+    with pytest.raises(TrimtuneError, match="closest module names: .*fc1"):
+        attach(vit, SnellConfig(target_modules=["fc_1"]))
+    with pytest.raises(TrimtuneError, match="closest module names: .*qkv"):
+        attach(vit, SnellConfig(target_modules="qkv"))  # a string is a whole-name regex (PEFT)
+    assert not hasattr(vit, "peft_config")  # nothing half-attached
+    attach(vit, SnellConfig(r=2, target_modules=r".*mlp\.fc1"))
+    assert snell_layer_names(vit) == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
     with pytest.raises(TrimtuneError, match="already has an adapter"):
-        attach(vit, SnellConfig(rank=2))
+        attach(vit, SnellConfig(r=2))
     with pytest.raises(TrimtuneError, match="nothing to merge"):
         merge(tiny_vit())
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(rank=5, segments=2), "not divisible"), (dict(sparsity=1.0), r"\[0, 1\)"),
+    (dict(r=5, segments=2), "not divisible"), (dict(sparsity=1.0), r"\[0, 1\)"),
     (dict(sparsity=-0.2), r"\[0, 1\)"), (dict(kernel="cosine"), "unknown kernel"),
     (dict(sparsify="hard"), "unknown sparsify"),
 ])
@@ -91,8 +100,8 @@ def test_bad_config(kw, match):
 
 
 def test_config_dict_round_trip():
-    for cfg in (SnellConfig(rank=16, target_modules=["qkv", "fc1"]),
-                SnellaConfig(rank=8, target_sparsity=0.6, schedule_unit="epoch")):
+    for cfg in (SnellConfig(r=16, target_modules=["qkv", "fc1"]),
+                SnellaConfig(r=8, target_sparsity=0.6, schedule_unit="epoch")):
         back = SnellConfig.from_dict(cfg.to_dict())
         assert type(back) is type(cfg) and back == cfg
     assert SnellaConfig(init_sparsity=0.2).sparsity == 0.2
@@ -125,40 +134,14 @@ def compressed_vit():
     return model
 
 
-@pytest.mark.parametrize("method", ["snell", "snella"])
-def test_compressed_model_one_update_per_factorised_layer_and_merge_exact(images, method):
+def test_compressed_model_factors_are_targets_and_merge_exact(images):
     model = compressed_vit()
-    dense_units = {n for n, _ in iter_units(attach(tiny_vit(), SnellConfig(rank=4)))}
-    cfg = (SnellConfig(rank=4, sparsity=0.3) if method == "snell"
-           else SnellaConfig(rank=4, init_sparsity=0.3))
-    attach(model, cfg)
-    targets = model.trimtune_adapter["targets"]
-    assert "blocks.0.attn.qkv.second" in targets and "blocks.0.attn.qkv.first" not in targets
-    assert not any(t.endswith(".first") for t in targets)
-    assert len(model.get_submodule("blocks.0.attn.qkv.second").snell_units) == 3
-    # as many units as on the dense model, each on the factor in place of the dense layer
-    units = [n for n, _ in iter_units(model)]
-    assert len(units) == len(dense_units)
-    assert {u.replace(".second", "") for u in units} == dense_units
-    with torch.no_grad():
-        for _, u in iter_units(model):
-            u.snell_B.normal_()  # a non-zero update
+    attach(model, SnellConfig(r=4, sparsity=0.3))
+    targets = snell_layer_names(model)
+    assert "blocks.0.attn.qkv.first" in targets and "blocks.0.attn.qkv.second" in targets
+    assert len(model.get_submodule("blocks.0.attn.qkv.second").snell_units["default"]) == 3
+    assert len(model.get_submodule("blocks.0.attn.qkv.first").snell_units["default"]) == 1
     model.eval()
-    y = model(images)
-    merge(model)
-    assert not any(isinstance(m, SnellLinear) for m in model.modules())
-    assert type(model.blocks[0].attn.qkv.second) is nn.Linear  # still factorised
-    torch.testing.assert_close(model(images), y, atol=1e-5, rtol=0)
-
-
-def test_compressed_model_explicit_factor_patterns(images):
-    model = attach(compressed_vit(), SnellConfig(rank=4, target_modules=r"qkv\.(first|second)"))
-    targets = model.trimtune_adapter["targets"]
-    assert targets == [f"blocks.{i}.attn.qkv.{f}" for i in range(2) for f in ("first", "second")]
-    model.eval()
-    with torch.no_grad():
-        for _, u in iter_units(model):
-            u.snell_B.normal_()
     y = model(images)
     merge(model)
     torch.testing.assert_close(model(images), y, atol=1e-5, rtol=0)
@@ -168,7 +151,7 @@ def test_vit_base_r32_adapter_count():
     """ViT-B/16, r = 32 on q, k, v, proj, fc1, fc2: the notes' 5,309,184 = A/B + cls token."""
     with torch.device("meta"):
         model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100)
-    attach(model, SnellConfig(rank=32))
+    attach(model, SnellConfig(r=32))
     s = trainable_summary(model)
     ab = sum(p.numel() for n, p in model.named_parameters()
              if n.endswith(("snell_A", "snell_B")))
@@ -181,11 +164,11 @@ def test_vit_base_r32_adapter_count():
 
 def test_default_config_is_fused_and_equals_unfused_model(images):
     """Defaults: no branch dropout / drop-path, fused path; same loss and grads as unfused."""
-    cfg = SnellaConfig(rank=4, init_sparsity=0.5)
+    cfg = SnellaConfig(r=4, init_sparsity=0.5)
     assert (cfg.dropout, cfg.drop_path, cfg.fused) == (0.0, 0.0, True)
     grads = []
     for fused in (True, False):
-        model = attach(tiny_vit().double(), SnellaConfig(rank=4, init_sparsity=0.5, fused=fused))
+        model = attach(tiny_vit().double(), SnellaConfig(r=4, init_sparsity=0.5, fused=fused))
         layers = [m for m in model.modules() if isinstance(m, SnellLinear)]
         assert all(m.uses_fused_path() == fused for m in layers)
         model(images.double()).square().mean().backward()
@@ -196,7 +179,7 @@ def test_default_config_is_fused_and_equals_unfused_model(images):
 
 
 def test_paper_branch_regularisation_falls_back_to_unfused(vit, images):
-    attach(vit, SnellConfig(rank=4, dropout=0.1, drop_path=0.1))
+    attach(vit, SnellConfig(r=4, dropout=0.1, drop_path=0.1))
     layers = [m for m in vit.modules() if isinstance(m, SnellLinear)]
     assert not any(m.uses_fused_path() for m in layers)
     vit(images).sum().backward()

@@ -1,21 +1,26 @@
 """Fine-tuning methods: SNELL / SNELLA (kernelised sparse updates) and the usual baselines.
 
-    model = attach(model, SnellaConfig(rank=32, target_sparsity=0.7))   # in place
+    model = attach(model, SnellaConfig(r=32, target_sparsity=0.7))   # in place
     ...train (SnellaAllocator callback for SNELLA)...
     save_adapter(model, "runs/ft"); plain = merge(model)
+
+SNELL / SNELLA are PEFT tuners too (importing this package registers them with PEFT):
+``peft.get_peft_model(model, SnellaConfig(...))``, ``PeftModel.from_pretrained``.
 """
 
 from .config import DEFAULT_TARGETS, SnellaConfig, SnellConfig, config_from_dict
 from .inject import (
+    adapter_configs,
     attach,
     detach,
-    find_targets,
     format_summary,
     iter_snell_layers,
     iter_units,
     merge,
     trainable_summary,
 )
+from .snell_tuner import SnellaModel, SnellaTrainerCallback, SnellLinear, SnellModel
+from .targets import select_linears, select_modules
 from .io import load_adapter, save_adapter
 from .kernels import (
     InnerProductKernel,
@@ -27,7 +32,7 @@ from .kernels import (
     create_kernel,
     safe_cdist,
 )
-from .snell import SnellLinear, SparseDelta, magnitude_threshold, sparsify
+from .snell import SparseDelta, magnitude_threshold, sparsify
 
 # written beside this package by another engineer: the SNELLA allocator and the baselines
 from .allocator import SnellaAllocator, allocate_budget, cubic_budget, find_units  # noqa: E402
@@ -44,7 +49,8 @@ from .baselines import (  # noqa: E402
 
 __all__ = [
     "DEFAULT_TARGETS", "SnellConfig", "SnellaConfig", "config_from_dict",
-    "attach", "detach", "merge", "find_targets", "iter_snell_layers", "iter_units",
+    "attach", "detach", "merge", "adapter_configs", "iter_snell_layers", "iter_units",
+    "select_linears", "select_modules", "SnellModel", "SnellaModel", "SnellaTrainerCallback",
     "trainable_summary", "format_summary", "save_adapter", "load_adapter",
     "Kernel", "PiecewiseLinearKernel", "MixtureKernel", "InnerProductKernel", "RBFKernel",
     "SigmoidKernel", "create_kernel", "safe_cdist",

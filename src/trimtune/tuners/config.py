@@ -1,30 +1,35 @@
-"""Configurations of the SNELL and SNELLA tuners (one dataclass per method, as PEFT)."""
+"""Configurations of the SNELL and SNELLA tuners: ``peft.PeftConfig`` subclasses, so one config
+serves ``trimtune.attach`` and ``peft.get_peft_model`` alike and ``adapter_config.json`` is
+PEFT's (``peft_type``, ``r``, ``target_modules``, ``modules_to_save``)."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from peft import PeftConfig
 
 from ..errors import TrimtuneError
 from .kernels import KERNELS
+from .peft_registration import PeftType
 from .snell import SPARSIFY, check_sparsity
+from .targets import DEFAULT_TARGETS as _FAMILY_DEFAULTS
 
-#: Default targets: q/k/v (or fused qkv), attn.proj, mlp.fc1, mlp.fc2 of every block, and for a
-#: compressed model (trimtune.lowrank) the ``.first`` / ``.second`` factors of those layers.
-DEFAULT_TARGETS = r"(.*\.)?(qkv|q|k|v|attn\.proj|mlp\.fc1|mlp\.fc2)(\.first|\.second)?"
+#: Default targets of a timm ViT: q/k/v (or fused qkv), attn.proj, mlp.fc1, mlp.fc2 of every
+#: block (for a compressed model both factors of those layers); see trimtune.tuners.targets.
+DEFAULT_TARGETS = _FAMILY_DEFAULTS["timm"]
 
 
 @dataclass
-class SnellConfig:
+class SnellConfig(PeftConfig):
     """SNELL: kernelised low-rank update, sparsified by magnitude competition in each layer.
 
     Args:
-        rank: r, columns of the factors A (d_in, r) and B (d_out, r).
+        r: the rank, columns of the factors A (d_in, r) and B (d_out, r).
         kernel: ``"piecewise"`` (default), ``"mixture"`` (SNELLA), ``"inner"`` (LoRA-style
             ``A B^T``), ``"rbf"``, ``"sigmoid"``.
-        segments: P, column blocks of the piecewise / mixture kernel (rank % P == 0).
+        segments: P, column blocks of the piecewise / mixture kernel (r % P == 0).
         learnable_coeffs: learn the piecewise coefficients (paper) instead of fixed +-0.1 (code).
         sparsity: fraction s in [0, 1) of every update zeroed.
         sparsify: ``"code"`` (``dW |dW| 1[|dW| > t]`` with the magnitude detached: the
@@ -32,12 +37,16 @@ class SnellConfig:
             ``"soft"`` (the paper, ``dW max(|dW| - t, 0)``) or ``"none"``. SNELL at
             ``sparsity=0`` uses the plain kernel update (``"none"``), as the authors' code
             (``KLoRA``); SNELLA always sparsifies (squares) as theirs.
-        target_modules: regex (or list of regexes) matched against qualified module names;
-            a pattern matches a name in full or a dotted suffix of it (``"qkv"`` matches
-            ``blocks.0.attn.qkv``). ``None``: :data:`DEFAULT_TARGETS`. Only ``nn.Linear``.
+        target_modules: PEFT's rule (:mod:`trimtune.tuners.targets`): a string is a regex
+            matched against the whole module name, a list holds names or dotted name suffixes
+            (``["qkv"]`` matches ``blocks.0.attn.qkv``), ``"all-linear"`` every linear but
+            ``modules_to_save``. ``None``: the model family's default (timm:
+            :data:`DEFAULT_TARGETS`). A matched factorised layer adapts both factors.
         split_qkv: give a fused ``qkv`` linear three separate updates (q, k, v).
-        modules_to_save: modules trained in full beside the adapter (the classifier head).
-        train_tokens: parameters trained in full (the cls token), matched like targets.
+        modules_to_save: modules trained in full beside the adapter (the classifier head),
+            PEFT's ``ModulesToSaveWrapper``; names or suffixes as in PEFT.
+        train_tokens: parameters trained in full (the cls token), names or suffixes; saved
+            with the adapter (shared by all adapters of a model, as LoRA's ``bias="all"``).
         dropout: dropout on the branch input (not applied to ``attn.proj``, as the authors).
             Default 0. The authors used 0.1: set ``dropout=0.1, drop_path=0.1`` for paper
             parity; a stochastic branch cannot be fused with the base matmul, which costs
@@ -49,47 +58,51 @@ class SnellConfig:
             full-size matmuls per layer and step instead of 5, same result and gradients.
     """
 
-    rank: int = 8
+    r: int = 8
     kernel: str = "piecewise"
     segments: int = 2
     learnable_coeffs: bool = False
     sparsity: float = 0.5
     sparsify: str = "code"
-    target_modules: str | Sequence[str] | None = None
+    target_modules: str | list[str] | None = None
+    exclude_modules: str | list[str] | None = None
     split_qkv: bool = True
-    modules_to_save: Sequence[str] = ("head",)
-    train_tokens: Sequence[str] = ("cls_token",)
+    modules_to_save: list[str] | None = field(default_factory=lambda: ["head"])
+    train_tokens: list[str] | None = field(default_factory=lambda: ["cls_token"])
     dropout: float = 0.0
     drop_path: float = 0.0
     recompute: bool = True
     fused: bool = True
 
     method = "snell"
+    _peft_type = PeftType.SNELL
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = self._peft_type
         if self.kernel not in KERNELS:
             raise TrimtuneError(f"unknown kernel {self.kernel!r}: use one of {', '.join(KERNELS)}")
         if self.sparsify not in SPARSIFY:
             raise TrimtuneError(f"unknown sparsify {self.sparsify!r}: use one of "
                                 f"{', '.join(SPARSIFY)}")
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise TrimtuneError(f"rank {self.rank!r} must be a positive integer, e.g. 8 or 32")
+        if not isinstance(self.r, int) or self.r < 1:
+            raise TrimtuneError(f"r={self.r!r}: the rank must be a positive integer, e.g. 8 or 32")
         if not isinstance(self.segments, int) or self.segments < 1:
             raise TrimtuneError(f"segments {self.segments!r} must be a positive integer, e.g. 2")
-        if self.kernel in ("piecewise", "mixture") and self.rank % self.segments:
-            raise TrimtuneError(f"rank {self.rank} is not divisible by segments={self.segments}:"
+        if self.kernel in ("piecewise", "mixture") and self.r % self.segments:
+            raise TrimtuneError(f"r={self.r} is not divisible by segments={self.segments}:"
                                 " choose a rank that is a multiple of segments")
         check_sparsity(self.sparsity)
         for name in ("dropout", "drop_path"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise TrimtuneError(f"{name}={v} is outside [0, 1): use e.g. 0.1 or 0")
-        if isinstance(self.target_modules, (list, tuple)) and not self.target_modules:
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "train_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, (list, tuple, set)):
+                setattr(self, name, sorted(v) if isinstance(v, set) else list(v))
+        if self.target_modules == []:
             raise TrimtuneError("target_modules is empty: give patterns or None for the default")
-        self.modules_to_save = tuple(self.modules_to_save or ())
-        self.train_tokens = tuple(self.train_tokens or ())
-        if isinstance(self.target_modules, list):
-            self.target_modules = tuple(self.target_modules)
 
     @property
     def unit_sparsify(self) -> str:
@@ -105,30 +118,10 @@ class SnellConfig:
         """Sparsity every layer starts with when attached."""
         return self.sparsity
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict, with ``"method"`` naming the config class."""
-        d = dataclasses.asdict(self)
-        for k, v in d.items():
-            if isinstance(v, tuple):
-                d[k] = list(v)
-        return {"method": self.method, **d}
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SnellConfig:
-        """Inverse of :meth:`to_dict`; the ``"method"`` key picks SNELL or SNELLA."""
-        d = dict(d)
-        method = d.pop("method", cls.method)
-        klass = {c.method: c for c in (SnellConfig, SnellaConfig)}.get(method)
-        if klass is None:
-            raise TrimtuneError(f"unknown tuner method {method!r}: expected 'snell' or 'snella'")
-        names = {f.name for f in dataclasses.fields(klass)}
-        unknown = set(d) - names
-        if unknown:
-            raise TrimtuneError(f"unknown {method} config keys {sorted(unknown)}: this adapter was "
-                                "written by a newer trimtune; upgrade trimtune")
-        if isinstance(d.get("target_modules"), list):
-            d["target_modules"] = tuple(d["target_modules"])
-        return klass(**d)
+        """Inverse of ``to_dict()`` (PEFT's ``asdict``); ``peft_type`` picks SNELL or SNELLA."""
+        return config_from_dict(d)
 
 
 @dataclass
@@ -163,6 +156,7 @@ class SnellaConfig(SnellConfig):
     size_aware: bool = False
 
     method = "snella"
+    _peft_type = PeftType.SNELLA
 
     def __post_init__(self) -> None:
         self.sparsity = check_sparsity(self.init_sparsity)
@@ -180,5 +174,21 @@ class SnellaConfig(SnellConfig):
 
 
 def config_from_dict(d: dict[str, Any]) -> SnellConfig:
-    """Rebuild a :class:`SnellConfig` or :class:`SnellaConfig` from its ``to_dict()``."""
-    return SnellConfig.from_dict(d)
+    """Rebuild a :class:`SnellConfig` or :class:`SnellaConfig` from ``config.to_dict()`` (the
+    contents of ``adapter_config.json``).
+
+    Raises:
+        TrimtuneError: another PEFT method's config, or keys this trimtune does not know.
+    """
+    d = dict(d)
+    kind = str(getattr(d.get("peft_type"), "value", d.get("peft_type")) or "").upper()
+    klass = {c._peft_type.value: c for c in (SnellConfig, SnellaConfig)}.get(kind)
+    if klass is None:
+        raise TrimtuneError(f"a {kind or 'untyped'} config is not a SNELL/SNELLA config: load it "
+                            "with the method that wrote it (PEFT: peft.PeftConfig.from_pretrained)")
+    names = {f.name for f in dataclasses.fields(klass)}
+    unknown = set(d) - names
+    if unknown:
+        raise TrimtuneError(f"unknown {kind} config keys {sorted(unknown)}: this adapter was "
+                            "written by a newer trimtune; upgrade trimtune")
+    return klass(**d)

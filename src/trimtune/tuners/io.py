@@ -1,98 +1,105 @@
-"""Adapter save / load in Hugging Face PEFT's layout.
+"""Adapter save / load in Hugging Face PEFT's format, readable by PEFT itself.
 
-A folder with ``adapter_config.json`` (method, kernel, rank, per-unit sparsity, targets, the
-base it belongs to) and ``adapter_model.safetensors`` (``snell_A`` / ``snell_B`` / kernel
-tensors of every unit, plus the fully trained ``modules_to_save`` and tokens, under their
-qualified names in the adapted model). Both writes are atomic.
+A folder with ``adapter_config.json`` (the config's ``to_dict()``, exactly what
+``PeftConfig.save_pretrained`` writes: ``peft_type``, ``r``, ``target_modules`` ...) and
+``adapter_model.safetensors`` (the adapter state under PEFT's keys,
+``base_model.model.<module>.snell_units.<i>.snell_A``; per-unit sparsities are the ``zeroed``
+buffers). The safetensors header also records the base the adapter belongs to (architecture,
+target weight shapes, parameter count), so loading onto another base is a clear error, while
+``peft.PeftModel.from_pretrained(model, folder)`` opens the same folder. Writes are atomic.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
-import torch
+from peft import PeftModel
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
 from torch import nn
 
 from ..checkpoint import read_json, read_safetensors, write_json, write_safetensors
 from ..errors import TrimtuneError
-from .config import config_from_dict
-from .inject import attach, iter_units
+from .config import SnellConfig, config_from_dict
+from .inject import adapter_configs, attach, iter_snell_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-FORMAT_VERSION = 1
+PEFT_PREFIX = "base_model.model."
+FORMAT_VERSION = 2
 
 
 def base_arch(model: nn.Module) -> str | None:
-    """The base architecture name: ``model.trimtune_arch["arch"]`` or timm's pretrained_cfg."""
+    """The base architecture name: ``model.trimtune_arch["arch"]``, timm's pretrained_cfg or a
+    transformers config's ``model_type``."""
     arch = getattr(model, "trimtune_arch", None)
     if isinstance(arch, dict) and arch.get("arch"):
         return str(arch["arch"])
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and cfg.get("architecture"):
         return str(cfg["architecture"])
-    return None
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    return str(mt) if mt else None
 
 
-def base_fingerprint(model: nn.Module, targets: list[str]) -> dict[str, Any]:
-    """Shapes (out, in) of the targeted weights and the base's parameter count.
-
-    Works before and after :func:`~trimtune.tuners.attach` (adapter parameters and the
-    wrappers are left out).
-    """
-    shapes = {}
-    for name in targets:
-        mod = model.get_submodule(name)
-        w = mod.weight  # nn.Linear or SnellLinear (forwards .weight to its base)
-        shapes[name] = list(w.shape)
-    n = sum(p.numel() for k, p in model.named_parameters() if ".snell_units." not in k)
-    return {"target_shapes": shapes, "num_params": n}
+def _adapter_numel(model: nn.Module) -> int:
+    """Entries that an adapter added (its tensors and modules-to-save copies)."""
+    return sum(p.numel() for n, p in model.named_parameters()
+               if ".snell_units." in n or ".modules_to_save." in n)
 
 
-def _adapter_state(model: nn.Module, info: dict[str, Any]) -> dict[str, torch.Tensor]:
-    prefixes = tuple(f"{m}." for m in info["modules_to_save"])
-    tokens = set(info["tokens"])
-    return {k: v for k, v in model.state_dict().items()
-            if ".snell_units." in k or k.startswith(prefixes) or k in tokens}
+def base_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """``{"arch", "target_shapes": {layer: [out, in]}, "num_params"}`` of the base under an
+    attached SNELL adapter (adapter tensors and modules-to-save copies left out)."""
+    shapes = {n: list(layer.get_base_layer().weight.shape) for n, layer in
+              iter_snell_layers(model)}
+    n = sum(p.numel() for p in model.parameters()) - _adapter_numel(model)
+    return {"arch": base_arch(model), "target_shapes": shapes, "num_params": n}
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the attached adapter of ``model`` to the folder ``path`` (created if needed).
-
-    Returns:
-        the folder.
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default"
+                 ) -> Path:
+    """Write adapter ``adapter_name`` of ``model`` (plain model or ``PeftModel``) to ``path``.
 
     Raises:
-        TrimtuneError: the model has no SNELL/SNELLA adapter attached.
+        TrimtuneError: the model has no SNELL/SNELLA adapter of that name.
     """
-    info = getattr(model, "trimtune_adapter", None)
-    if not info or "config" not in info or info.get("method") not in ("snell", "snella"):
-        raise TrimtuneError("model has no SNELL/SNELLA adapter to save: attach one with "
-                            "trimtune.tuners.attach (a merged model is saved as a whole model)")
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    configs = adapter_configs(base) or adapter_configs(model)
+    cfg = configs.get(adapter_name)
+    if not isinstance(cfg, SnellConfig):
+        have = ", ".join(f"{k!r} ({getattr(v, 'peft_type', '?')})" for k, v in configs.items())
+        raise TrimtuneError(f"model has no SNELL/SNELLA adapter {adapter_name!r} to save (it has: "
+                            f"{have or 'none'}): attach one with trimtune.attach (a merged model "
+                            "is saved as a whole model)")
     path = Path(path)
-    cfg = info["config"]
+    state = get_peft_model_state_dict(base, adapter_name=adapter_name,
+                                      save_embedding_layers=False)
+    state = {k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k: v for k, v in state.items()}
     from .. import __version__
 
-    meta = {
-        "format_version": FORMAT_VERSION, "trimtune_version": __version__,
-        "peft_type": info["method"].upper(), "method": info["method"],
-        "kernel": cfg.kernel, "rank": cfg.rank, "config": cfg.to_dict(),
-        "targets": info["targets"], "modules_to_save": info["modules_to_save"],
-        "tokens": info["tokens"],
-        "sparsity": {name: u.sparsity for name, u in iter_units(model)},
-        "base": {"arch": base_arch(model), **base_fingerprint(model, info["targets"])},
-    }
-    write_safetensors(path / WEIGHTS_NAME, _adapter_state(model, info),
-                      metadata={"format": "pt", "method": info["method"]})
-    write_json(path / CONFIG_NAME, meta)
+    meta = {"format": "pt", "trimtune_version": __version__,
+            "trimtune_format": str(FORMAT_VERSION),
+            "trimtune_base": json.dumps(base_fingerprint(base))}
+    write_safetensors(path / WEIGHTS_NAME, state, metadata=meta)
+    d = cfg.to_dict()
+    d["peft_type"] = cfg.peft_type.value
+    write_json(path / CONFIG_NAME, d)
     return path
 
 
-def _check_base(model: nn.Module, meta: dict[str, Any], path: Path) -> None:
-    base = meta["base"]
+def _read_base(path: Path) -> dict[str, Any] | None:
+    with safe_open(str(path / WEIGHTS_NAME), "pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta["trimtune_base"]) if "trimtune_base" in meta else None
+
+
+def _check_base(model: nn.Module, base: dict[str, Any] | None, path: Path) -> None:
+    if base is None:  # written by PEFT itself: PEFT's own key / shape checks apply
+        return
     arch = base_arch(model)
     if base.get("arch") and arch and base["arch"] != arch:
         raise TrimtuneError(f"adapter {path} was trained on a {base['arch']} base, this model is "
@@ -103,7 +110,7 @@ def _check_base(model: nn.Module, meta: dict[str, Any], path: Path) -> None:
         except AttributeError:
             mod = None
         if not isinstance(mod, nn.Linear) or list(mod.weight.shape) != shape:
-            got = list(mod.weight.shape) if isinstance(mod, nn.Linear) else "missing"
+            got = list(mod.weight.shape) if isinstance(mod, nn.Linear) else "no such linear"
             raise TrimtuneError(f"adapter {path} targets {name} with weight {shape}, this model "
                                 f"has {got}: load it onto the same base ({base.get('arch')}, "
                                 "same compression) it was trained on")
@@ -114,43 +121,39 @@ def _check_base(model: nn.Module, meta: dict[str, Any], path: Path) -> None:
                             "(architecture, num_classes, compression)")
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Attach the adapter saved in ``path`` to ``model`` (in place) and load its tensors.
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default"
+                 ) -> nn.Module:
+    """Attach the SNELL/SNELLA adapter saved in ``path`` to ``model`` (in place) and load it.
 
     Returns:
-        ``model``, adapted, with each unit's saved sparsity.
+        ``model``, adapted (trainable), with each unit's saved sparsity.
 
     Raises:
-        TrimtuneError: missing / damaged files, a base of another architecture or shape, or a
-            model that already has an adapter.
+        TrimtuneError: missing / damaged files, another PEFT method's adapter, a base of
+            another architecture or shape, or a model that already has an adapter.
     """
     path = Path(path)
     meta = read_json(path / CONFIG_NAME)
-    if meta.get("method") not in ("snell", "snella"):
-        raise TrimtuneError(f"{path / CONFIG_NAME} is not a SNELL/SNELLA adapter (method "
-                            f"{meta.get('method')!r}): load it with the tool that wrote it")
+    kind = str(meta.get("peft_type") or "").upper()
+    if kind not in ("SNELL", "SNELLA"):
+        raise TrimtuneError(f"{path / CONFIG_NAME} is a {kind or 'untyped'} adapter, not "
+                            "SNELL/SNELLA: open it with peft.PeftModel.from_pretrained (or the "
+                            "tool that wrote it)")
     tensors = read_safetensors(path / WEIGHTS_NAME)
-    if getattr(model, "trimtune_adapter", None) is not None:
-        raise TrimtuneError("this model already has an adapter attached: load onto a fresh base"
-                            " or call trimtune.tuners.detach(model) first")
-    _check_base(model, meta, path)
-    cfg_dict = dict(meta["config"])
-    cfg_dict["target_modules"] = [re.escape(t) for t in meta["targets"]]
-    cfg = config_from_dict(cfg_dict)
-    attach(model, cfg)
-    model.trimtune_adapter["config"] = config_from_dict(meta["config"])  # user's own patterns
-    state = model.state_dict()
-    missing = sorted(set(tensors) - set(state))
-    if missing:
-        raise TrimtuneError(f"adapter {path} holds tensors this model lacks ({missing[:3]}...): "
-                            "load it onto the base it was trained on")
-    expected = set(_adapter_state(model, model.trimtune_adapter))
-    absent = sorted(expected - set(tensors))
-    if absent:
-        raise TrimtuneError(f"adapter {path} lacks tensors {absent[:3]}...: the file is damaged "
-                            "or incomplete; save the adapter again")
-    model.load_state_dict(tensors, strict=False)
-    units = dict(iter_units(model))
-    for name, s in meta["sparsity"].items():
-        units[name].sparsity = s
+    if adapter_configs(model):
+        raise TrimtuneError(f"this model already has an adapter attached "
+                            f"({', '.join(map(repr, adapter_configs(model)))}): load onto a "
+                            "fresh base or call trimtune.tuners.detach(model) first")
+    _check_base(model, _read_base(path), path)
+    cfg = config_from_dict(meta)
+    cfg.inference_mode = False
+    attach(model, cfg, adapter_name=adapter_name)
+    tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in tensors.items()}  # a plain model
+    result = set_peft_model_state_dict(model, tensors, adapter_name=adapter_name)
+    unexpected = [k for k in result.unexpected_keys if adapter_name in k or "snell_" in k]
+    missing = [k for k in result.missing_keys if ".snell_units." in k]
+    if unexpected or missing:
+        raise TrimtuneError(f"adapter {path} does not fit this model (unexpected "
+                            f"{unexpected[:3]}, missing {missing[:3]}): load it onto the base "
+                            "it was trained on, or save the adapter again")
     return model

@@ -626,6 +626,10 @@ class SparseDelta(nn.Module):
         self.kernel = kernel
         self.sparsify_mode = sparsify
         self.recompute = recompute
+        # k = entries zeroed, a buffer: saved with the adapter (state dict, PEFT), never cast to
+        # a float dtype; `sparsity` is its float view k / (d_in d_out) (the allocator sets it)
+        self.register_buffer("zeroed", torch.zeros((), dtype=torch.long))
+        self.register_load_state_dict_post_hook(SparseDelta._sync_sparsity)
         self.sparsity = sparsity
         self.snell_A = nn.Parameter(torch.empty(in_features, rank))
         self.snell_B = nn.Parameter(torch.empty(out_features, rank))
@@ -633,11 +637,20 @@ class SparseDelta(nn.Module):
 
     @property
     def sparsity(self) -> float:
+        """The fraction of update entries zeroed, ``k / (d_in d_out)``; setting ``s`` zeroes
+        ``k = floor(s d_in d_out)`` entries (reading back gives that exact fraction)."""
         return self._sparsity
 
     @sparsity.setter
     def sparsity(self, s: float) -> None:
-        self._sparsity = check_sparsity(s)
+        k = num_zeroed(check_sparsity(s), self.numel_update)
+        self.zeroed.fill_(k)
+        self._sparsity = k / self.numel_update
+
+    @staticmethod
+    def _sync_sparsity(module: SparseDelta, _incompatible) -> None:
+        """After ``load_state_dict``: the float view follows the loaded ``zeroed`` count."""
+        module._sparsity = int(module.zeroed) / module.numel_update
 
     @property
     def numel_update(self) -> int:

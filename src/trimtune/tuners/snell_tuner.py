@@ -1,0 +1,340 @@
+"""SNELL and SNELLA as Hugging Face PEFT tuners: a layer on ``BaseTunerLayer``, a model on
+``BaseTuner``, registered under ``PeftType.SNELL`` / ``PeftType.SNELLA``.
+
+    import peft, trimtune as tt
+    pm = peft.get_peft_model(model, tt.SnellaConfig(r=8, target_modules="all-linear"))
+    pm.save_pretrained("out");  peft.PeftModel.from_pretrained(fresh_model, "out")
+    plain = pm.merge_and_unload()
+
+The maths is trimtune's own (:mod:`trimtune.tuners.snell`): per adapter a layer holds one
+:class:`~trimtune.tuners.snell.SparseDelta` per unit (three for a fused ``qkv``: separate q, k,
+v updates, as the authors), and runs base layer and update in ONE matmul through
+:class:`~trimtune.tuners.snell.FusedSnellFunction` whenever that is exact (no active branch
+dropout / drop-path, always in eval mode). Each unit's sparsity is a buffer (``zeroed``), so it
+is saved and loaded with the adapter.
+
+This module is shaped like a PEFT tuner package (``config`` is :mod:`trimtune.tuners.config`,
+the PeftType shim :mod:`trimtune.tuners.peft_registration`); it is the one implementation
+behind :func:`trimtune.tuners.attach` too.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
+from timm.layers import DropPath
+from torch import nn
+
+from ..errors import TrimtuneError
+from .config import SnellaConfig, SnellConfig
+from .kernels import create_kernel
+from .peft_registration import PREFIX, register
+from .snell import FusedSnellFunction, SparseDelta
+from .targets import DEFAULT_TARGETS, matches, select_linears
+
+_ADAPTER_DICTS = ("snell_units", "snell_dropout", "snell_drop_path")
+
+
+def is_fused_qkv(name: str) -> bool:
+    """A timm fused ``qkv`` linear (or the ``.second`` factor of a compressed one)."""
+    base = name[: -len(".second")] if name.endswith(".second") else name
+    return base == "qkv" or base.endswith(".qkv")
+
+
+class SnellLayer(BaseTunerLayer):
+    """Per-adapter SNELL state of one adapted linear (PEFT's tuner-layer mixin).
+
+    Attributes:
+        base_layer: the frozen linear.
+        snell_units: ``{adapter: ModuleList[SparseDelta]}``; the units tile the output rows.
+        snell_dropout / snell_drop_path: ``{adapter: module}`` on the branch input / each
+            unit's output (one DropPath draw per unit).
+        snell_fused: ``{adapter: bool}``, whether the one-matmul path may be used.
+    """
+
+    adapter_layer_names = ("snell_units",)
+    other_param_names = ("snell_dropout", "snell_drop_path", "snell_fused")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.snell_units = nn.ModuleDict()
+        self.snell_dropout = nn.ModuleDict()
+        self.snell_drop_path = nn.ModuleDict()
+        self.snell_fused: dict[str, bool] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise TrimtuneError(f"SNELL adapts nn.Linear layers only, got {type(base).__name__}:"
+                                " choose linear layers in target_modules")
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.kwargs = kwargs
+
+    def update_layer(self, adapter_name: str, config: SnellConfig, name: str = "",
+                     inference_mode: bool = False) -> None:
+        """Add adapter ``adapter_name`` following ``config``; ``name`` is the module's
+        qualified name (a fused ``qkv`` gets three units; ``attn.proj`` no branch dropout)."""
+        if adapter_name in self.snell_units:
+            raise TrimtuneError(f"adapter {adapter_name!r} already exists on {name or 'layer'}: "
+                                "choose another adapter_name")
+        n = 3 if config.split_qkv and is_fused_qkv(name) and self.out_features % 3 == 0 else 1
+        mode = config.unit_sparsify
+        units = [SparseDelta(self.in_features, self.out_features // n, config.r,
+                             create_kernel(config.kernel, config.segments,
+                                           config.learnable_coeffs),
+                             sparsity=config.initial_sparsity, sparsify=mode,
+                             recompute=config.recompute) for _ in range(n)]
+        dropout = 0.0 if re.search(r"(^|\.)attn\.proj(\.|$)", name) else config.dropout
+        self.snell_units[adapter_name] = nn.ModuleList(units)
+        self.snell_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.snell_drop_path[adapter_name] = (DropPath(config.drop_path) if config.drop_path > 0
+                                              else nn.Identity())
+        self.snell_fused[adapter_name] = bool(config.fused)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def units(self, adapter_name: str) -> nn.ModuleList:
+        return self.snell_units[adapter_name]
+
+
+class SnellLinear(nn.Module, SnellLayer):
+    """A frozen ``nn.Linear`` plus the SNELL updates of its adapters.
+
+    ``out = base(x) + sum_a cat_u(DropPath_a(u(dropout_a(x))))`` over the active adapters;
+    with one active adapter and no active dropout / drop-path, ``F.linear(x, W + dW_s^T, b)``
+    in one fused matmul (same values and gradients).
+
+    Shape:
+        - Input: (*, in_features)
+        - Output: (*, out_features)
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SnellConfig,
+                 name: str = "", **kwargs: Any) -> None:
+        super().__init__()
+        SnellLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, name)
+
+    # ------------------------------------------------------------------ update
+    @torch.no_grad()
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``dW_s^T`` of ``adapter`` in weight layout (out_features, in_features)."""
+        return torch.cat([u.delta_weight() for u in self.snell_units[adapter]], dim=0)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """``W <- W + dW_s^T`` for the given (default: active) adapters."""
+        for a in check_adapters_to_merge(self, adapter_names):
+            if a not in self.snell_units:
+                continue
+            w = self.get_base_layer().weight
+            delta = self.get_delta_weight(a).to(w.dtype)
+            if safe_merge and not torch.isfinite(w.data + delta).all():
+                raise TrimtuneError(f"merging adapter {a!r} gives non-finite weights: the "
+                                    "adapter is broken (check the training loss)")
+            with torch.no_grad():
+                w.add_(delta)
+            self.merged_adapters.append(a)
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (exact up to float rounding)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            a = self.merged_adapters.pop()
+            if a in self.snell_units:
+                w = self.get_base_layer().weight
+                with torch.no_grad():
+                    w.sub_(self.get_delta_weight(a).to(w.dtype))
+
+    # ------------------------------------------------------------------ forward
+    def uses_fused_path(self, adapter: str | None = None) -> bool:
+        """True when :meth:`forward` computes ``x @ (W + dW_s^T)^T + b`` in one matmul for
+        ``adapter`` (default: the first active one): fusion on, no active branch dropout /
+        drop-path (always true in eval mode)."""
+        if adapter is None:
+            adapter = next((a for a in self.active_adapters if a in self.snell_units), None)
+        if not self.snell_fused.get(adapter, False):
+            return False
+        return not self.training or (isinstance(self.snell_dropout[adapter], nn.Identity)
+                                     and isinstance(self.snell_drop_path[adapter], nn.Identity))
+
+    def _fused_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        base = self.get_base_layer()
+        w, bias, units = base.weight, base.bias, self.snell_units[adapter]
+        if not torch.is_grad_enabled():
+            return F.linear(x, w + self.get_delta_weight(adapter).to(w.dtype), bias)
+        if not all(u.recompute for u in units):  # plain autograd: keeps dW for backward
+            dws = torch.cat([u.delta() for u in units], dim=1)  # (in, out)
+            return F.linear(x, w + dws.T.to(w.dtype), bias)
+        meta, params = [], []
+        for u in units:
+            named = list(u.kernel.named_parameters())
+            meta.append((u.kernel, u.sparsity, u.sparsify_mode, tuple(n for n, _ in named)))
+            params += [u.snell_A, u.snell_B, *(p for _, p in named)]
+        return FusedSnellFunction.apply(x, w, bias, tuple(meta), *params)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = [a for a in self.active_adapters if a in self.snell_units]
+        if len(active) == 1 and self.uses_fused_path(active[0]):
+            return self._fused_forward(x, active[0])
+        y = self.base_layer(x, *args, **kwargs)
+        for a in active:
+            h = self.snell_dropout[a](x)
+            parts = [self.snell_drop_path[a](u(h)) for u in self.snell_units[a]]
+            branch = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+            y = y + branch.to(y.dtype)
+        return y
+
+    def __repr__(self) -> str:
+        return "snell." + super().__repr__()
+
+
+class SnellModel(BaseTuner):
+    """Creates a SNELL model (``peft.get_peft_model(model, SnellConfig(...))``).
+
+    Target selection is trimtune's one rule (:func:`trimtune.tuners.targets.select_linears`,
+    PEFT's semantics plus factorised layers); a pattern that matches nothing is an error that
+    names the closest module names. ``train_tokens`` (the cls token) train in full and are
+    saved with the adapter.
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = SnellLayer
+    target_module_mapping = {k: v for k, v in DEFAULT_TARGETS.items() if k != "timm"}
+
+    def _prepare_adapter_config(self, peft_config: SnellConfig, model_config: dict
+                                ) -> SnellConfig:
+        return peft_config  # None target_modules: resolved per model in _prepare_model
+
+    def _prepare_model(self, peft_config: SnellConfig, model: nn.Module) -> None:
+        self._snell_targets = set(select_linears(
+            model, peft_config.target_modules, exclude=peft_config.exclude_modules,
+            modules_to_save=peft_config.modules_to_save))
+
+    def _check_target_module_exists(self, peft_config: SnellConfig, key: str) -> bool:
+        targets = getattr(self, "_snell_targets", None)
+        if targets is None:  # outside inject_adapter (e.g. inspect_matched_modules)
+            targets = set(select_linears(self.model, peft_config.target_modules,
+                                         exclude=peft_config.exclude_modules,
+                                         modules_to_save=peft_config.modules_to_save))
+        return key in targets
+
+    def _create_and_replace(self, peft_config: SnellConfig, adapter_name: str, target: nn.Module,
+                            target_name: str, parent: nn.Module, current_key: str,
+                            **optional_kwargs: Any) -> None:
+        if isinstance(target, SnellLayer):
+            target.update_layer(adapter_name, peft_config, current_key,
+                                inference_mode=peft_config.inference_mode)
+            return
+        if isinstance(target, BaseTunerLayer):
+            raise TrimtuneError(f"{current_key} already carries a {type(target).__name__} adapter"
+                                " of another method: one PEFT method per model")
+        new = SnellLinear(target, adapter_name, peft_config, current_key)
+        if adapter_name not in self.active_adapters:
+            new.requires_grad_(False)  # an added adapter is not automatically trainable
+        self._replace_module(parent, target_name, new, target)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        for a in self.active_adapters:
+            tokens = getattr(self.peft_config.get(a), "train_tokens", None)
+            if tokens and not self.peft_config[a].inference_mode:
+                for n, p in model.named_parameters():
+                    if matches(n, tokens):
+                        p.requires_grad_(True)
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict,
+                                unwanted_adapter_names):
+        out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict,
+                                              unwanted_adapter_names)
+        tokens = getattr(config, "train_tokens", None)
+        if tokens:
+            out.update({k: v for k, v in state_dict.items() if matches(k, tokens)})
+        return out
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """``...qkv.snell_units.<adapter>.0.snell_A`` -> ``...qkv.snell_units.0.snell_A``."""
+        pat = rf"\.({'|'.join(_ADAPTER_DICTS)})\.{re.escape(adapter_name)}(?=\.|$)"
+        return re.sub(pat, r".\1", key)
+
+
+class SnellaModel(SnellModel):
+    """Creates a SNELLA model: SNELL layers whose sparsities a
+    :class:`~trimtune.tuners.allocator.SnellaAllocator` reallocates during training (with HF
+    Trainer: :class:`SnellaTrainerCallback`)."""
+
+
+register({"snell": SnellConfig, "snella": SnellaConfig},
+         {"snell": SnellModel, "snella": SnellaModel})
+
+
+def _trainer_callback_base() -> type:
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class SnellaTrainerCallback(_trainer_callback_base()):
+    """The SNELLA allocator as a Hugging Face ``TrainerCallback``.
+
+        cb = SnellaTrainerCallback(pm.peft_config["default"])
+        trainer = Trainer(model=pm, ..., callbacks=[cb])
+
+    Importance scores are folded in after each optimizer step (gradients still present) and
+    the budget reallocated on the allocator's schedule; the schedule length is the Trainer's
+    ``max_steps``.
+    """
+
+    def __init__(self, config: SnellaConfig, model: nn.Module | None = None) -> None:
+        from .allocator import SnellaAllocator
+
+        if not isinstance(config, SnellaConfig):
+            raise TrimtuneError(f"SnellaTrainerCallback needs a SnellaConfig, got "
+                                f"{type(config).__name__}: SNELL has no allocator")
+        self.allocator = SnellaAllocator(model, config)
+
+    class _State:
+        def __init__(self, model: nn.Module, hf_state: Any, step: int) -> None:
+            self.model = model
+            self.step = step
+            self.total_steps = int(hf_state.max_steps)
+            epochs = max(1, int(getattr(hf_state, "num_train_epochs", 1) or 1))
+            self.steps_per_epoch = max(1, -(-self.total_steps // epochs))
+            self.epoch = int(hf_state.epoch or 0)
+
+    def _call(self, hook: str, state: Any, model: nn.Module | None, step: int) -> None:
+        fn = getattr(self.allocator, hook, None)
+        if fn is not None:
+            fn(self._State(model if model is not None else self.allocator.model, state, step))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._call("on_train_start", state, model, state.global_step)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self._call("on_step_start", state, model, state.global_step)
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        # HF calls this after optimizer.step(), before zero_grad and before global_step += 1
+        self._call("after_optimizer_step", state, model, state.global_step + 1)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        self._call("on_epoch_end", state, model, state.global_step)
+
+
+__all__ = ["SnellLayer", "SnellLinear", "SnellModel", "SnellaModel", "SnellaTrainerCallback",
+           "is_fused_qkv"]
