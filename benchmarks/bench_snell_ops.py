@@ -41,6 +41,7 @@ from _common import log, machine_info, machine_markdown, md_table, write_results
 
 from trimtune.pipeline import build_train_step  # noqa: E402
 from trimtune.tuners import snell  # noqa: E402
+from trimtune.tuners.snell_tuner import SnellLinear  # noqa: E402
 from trimtune.tuners.kernels import create_kernel  # noqa: E402
 
 
@@ -99,7 +100,7 @@ def layer_backward(device: torch.device, reps: int, tokens: int) -> dict[str, fl
     def make() -> nn.Module:
         torch.manual_seed(0)
         u = snell.SparseDelta(768, 3072, 8, create_kernel("mixture", 2), sparsity=0.7)
-        return snell.SnellLinear(nn.Linear(768, 3072), [u]).to(device)
+        return SnellLinear.from_units(nn.Linear(768, 3072), [u]).to(device)
 
     layers = {"compiled": make(), "closed form": make(), "autograd": make()}
     x = torch.randn(tokens, 768, device=device)

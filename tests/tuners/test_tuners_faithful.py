@@ -18,7 +18,8 @@ from torch import nn
 
 from trimtune.tuners import SnellaAllocator, SnellaConfig, SnellConfig, attach, iter_units
 from trimtune.tuners.kernels import create_kernel
-from trimtune.tuners.snell import SnellLinear, SparseDelta, num_zeroed
+from trimtune.tuners.snell import SparseDelta, num_zeroed
+from trimtune.tuners.snell_tuner import SnellLinear
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import tiny_vit  # noqa: E402
@@ -44,13 +45,13 @@ def test_code_sparsifier_gradient_is_the_authors(kernel, s, path):
     unit = SparseDelta(12, 9, 4, create_kernel(kernel, 2), sparsity=s, sparsify="code",
                        recompute=path != "autograd").double()
     ref = copy.deepcopy(unit)
-    layer = SnellLinear(nn.Linear(12, 9).double(), [unit], fused=path == "fused")
+    layer = SnellLinear.from_units(nn.Linear(12, 9).double(), [unit], fused=path == "fused")
     x = torch.randn(5, 12, dtype=torch.float64)
     gy = torch.randn(5, 9, dtype=torch.float64)
     (layer(x) * gy).sum().backward()
 
     dw = ref.kernel(ref.snell_A, ref.snell_B)
-    y_ref = layer.base(x) + x @ authors_sparsify(dw, s)
+    y_ref = layer.base_layer(x) + x @ authors_sparsify(dw, s)
     (y_ref * gy).sum().backward()
     torch.testing.assert_close(layer(x), y_ref, atol=1e-12, rtol=1e-10)
     for (n, p), q in zip(unit.named_parameters(), ref.parameters()):
@@ -95,10 +96,10 @@ def test_qkv_units_draw_independent_drop_path_masks():
     TuningModules), so a sample can keep q's update and lose k's."""
     torch.manual_seed(0)
     units = [SparseDelta(8, 8, 4, create_kernel("piecewise", 2)) for _ in range(3)]
-    layer = SnellLinear(nn.Linear(8, 24), units, drop_path=0.5).train()
+    layer = SnellLinear.from_units(nn.Linear(8, 24), units, drop_path=0.5).train()
     x = torch.randn(256, 1, 8)
     with torch.no_grad():
-        branch = (layer(x) - layer.base(x)).reshape(256, 3, 8)
+        branch = (layer(x) - layer.base_layer(x)).reshape(256, 3, 8)
     kept = branch.abs().sum(-1) > 0  # (samples, unit)
     assert 0.3 < kept.float().mean() < 0.7
     assert (kept[:, 0] != kept[:, 1]).any() and (kept[:, 1] != kept[:, 2]).any()

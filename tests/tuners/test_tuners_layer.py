@@ -8,7 +8,8 @@ from torch import nn
 
 from trimtune.errors import TrimtuneError
 from trimtune.tuners.kernels import create_kernel
-from trimtune.tuners.snell import (SnellLinear, SparseDelta, kth_smallest, magnitude_threshold,
+from trimtune.tuners.snell_tuner import SnellLinear
+from trimtune.tuners.snell import (SparseDelta, kth_smallest, magnitude_threshold,
                                    sparsify)
 
 
@@ -94,7 +95,7 @@ def test_grads_reach_factors_and_kernel_not_frozen_base_even_at_zero_distance():
     u = SparseDelta(6, 6, 4, create_kernel("mixture", 2), sparsity=0.3)
     with torch.no_grad():
         u.snell_B.copy_(u.snell_A)  # rows of A and B coincide: zero distances on the diagonal
-    layer = SnellLinear(base, [u])
+    layer = SnellLinear.from_units(base, [u])
     layer(torch.randn(2, 6)).pow(2).sum().backward()
     assert base.weight.grad is None and base.bias.grad is None
     assert not base.weight.requires_grad
@@ -142,18 +143,18 @@ def test_qkv_split_merge_unmerge():
     w0 = base.weight.detach().clone()
     units = [SparseDelta(8, 4, 4, create_kernel("piecewise", 2), sparsity=s)
              for s in (0.0, 0.5, 0.9)]
-    layer = SnellLinear(base, units, dropout=0.1, drop_path=0.1).eval()
+    layer = SnellLinear.from_units(base, units, dropout=0.1, drop_path=0.1).eval()
     x = torch.randn(5, 8)
     y = layer(x)
     torch.testing.assert_close(y[:, 4:8], base(x)[:, 4:8] + x @ units[1].delta())
-    assert layer.delta_weight().shape == (12, 8)
+    assert layer.get_delta_weight("default").shape == (12, 8)
     layer.merge()
     assert layer.merged
     torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=0)
     layer.unmerge()
     torch.testing.assert_close(base.weight, w0, atol=1e-6, rtol=0)
     with pytest.raises(TrimtuneError, match="do not tile"):
-        SnellLinear(nn.Linear(8, 12), units[:2])
+        SnellLinear.from_units(nn.Linear(8, 12), units[:2])
 
 
 def snell_pair(kernel, mode, n_units, sparsities=(0.0, 0.4, 0.7), bias=True, d_in=6, d_out=9):
@@ -169,7 +170,7 @@ def snell_pair(kernel, mode, n_units, sparsities=(0.0, 0.4, 0.7), bias=True, d_i
         for u in units:  # kernel scalars away from init so their gradients are generic
             for p in u.kernel.parameters():
                 p.data.add_(0.3)
-        layers.append(SnellLinear(base, units, fused=fused))
+        layers.append(SnellLinear.from_units(base, units, fused=fused))
     return layers
 
 
@@ -196,7 +197,7 @@ def test_fused_equals_unfused_outputs_and_gradients(kernel, mode, n_units, bias)
     for n in g1:
         assert g1[n] is not None and g1[n].abs().sum() > 0, n
         torch.testing.assert_close(g1[n], g2[n], atol=1e-12, rtol=1e-10, msg=n)
-    assert fused.base.weight.grad is None
+    assert fused.base_layer.weight.grad is None
 
 
 @pytest.mark.parametrize("kernel,learnable,segments", [
@@ -224,7 +225,7 @@ def test_closed_form_backward_equals_autograd(monkeypatch, kernel, learnable, se
         for u in units:
             for p in u.kernel.parameters():
                 p.add_(0.2)
-    layer = SnellLinear(nn.Linear(6, 12).double(), units, fused=fused)
+    layer = SnellLinear.from_units(nn.Linear(6, 12).double(), units, fused=fused)
     twin = copy.deepcopy(layer)
     x = torch.randn(2, 3, 6, dtype=torch.float64)
     gy = torch.randn(2, 3, 12, dtype=torch.float64)
@@ -249,12 +250,12 @@ def test_fused_function_passes_gradcheck():
     # its gradient is not the forward's derivative (test_tuners_faithful checks it)
     fused, _ = snell_pair("mixture", "squared", 3, sparsities=(0.2, 0.5, 0.0))
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
-    units = fused.snell_units
+    units = fused.snell_units["default"]
     a = units[1].snell_A.detach().clone().requires_grad_(True)
 
     def f(x, a):  # perturb one unit's A through the functional form of the layer
         from torch.func import functional_call
-        return functional_call(fused, {"snell_units.1.snell_A": a}, (x,))
+        return functional_call(fused, {"snell_units.default.1.snell_A": a}, (x,))
 
     assert torch.autograd.gradcheck(f, (x, a), eps=1e-6, atol=1e-6)
 
@@ -262,9 +263,9 @@ def test_fused_function_passes_gradcheck():
 def test_fused_used_only_without_stochastic_branch():
     base = nn.Linear(6, 6)
     units = [SparseDelta(6, 6, 4, create_kernel("piecewise", 2))]
-    assert SnellLinear(base, units).uses_fused_path()
-    assert not SnellLinear(base, units, fused=False).uses_fused_path()
-    drop = SnellLinear(base, units, dropout=0.1, drop_path=0.1)
+    assert SnellLinear.from_units(base, units).uses_fused_path()
+    assert not SnellLinear.from_units(base, units, fused=False).uses_fused_path()
+    drop = SnellLinear.from_units(base, units, dropout=0.1, drop_path=0.1)
     assert not drop.uses_fused_path()
     assert drop.eval().uses_fused_path()  # dropout and drop-path are identities in eval
 
@@ -272,7 +273,7 @@ def test_fused_used_only_without_stochastic_branch():
 @pytest.mark.parametrize("recompute", [True, False])
 def test_fused_no_grad_and_plain_autograd_variants_agree(recompute):
     fused, plain = snell_pair("mixture", "code", 3)
-    for u in fused.snell_units:
+    for u in fused.snell_units["default"]:
         u.recompute = recompute
     x = torch.randn(4, 6, dtype=torch.float64)
     with torch.no_grad():
@@ -309,7 +310,7 @@ def fused_layer_bytes(batch, rank, d=48, n_units=3):
     torch.manual_seed(0)
     units = [SparseDelta(d, d // n_units, rank, create_kernel("mixture", 2), sparsity=0.5)
              for _ in range(n_units)]
-    layer = SnellLinear(nn.Linear(d, d), units)
+    layer = SnellLinear.from_units(nn.Linear(d, d), units)
     assert layer.uses_fused_path()
     x = torch.randn(batch, 3, d, requires_grad=True)
     return saved_new_bytes(lambda: layer(x), layer)
@@ -332,7 +333,7 @@ def test_one_threshold_per_unit_per_step_and_none_at_zero_sparsity(monkeypatch, 
     monkeypatch.setattr(snell, "magnitude_threshold", lambda dw, s: calls.append(s) or real(dw, s))
     units = [SparseDelta(8, 4, 4, create_kernel("mixture", 2), sparsity=s)
              for s in (0.0, 0.5, 0.0)]
-    layer = SnellLinear(nn.Linear(8, 12), units, fused=fused)
+    layer = SnellLinear.from_units(nn.Linear(8, 12), units, fused=fused)
     layer(torch.randn(3, 8, requires_grad=True)).sum().backward()
     assert calls == [0.5]  # forward only (backward reuses it); s = 0 needs no k-th value
     assert all(p.grad is not None for p in layer.parameters() if p.requires_grad)

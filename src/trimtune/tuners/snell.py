@@ -42,9 +42,10 @@ it off, ``1`` forces it everywhere) instead of ~20 ATen passes over the (d_in, d
 the threshold is still an exact k-th value (:func:`kth_smallest`, a sampled bracket refined
 exactly on the CPU). Small units (tests, tiny models) stay on the eager closed form.
 
-A :class:`SparseDelta` is one (A, B, kernel, sparsity) unit for one (d_in, d_out) block; a
-:class:`SnellLinear` wraps the frozen base linear and concatenates the outputs of its units
-(one unit, or three for timm's fused ``qkv``: separate q, k, v updates as the authors).
+A :class:`SparseDelta` is one (A, B, kernel, sparsity) unit for one (d_in, d_out) block; the
+PEFT layer :class:`~trimtune.tuners.snell_tuner.SnellLinear` wraps the frozen base linear and
+concatenates the outputs of its units (one unit, or three for timm's fused ``qkv``: separate
+q, k, v updates as the authors).
 The SNELLA allocator iterates the ``SparseDelta`` modules of a model.
 """
 
@@ -55,7 +56,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
 from torch import nn
 from torch.func import functional_call
 
@@ -701,109 +701,5 @@ class SparseDelta(nn.Module):
                 f"rank={self.rank}, sparsity={self.sparsity:g}, sparsify={self.sparsify_mode}")
 
 
-class SnellLinear(nn.Module):
-    """A frozen ``nn.Linear`` plus the concatenated outputs of its :class:`SparseDelta` units.
-
-    ``out = base(x) + cat([DropPath(u(dropout(x))) for u in units], -1)`` (one DropPath draw
-    per unit, as the authors' separate q, k, v modules); unit ``i`` covers
-    output rows ``out_splits[i]`` of the weight (for a fused qkv: three units of d/3).
-
-    Args:
-        base: the layer to adapt; its parameters are frozen, never modified except by
-            :meth:`merge` / :meth:`unmerge`.
-        units: the updates; their ``out_features`` must sum to ``base.out_features`` and each
-            ``in_features`` must equal ``base.in_features``.
-        dropout: dropout probability on the branch input.
-        drop_path: DropPath probability on the branch output (timm's, per sample).
-        fused: compute base and branch in one matmul with ``W + dW_s^T``
-            (:class:`FusedSnellFunction`) whenever that is exact: no active dropout /
-            drop-path (always in eval mode). ``False``: always the separate branch.
-
-    Shape:
-        - Input: (*, in_features)
-        - Output: (*, out_features)
-    """
-
-    def __init__(self, base: nn.Linear, units: Sequence[SparseDelta], dropout: float = 0.0,
-                 drop_path: float = 0.0, fused: bool = True) -> None:
-        super().__init__()
-        if sum(u.out_features for u in units) != base.out_features or any(
-                u.in_features != base.in_features for u in units):
-            raise TrimtuneError(f"delta units {[(u.in_features, u.out_features) for u in units]} "
-                                f"do not tile a {base.in_features}->{base.out_features} layer")
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        self.snell_units = nn.ModuleList(units)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.fused = fused
-        self.merged = False
-
-    in_features = property(lambda self: self.base.in_features)
-    out_features = property(lambda self: self.base.out_features)
-    weight = property(lambda self: self.base.weight)
-    bias = property(lambda self: self.base.bias)
-
-    def uses_fused_path(self) -> bool:
-        """True when :meth:`forward` computes ``x @ (W + dW_s^T)^T + b`` in one matmul: fusion
-        is on and the branch has no active dropout / drop-path (always true in eval mode)."""
-        if not self.fused:
-            return False
-        return not self.training or (isinstance(self.dropout, nn.Identity)
-                                     and isinstance(self.drop_path, nn.Identity))
-
-    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, bias, units = self.base.weight, self.base.bias, self.snell_units
-        if not torch.is_grad_enabled():
-            return F.linear(x, w + self.delta_weight().to(w.dtype), bias)
-        if not all(u.recompute for u in units):  # plain autograd: keeps dW for backward
-            dws = torch.cat([u.delta() for u in units], dim=1)  # (in, out)
-            return F.linear(x, w + dws.T.to(w.dtype), bias)
-        meta, params = [], []
-        for u in units:
-            named = list(u.kernel.named_parameters())
-            meta.append((u.kernel, u.sparsity, u.sparsify_mode, tuple(n for n, _ in named)))
-            params += [u.snell_A, u.snell_B, *(p for _, p in named)]
-        return FusedSnellFunction.apply(x, w, bias, tuple(meta), *params)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return self.base(x)
-        if self.uses_fused_path():
-            return self._fused_forward(x)
-        y = self.base(x)
-        h = self.dropout(x)
-        # one DropPath draw per unit: a split qkv gets independent q, k, v masks (the authors'
-        # three TuningModules each own a DropPath)
-        parts = [self.drop_path(u(h)) for u in self.snell_units]
-        branch = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-        return y + branch.to(y.dtype)
-
-    @torch.no_grad()
-    def delta_weight(self) -> torch.Tensor:
-        """The whole update in weight layout, (out_features, in_features)."""
-        return torch.cat([u.delta_weight() for u in self.snell_units], dim=0)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """``W <- W + dW_s^T`` (the eval-mode update); forward then skips the branch."""
-        if not self.merged:
-            w = self.base.weight
-            w.add_(self.delta_weight().to(w.dtype))
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo :meth:`merge`, ``W <- W - dW_s^T`` (exact up to float rounding)."""
-        if self.merged:
-            w = self.base.weight
-            w.sub_(self.delta_weight().to(w.dtype))
-            self.merged = False
-
-    def extra_repr(self) -> str:
-        return f"fused={self.fused}, merged={self.merged}"
-
-
-__all__ = ["SparseDelta", "SnellLinear", "SparseDeltaFunction", "FusedSnellFunction",
+__all__ = ["SparseDelta", "SparseDeltaFunction", "FusedSnellFunction",
            "magnitude_threshold", "kth_smallest", "sparsify", "num_zeroed", "split_segments"]

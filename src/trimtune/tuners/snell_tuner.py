@@ -83,18 +83,28 @@ class SnellLayer(BaseTunerLayer):
             raise TrimtuneError(f"adapter {adapter_name!r} already exists on {name or 'layer'}: "
                                 "choose another adapter_name")
         n = 3 if config.split_qkv and is_fused_qkv(name) and self.out_features % 3 == 0 else 1
-        mode = config.unit_sparsify
         units = [SparseDelta(self.in_features, self.out_features // n, config.r,
                              create_kernel(config.kernel, config.segments,
                                            config.learnable_coeffs),
-                             sparsity=config.initial_sparsity, sparsify=mode,
+                             sparsity=config.initial_sparsity, sparsify=config.unit_sparsify,
                              recompute=config.recompute) for _ in range(n)]
         dropout = 0.0 if re.search(r"(^|\.)attn\.proj(\.|$)", name) else config.dropout
+        self.add_units(adapter_name, units, dropout, config.drop_path, config.fused,
+                       inference_mode)
+
+    def add_units(self, adapter_name: str, units: list[SparseDelta], dropout: float = 0.0,
+                  drop_path: float = 0.0, fused: bool = True, inference_mode: bool = False
+                  ) -> None:
+        """Add adapter ``adapter_name`` made of ``units`` (their outputs, concatenated, tile
+        the layer's output rows)."""
+        if sum(u.out_features for u in units) != self.out_features or any(
+                u.in_features != self.in_features for u in units):
+            raise TrimtuneError(f"delta units {[(u.in_features, u.out_features) for u in units]}"
+                                f" do not tile a {self.in_features}->{self.out_features} layer")
         self.snell_units[adapter_name] = nn.ModuleList(units)
         self.snell_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.snell_drop_path[adapter_name] = (DropPath(config.drop_path) if config.drop_path > 0
-                                              else nn.Identity())
-        self.snell_fused[adapter_name] = bool(config.fused)
+        self.snell_drop_path[adapter_name] = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.snell_fused[adapter_name] = bool(fused)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -114,12 +124,26 @@ class SnellLinear(nn.Module, SnellLayer):
         - Output: (*, out_features)
     """
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SnellConfig,
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SnellConfig | None,
                  name: str = "", **kwargs: Any) -> None:
         super().__init__()
         SnellLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, name)
+        if config is not None:
+            self.update_layer(adapter_name, config, name)
+
+    @classmethod
+    def from_units(cls, base_layer: nn.Linear, units: list[SparseDelta], dropout: float = 0.0,
+                   drop_path: float = 0.0, fused: bool = True, adapter_name: str = "default"
+                   ) -> SnellLinear:
+        """A layer with one adapter built from explicit units (the base is frozen)::
+
+            SnellLinear.from_units(nn.Linear(768, 2304), [SparseDelta(768, 768, 8, k) ...])
+        """
+        base_layer.requires_grad_(False)
+        layer = cls(base_layer, adapter_name, None)
+        layer.add_units(adapter_name, list(units), dropout, drop_path, fused)
+        return layer
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()
