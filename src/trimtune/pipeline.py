@@ -184,8 +184,8 @@ class FinetuneConfig:
 
 
 def _tuner_config(cfg: FinetuneConfig):
-    common = dict(r=cfg.rank, dropout=cfg.branch_dropout, drop_path=cfg.branch_drop_path,
-                  **cfg.method_kwargs)
+    common = {"r": cfg.rank, "dropout": cfg.branch_dropout, "drop_path": cfg.branch_drop_path,
+              **cfg.method_kwargs}  # explicit method_kwargs win
     if cfg.kernel:
         common["kernel"] = cfg.kernel
     if cfg.method == "snell":
