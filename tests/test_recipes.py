@@ -126,4 +126,5 @@ def test_cli_authors_recipe_fills_unset_flags_and_explicit_flags_win(tiny_dir, t
     assert cfg["train"]["lr"] == 3e-3 and cfg["rank"] == 4 and cfg["train"]["epochs"] == 2
     model = tt.load_model(out)
     layers = [lyr for _, lyr in iter_snell_layers(model)]
-    assert layers and {type(lyr.drop_path).__name__ for lyr in layers} == {"DropPath"}
+    assert layers and {type(lyr.snell_drop_path["default"]).__name__ for lyr in layers} == {
+        "DropPath"}
