@@ -36,7 +36,8 @@ from .tuners import (SnellaAllocator, SnellaConfig, SnellConfig, attach, iter_un
 from .tuners import adapter_configs
 from .tuners import merge as merge_snell
 from .tuners.baselines import merge_method, target_linears
-from .tuners.inject import _is_fused_qkv, find_targets
+from .tuners.snell_tuner import is_fused_qkv
+from .tuners.targets import select_linears
 
 
 # --------------------------------------------------------------------------- models
@@ -202,9 +203,10 @@ def check_rank(model: nn.Module, cfg: FinetuneConfig) -> None:
     if cfg.method in SNELL_METHODS:
         tcfg = _tuner_config(cfg)
         layers = []
-        for name in find_targets(model, tcfg.target_modules):
+        for name in select_linears(model, tcfg.target_modules, exclude=tcfg.exclude_modules,
+                                   modules_to_save=tcfg.modules_to_save):
             lin = model.get_submodule(name)
-            split = 3 if tcfg.split_qkv and _is_fused_qkv(name) and lin.out_features % 3 == 0 \
+            split = 3 if tcfg.split_qkv and is_fused_qkv(name) and lin.out_features % 3 == 0 \
                 else 1
             layers.append((name, lin.in_features, lin.out_features // split))
         rank = cfg.rank
