@@ -129,7 +129,7 @@ def compile_rss() -> dict[str, float]:
 
     torch.manual_seed(0)
     u = snell.SparseDelta(384, 1536, 8, create_kernel("mixture", 2), sparsity=0.7)
-    layer = snell.SnellLinear(nn.Linear(384, 1536), [u])
+    layer = SnellLinear.from_units(nn.Linear(384, 1536), [u])
     x = torch.randn(64, 384, requires_grad=True)
     with_compile("0", lambda: layer(x).sum().backward())()
     eager = rss()

@@ -13,7 +13,8 @@ from torch import nn
 
 from trimtune.tuners import compiled, snell
 from trimtune.tuners.kernels import create_kernel
-from trimtune.tuners.snell import SnellLinear, SparseDelta, kth_smallest
+from trimtune.tuners.snell import SparseDelta, kth_smallest
+from trimtune.tuners.snell_tuner import SnellLinear
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def qkv_layer(kernel, learnable, segments, mode, s, dtype=torch.float64, d=6, n_
         for u in units:
             for p in u.kernel.parameters():
                 p.add_(0.2)
-    return SnellLinear(nn.Linear(d, 4 * n_units).to(dtype), units)
+    return SnellLinear.from_units(nn.Linear(d, 4 * n_units).to(dtype), units)
 
 
 @pytest.mark.parametrize("kernel,learnable,segments", [
@@ -108,7 +109,7 @@ def test_allocator_changing_sparsity_does_not_recompile(monkeypatch):
         first = len(graphs)
         assert first >= 2  # dense, merge, vjp (dynamic shapes: one graph each)
         for s in (0.3, 0.9, 0.0, 0.7):
-            for u in layer.snell_units:
+            for u in layer.snell_units["default"]:
                 u.sparsity = s
             layer(x).sum().backward()
         assert len(graphs) == first
@@ -161,7 +162,7 @@ def test_inductor_build_matches_eager(monkeypatch):
     torch._dynamo.reset()
     torch.manual_seed(0)
     unit = SparseDelta(256, 300, 8, create_kernel("mixture", 2), sparsity=0.6)
-    layer = SnellLinear(nn.Linear(256, 300), [unit])
+    layer = SnellLinear.from_units(nn.Linear(256, 300), [unit])
     twin = copy.deepcopy(layer)
     x = torch.randn(7, 256)
     gy = torch.randn(7, 300)
