@@ -134,14 +134,40 @@ def compressed_vit():
     return model
 
 
-def test_compressed_model_factors_are_targets_and_merge_exact(images):
+@pytest.mark.parametrize("method", ["snell", "snella"])
+def test_compressed_model_one_update_per_factorised_layer_and_merge_exact(images, method):
     model = compressed_vit()
-    attach(model, SnellConfig(r=4, sparsity=0.3))
+    dense_units = {n for n, _ in iter_units(attach(tiny_vit(), SnellConfig(r=4)))}
+    cfg = (SnellConfig(r=4, sparsity=0.3) if method == "snell"
+           else SnellaConfig(r=4, init_sparsity=0.3))
+    attach(model, cfg)
     targets = snell_layer_names(model)
-    assert "blocks.0.attn.qkv.first" in targets and "blocks.0.attn.qkv.second" in targets
+    assert "blocks.0.attn.qkv.second" in targets and "blocks.0.attn.qkv.first" not in targets
+    assert not any(t.endswith(".first") for t in targets)
     assert len(model.get_submodule("blocks.0.attn.qkv.second").snell_units["default"]) == 3
-    assert len(model.get_submodule("blocks.0.attn.qkv.first").snell_units["default"]) == 1
+    # as many units as on the dense model, each on the factor in place of the dense layer
+    units = [n for n, _ in iter_units(model)]
+    assert len(units) == len(dense_units)
+    assert {u.replace(".second", "") for u in units} == dense_units
+    with torch.no_grad():
+        for _, u in iter_units(model):
+            u.snell_B.normal_()  # a non-zero update
     model.eval()
+    y = model(images)
+    merge(model)
+    assert not any(isinstance(m, SnellLinear) for m in model.modules())
+    assert type(model.blocks[0].attn.qkv.second) is nn.Linear  # still factorised
+    torch.testing.assert_close(model(images), y, atol=1e-5, rtol=0)
+
+
+def test_compressed_model_explicit_factor_patterns(images):
+    model = attach(compressed_vit(), SnellConfig(r=4, target_modules=r".*qkv\.(first|second)"))
+    targets = snell_layer_names(model)
+    assert targets == [f"blocks.{i}.attn.qkv.{f}" for i in range(2) for f in ("first", "second")]
+    model.eval()
+    with torch.no_grad():
+        for _, u in iter_units(model):
+            u.snell_B.normal_()
     y = model(images)
     merge(model)
     torch.testing.assert_close(model(images), y, atol=1e-5, rtol=0)

@@ -8,7 +8,8 @@ The rule is Hugging Face PEFT's (``peft.tuners.tuners_utils.check_target_module_
   ``blocks.0.attn.qkv`` and ``blocks.3.mlp.fc1``, not ``blocks.0.attn.qkv_norm``).
 
 ``exclude`` patterns follow the same rule. A matched factorised layer (trimtune.lowrank's
-``LowRankLinear``, which has ``.first`` / ``.second``) stands for its two factor linears. Modules
+``LowRankLinear``, which has ``.first`` / ``.second``) gets one update, on ``.second``
+(:data:`LOWRANK_FACTOR`). Modules
 inside an adapter layer (a PEFT ``base_layer``, a ``ModulesToSaveWrapper`` copy) are never
 targets; an adapter layer around a linear counts as that linear (a second adapter).
 """
@@ -24,6 +25,11 @@ from torch import nn
 from ..errors import TrimtuneError
 
 ALL_LINEAR = "all-linear"
+#: the factor a matched factorised layer (``W = W2 W1``) contributes: ONE update on ``.second``
+#: (r -> out), merged exactly into ``W2``; as many units as the dense model had, and only the
+#: r-wide input of ``.second`` kept for backward. A pattern that matches a factor but not the
+#: layer (``r".*qkv\.(first|second)"``) selects that factor.
+LOWRANK_FACTOR = "second"
 
 #: Default targets per model family when ``target_modules`` is None: timm ViTs (fused ``qkv`` or
 #: separate ``q``/``k``/``v``, the projection and the MLP) and Hugging Face ViT / DINOv2.
@@ -115,18 +121,20 @@ def select_linears(model: nn.Module, patterns: Patterns = None, *, exclude: Patt
     all_linear = isinstance(patterns, str) and patterns.lower() == ALL_LINEAR
     inner = _inside_adapters(model)
     found: list[str] = []
+    owners: set[str] = set()  # matched factorised layers: their factors are already decided
     saved = [n for n, _ in model.named_modules() if n and matches(n, modules_to_save)]
     for name, mod in model.named_modules():
         if not name or name in inner or matches(name, exclude):
             continue
         if any(name == s or name.startswith(s + ".") for s in saved):
             continue
-        if not (all_linear or matches(name, patterns)):
+        if not (all_linear or matches(name, patterns)) or name.rpartition(".")[0] in owners:
             continue
         if _as_linear(mod):
             names = [name]
         elif not all_linear and _is_factorised(mod):
-            names = [f"{name}.first", f"{name}.second"]
+            owners.add(name)
+            names = [f"{name}.{LOWRANK_FACTOR}"]
         else:
             continue
         found += [n for n in names if n not in found and not matches(n, exclude)]
