@@ -21,7 +21,7 @@ from trimtune.tuners import SnellaConfig, attach  # noqa: E402
 
 def trained_snella(model):
     """An attached SNELLA adapter with non-zero factors and a changed head (as after training)."""
-    attach(model, SnellaConfig(rank=4, init_sparsity=0.3))
+    attach(model, SnellaConfig(r=4, init_sparsity=0.3))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -89,7 +89,7 @@ def test_transformers_from_pretrained_reads_the_merged_model(tmp_path, one_threa
     model = ViTForImageClassification(ViTConfig(
         image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=128, num_labels=5))
-    attach(model, SnellaConfig(rank=4, target_modules="q_proj|v_proj|fc1|fc2",
+    attach(model, SnellaConfig(r=4, target_modules=r".*\.(q_proj|v_proj|fc1|fc2)",
                                modules_to_save=["classifier"]))
     with torch.no_grad():
         for p in model.parameters():

@@ -58,7 +58,7 @@ def export(source: str | os.PathLike | nn.Module, out_dir: str | os.PathLike,
     from .pipeline import load_model, merge
 
     model = source if isinstance(source, nn.Module) else load_model(str(source))
-    if getattr(model, "trimtune_adapter", None) is not None or hasattr(model, "trimtune_method"):
+    if getattr(model, "peft_config", None) or hasattr(model, "trimtune_method"):
         model = merge(model)
     model.eval()
     x = example if example is not None else example_input(model, batch_size=2)

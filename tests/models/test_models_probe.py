@@ -10,7 +10,7 @@ from torch import nn
 from trimtune.errors import TrimtuneError
 from trimtune.lowrank import compress, factorised_layers
 from trimtune.models.probe import check_forward_path, example_input
-from trimtune.tuners import SnellaConfig, attach, merge, prepare_method
+from trimtune.tuners import SnellaConfig, attach, iter_snell_layers, merge, prepare_method
 from trimtune.tuners.baselines import merge_method
 
 TINY = dict(depth=2, embed_dim=64, num_heads=2, num_classes=5)
@@ -63,7 +63,8 @@ ARCHS = [
 def adapt(model, how, targets, head):
     keep = [head] if head else []
     if how == "snella":
-        return attach(model, SnellaConfig(rank=4, target_modules=targets, modules_to_save=keep))
+        return attach(model, SnellaConfig(r=4, target_modules=f"(.*\\.)?({targets})",
+                                          modules_to_save=keep))
     return prepare_method(model, "lora", rank=4, target_modules=f"(.*\\.)?({targets})",
                           modules_to_save=keep)[0]
 
@@ -138,7 +139,7 @@ def test_layer_read_by_weight_is_refused_and_model_left_as_it_was():
     model = ReadsWeight()
     x = torch.randn(2, 16)
     with pytest.raises(TrimtuneError, match=r"never called.*'fc'"):
-        attach(model, SnellaConfig(rank=2, target_modules="fc"), probe=x)
+        attach(model, SnellaConfig(r=2, target_modules=["fc"]), probe=x)
     assert isinstance(model.fc, nn.Linear) and not hasattr(model, "trimtune_adapter")
     with pytest.raises(TrimtuneError, match=r"never called.*'fc'"):
         prepare_method(model, "lora", rank=2, target_modules=["fc"], modules_to_save=["out"],
@@ -146,7 +147,7 @@ def test_layer_read_by_weight_is_refused_and_model_left_as_it_was():
     assert isinstance(model.fc, nn.Linear) and all(p.requires_grad for p in model.parameters())
     with pytest.raises(TrimtuneError, match="probe forward .* failed.*AttributeError"):
         compress(model, rank=2, include="fc", probe=x)
-    attach(model, SnellaConfig(rank=2, target_modules="fc"), probe=False)  # the user's call
+    attach(model, SnellaConfig(r=2, target_modules=["fc"]), probe=False)  # the user's call
 
 
 def test_eva_without_the_switch_is_caught():
@@ -155,7 +156,7 @@ def test_eva_without_the_switch_is_caught():
     for blk in model.blocks:
         blk.attn.qkv_bias_separate = False  # timm's default path: F.linear(x, qkv.weight)
     with pytest.raises(TrimtuneError, match=r"blocks\.0\.attn\.qkv"):
-        check_forward_path(model, model.trimtune_adapter["targets"])
+        check_forward_path(model, [n for n, _ in iter_snell_layers(model)])
 
 
 def test_detached_output_is_caught():
@@ -165,19 +166,19 @@ def test_detached_output_is_caught():
 
     model = Detaches()
     with pytest.raises(TrimtuneError, match="no gradient"):
-        attach(model, SnellaConfig(rank=2, target_modules="fc"), probe=torch.randn(2, 16))
+        attach(model, SnellaConfig(r=2, target_modules=["fc"]), probe=torch.randn(2, 16))
 
 
 def test_no_input_can_be_built_warns_once():
     model = nn.Sequential(nn.Linear(8, 8))
     with pytest.warns(UserWarning, match="cannot build an example input"):
-        attach(model, SnellaConfig(rank=2, target_modules="0"))
+        attach(model, SnellaConfig(r=2, target_modules=["0"]))
 
 
 def test_probe_restores_mixed_training_modes_and_leaves_no_grad():
     torch.manual_seed(0)
     model = ARCHS[0][1]().train()
     model.blocks[0].eval()
-    attach(model, SnellaConfig(rank=2))
+    attach(model, SnellaConfig(r=2))
     assert model.training and not model.blocks[0].training and model.blocks[1].training
     assert all(p.grad is None for p in model.parameters())

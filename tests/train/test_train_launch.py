@@ -45,7 +45,7 @@ def test_bf16_autocast_on_the_cpu(tmp_path, clean_env):
 def test_snella_trains_under_cpu_bf16(tmp_path, clean_env, vit, images):
     from trimtune.tuners import SnellaConfig, attach
 
-    attach(vit, SnellaConfig(rank=4, init_sparsity=0.5))
+    attach(vit, SnellaConfig(r=4, init_sparsity=0.5))
     a0 = vit.blocks[0].attn.qkv.snell_units[0].snell_A.detach().clone()
     data = torch.utils.data.TensorDataset(images.repeat(4, 1, 1, 1), torch.arange(16) % 5)
 

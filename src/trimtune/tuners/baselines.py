@@ -203,6 +203,7 @@ def prepare_method(model: nn.Module, method: str, *, rank: int = 8, alpha: float
         check_forward_path(model, adapted, probe, what=method)
     except TrimtuneError:
         merge_method(model, method)  # the update is zero at init: the original weights
+        model.__dict__.pop("peft_config", None)  # PEFT's record of the injected adapter
         for n, p in model.named_parameters():
             p.requires_grad_(n in was_trainable)
         raise
