@@ -46,7 +46,7 @@ def test_snella_trains_under_cpu_bf16(tmp_path, clean_env, vit, images):
     from trimtune.tuners import SnellaConfig, attach
 
     attach(vit, SnellaConfig(r=4, init_sparsity=0.5))
-    a0 = vit.blocks[0].attn.qkv.snell_units[0].snell_A.detach().clone()
+    a0 = vit.blocks[0].attn.qkv.snell_units["default"][0].snell_A.detach().clone()
     data = torch.utils.data.TensorDataset(images.repeat(4, 1, 1, 1), torch.arange(16) % 5)
 
     def objective(model, batch):
@@ -55,7 +55,7 @@ def test_snella_trains_under_cpu_bf16(tmp_path, clean_env, vit, images):
 
     res = fit(vit, data, objective, cfg(tmp_path, epochs=1, mixed_precision="bf16"))
     assert res.step == 2
-    assert not torch.equal(vit.blocks[0].attn.qkv.snell_units[0].snell_A, a0)
+    assert not torch.equal(vit.blocks[0].attn.qkv.snell_units["default"][0].snell_A, a0)
     assert all(torch.isfinite(p).all() for p in vit.parameters())
 
 
