@@ -1,26 +1,34 @@
-"""Training-step time of LoRA vs SNELL vs SNELLA on CPU (one AdamW step, random batch).
+"""Training-step time of LoRA vs SNELL vs SNELLA, CPU or CUDA (one AdamW step, random batch).
 
 Run:  .venv/bin/python benchmarks/profile_snell_step.py [--reps 5] [--threads 2]
-          [--model dinov2_small.imgfocus] [--img-size 112] [--batch 32] [--profile snella]
+          [--model dinov2_small.imgfocus] [--img-size 112] [--batch 32] [--device cpu|cuda]
+          [--profile snella] [--json out.json]
 
 Every method's model is built once; each repetition times one step of every method in turn
-(interleaved, so load from other processes hits all methods alike); medians after one warm-up
-step, and ratios to LoRA. Variants:
+(interleaved, so load from other processes hits all methods alike; on CUDA each step is
+synchronised); medians after two warm-up steps, and ratios to LoRA. Variants:
 
-- ``lora``: PEFT LoRA r = 8 (trimtune.pipeline baseline);
+- ``lora``: PEFT LoRA r = 8 (the registry's baseline);
 - ``snell`` / ``snella``: r = 8, sparsity 0.7 target, default config (fused path, no branch
-  dropout / drop-path);
+  dropout / drop-path), eager kernels (``TRIMTUNE_COMPILE=0`` during their steps);
+- ``snella-compiled``: the same with the torch.compile path on every unit
+  (``TRIMTUNE_COMPILE=1`` during its steps: Inductor C++ on the CPU, Triton on CUDA);
 - ``snella-paper``: the authors' branch dropout 0.1 / drop-path 0.1 (unfused path).
 
-``--profile NAME`` prints the torch.profiler table of one step of that variant. Prints a
-markdown table; writes nothing.
+``--profile NAME[,NAME]`` profiles one step of each named variant (torch.profiler): top ops by
+self time, and on CUDA the number of GPU kernels per step and their summed time against the
+step's wall time (a step whose kernels fill a small share of its wall time is launch-bound).
+Prints markdown; ``--json`` also writes the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -29,50 +37,123 @@ from trimtune.models import create_backbone
 from trimtune.pipeline import FinetuneConfig, prepare
 
 VARIANTS = {
-    "lora": ("lora", {}),
-    "snell": ("snell", {}),
-    "snella": ("snella", {}),
-    "snella-paper": ("snella", {"dropout": 0.1, "drop_path": 0.1}),
+    "lora": ("lora", {}, None),
+    "snell": ("snell", {}, "0"),
+    "snella": ("snella", {}, "0"),
+    "snella-compiled": ("snella", {}, "1"),
+    "snell-compiled": ("snell", {}, "1"),
+    "snella-paper": ("snella", {"dropout": 0.1, "drop_path": 0.1}, "0"),
 }
 
 
-def build(name: str, args) -> callable:
-    method, kw = VARIANTS[name]
+@contextmanager
+def compile_setting(value: str | None):
+    """``TRIMTUNE_COMPILE`` = ``value`` inside (read by trimtune.tuners.compiled per call)."""
+    old = os.environ.get("TRIMTUNE_COMPILE")
+    if value is not None:
+        os.environ["TRIMTUNE_COMPILE"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TRIMTUNE_COMPILE", None)
+        else:
+            os.environ["TRIMTUNE_COMPILE"] = old
+
+
+def build(name: str, args, device: torch.device):
+    method, kw, comp = VARIANTS[name]
     torch.manual_seed(0)
-    m = create_backbone(args.model, num_classes=10, img_size=args.img_size)
-    m, _ = prepare(m, FinetuneConfig(method=method, rank=args.rank, sparsity=0.7,
-                                     init_sparsity=0.5 if method == "snella" else 0.0,
-                                     method_kwargs=kw), total_steps=100)
+    m = create_backbone(args.model, num_classes=10, img_size=args.img_size,
+                        pretrained=not args.random_init)
+    m.to(device)
+    m, callbacks = prepare(m, FinetuneConfig(method=method, rank=args.rank, sparsity=0.7,
+                                             method_kwargs=kw), total_steps=100)
     m.train()
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
-    x = torch.randn(args.batch, 3, args.img_size, args.img_size)
-    y = torch.randint(0, 10, (args.batch,))
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
     loss_fn = nn.CrossEntropyLoss()
+    from types import SimpleNamespace
+    state = SimpleNamespace(model=m, step=0, total_steps=100, epoch=0, steps_per_epoch=100,
+                            accelerator=None, out_dir=None)
+    for cb in callbacks:
+        if hasattr(cb, "on_train_start"):
+            cb.on_train_start(state)
 
     def step() -> None:
-        loss_fn(m(x), y).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with compile_setting(comp):
+            for cb in callbacks:
+                if hasattr(cb, "on_step_start"):
+                    cb.on_step_start(state)
+            loss_fn(m(x), y).backward()
+            opt.step()
+            state.step += 1
+            for cb in callbacks:  # the allocator reads the gradients (as fit does)
+                if hasattr(cb, "after_optimizer_step"):
+                    cb.after_optimizer_step(state)
+            opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     return step
 
 
+def profile_step(step, device: torch.device, rows: int = 15) -> tuple[dict, str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        step()
+    wall = time.perf_counter() - t0
+    ev = prof.key_averages()
+    out = {"wall_ms_profiled": wall * 1e3}
+    if device.type == "cuda":
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        out["cuda_kernels"] = len(kernels)
+        out["cuda_kernel_ms"] = sum(e.device_time for e in kernels) / 1e3
+        key = "self_device_time_total"
+    else:
+        key = "self_cpu_time_total"
+    out["top"] = [(e.key, getattr(e, key) / 1e3, e.count)
+                  for e in sorted(ev, key=lambda e: -getattr(e, key))[:rows]]
+    table = prof.key_averages().table(sort_by=key, row_limit=rows)
+    return out, table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="dinov2_small.imgfocus")
-    ap.add_argument("--img-size", type=int, default=112)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--variants", default="lora,snell,snella,snella-paper")
-    ap.add_argument("--profile", default=None)
+    ap.add_argument("--model", default="dinov2_small.imgfocus",
+                    help="timm name or offline-zoo name (default: %(default)s)")
+    ap.add_argument("--random-init", action="store_true",
+                    help="random weights (speed does not depend on them; default: pretrained)")
+    ap.add_argument("--img-size", type=int, default=112, help="default: %(default)s")
+    ap.add_argument("--batch", type=int, default=32, help="default: %(default)s")
+    ap.add_argument("--rank", type=int, default=8, help="default: %(default)s")
+    ap.add_argument("--reps", type=int, default=5, help="timed steps per variant "
+                    "(default: %(default)s)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads "
+                    "(default: %(default)s)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    ap.add_argument("--variants", default="lora,snell,snella,snella-paper",
+                    help=f"comma-separated, of {', '.join(VARIANTS)} (default: %(default)s)")
+    ap.add_argument("--profile", default=None, help="comma-separated variants to profile")
+    ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     names = args.variants.split(",")
-    steps = {n: build(n, args) for n in names}
-    for s in steps.values():
-        s()  # warm-up
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}: use {', '.join(VARIANTS)}")
+    steps = {n: build(n, args, device) for n in names}
+    first: dict[str, float] = {}
+    for n, s in steps.items():  # warm-up (the first compiled call compiles: timed apart)
+        t = time.perf_counter()
+        s()
+        first[n] = time.perf_counter() - t
+        s()
     times: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(args.reps):
         for n in names:
@@ -80,20 +161,29 @@ def main() -> None:
             steps[n]()
             times[n].append(time.perf_counter() - t)
     med = {n: statistics.median(v) for n, v in times.items()}
-    print(f"{args.model}, {args.img_size} px, batch {args.batch}, r={args.rank}, "
-          f"{args.threads} threads, {args.reps} interleaved reps (median)")
-    print("| variant | step s (median) | min | max | x lora |")
-    print("|---|---|---|---|---|")
+    dev = torch.cuda.get_device_name() if device.type == "cuda" else f"{args.threads} threads"
+    print(f"{args.model}, {args.img_size} px, batch {args.batch}, r={args.rank}, {dev}, "
+          f"{args.reps} interleaved reps (median), torch {torch.__version__}")
+    print("| variant | step ms (median) | min | max | x lora | first step s |")
+    print("|---|---|---|---|---|---|")
     for n in names:
         ratio = med[n] / med["lora"] if "lora" in med else float("nan")
-        print(f"| {n} | {med[n]:.3f} | {min(times[n]):.3f} | {max(times[n]):.3f} | "
-              f"{ratio:.2f} |")
-    if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            steps[args.profile]()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        print(f"| {n} | {med[n] * 1e3:.1f} | {min(times[n]) * 1e3:.1f} | "
+              f"{max(times[n]) * 1e3:.1f} | {ratio:.2f} | {first[n]:.1f} |")
+    result = {"settings": vars(args), "device": dev, "median_ms": {n: v * 1e3 for n, v in med.items()},
+              "times_ms": {n: [x * 1e3 for x in v] for n, v in times.items()},
+              "first_step_s": first, "profiles": {}}
+    for n in (args.profile.split(",") if args.profile else []):
+        prof, table = profile_step(steps[n], device)
+        result["profiles"][n] = prof
+        extra = (f", {prof['cuda_kernels']} CUDA kernels, {prof['cuda_kernel_ms']:.1f} ms of "
+                 "kernel time" if "cuda_kernels" in prof else "")
+        print(f"\n### profile: {n} (one step, {prof['wall_ms_profiled']:.1f} ms under the "
+              f"profiler{extra})\n")
+        print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
