@@ -7,6 +7,10 @@ import timm
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the compiled SNELL path (trimtune.tuners.compiled, default "auto": large CPU units) compiles for
+# tens of seconds on its first call; the suite tests it explicitly (tests/tuners/
+# test_tuners_compiled.py sets TRIMTUNE_COMPILE itself) and runs everything else eager
+os.environ.setdefault("TRIMTUNE_COMPILE", "0")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)

@@ -120,7 +120,8 @@ def test_allocator_changing_sparsity_does_not_recompile(monkeypatch):
 def test_small_units_stay_eager_under_auto(monkeypatch):
     monkeypatch.delenv("TRIMTUNE_COMPILE", raising=False)
     cpu = torch.device("cpu")
-    assert not compiled.use_compiled(cpu, 1 << 24)  # off unless asked for
+    assert compiled.setting() == "auto"  # the default
+    assert compiled.use_compiled(cpu, 1 << 24)
     monkeypatch.setenv("TRIMTUNE_COMPILE", "auto")
     assert not compiled.use_compiled(cpu, compiled.MIN_NUMEL - 1)
     assert compiled.use_compiled(cpu, compiled.MIN_NUMEL)

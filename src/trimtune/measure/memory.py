@@ -3,10 +3,12 @@
 CUDA: ``torch.cuda.max_memory_allocated`` around training steps, in process.
 CPU: each configuration runs in a fresh subprocess (so allocator caches and earlier runs do
 not leak into the figure); the figure is the process's peak resident memory (``ru_maxrss``)
-minus its resident memory right after the model was built (the peak counter, VmHWM, is reset
-at that moment through /proc/self/clear_refs, so building the model does not count). It
+minus its resident memory right after the model was built, the peak taken over the measured
+steps (the peak counter, VmHWM, is reset through /proc/self/clear_refs after the build and
+again after the warm-up steps, so neither building the model nor one-time warm-up work such
+as a first-call ``torch.compile`` counts; what the warm-up leaves allocated does). It
 therefore counts activations kept for backward, gradients, optimizer state and temporaries,
-not the weights themselves.
+not the weights themselves. CUDA likewise: the peak statistics are reset after the warm-up.
 Allocator slack: glibc keeps freed heap resident and reuses it, which would hide later
 allocations (the model build frees hundreds of MB). The child therefore runs with
 ``MALLOC_MMAP_THRESHOLD_=65536`` (every large tensor is its own mmap, returned to the system
@@ -80,6 +82,14 @@ def measure_in_process(builder: str, kwargs: dict, steps: int = 3, warmup: int =
         _reset_peak_rss()
     times = []
     for i in range(warmup + steps):
+        if i == warmup and warmup:
+            # the peak of the measured (steady) steps: one-time work of the warm-up steps (a
+            # torch.compile of the SNELL kernels on its first call) does not count; what it
+            # leaves allocated (optimizer state, compiled code) still does, as a rise over base
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                _reset_peak_rss()
         t0 = time.perf_counter()
         step_fn()
         if cuda:

@@ -19,12 +19,13 @@ The sparsify mode enters as tensors (``t``: threshold, 0 when nothing competes;
 never recompiles, one graph per (kernel kind, dtype, segments, rank) serves every unit
 (shapes are dynamic).
 
-Policy (:func:`use_compiled`): environment ``TRIMTUNE_COMPILE`` = ``0`` (the default: never,
-until a whole-training-step measurement shows the compiled path pays for its compile time
-— one layer's forward + backward measured 0.51x the eager time, the step and the first-call
-compile of several graphs were not measured), ``auto`` (on for CPU units of at least
-:data:`MIN_NUMEL` entries, off on CUDA and for small units) or ``1`` (every closed-form unit,
-any device).
+Policy (:func:`use_compiled`): environment ``TRIMTUNE_COMPILE`` = ``auto`` (the default: on
+for CPU units of at least :data:`MIN_NUMEL` entries, off on CUDA and for small units), ``0``
+(never) or ``1`` (every closed-form unit, any device). ``auto`` is the default because a whole
+training step measured faster with it, first-step compile excluded (2 CPU cores, interleaved,
+``benchmarks/profile_snell_step.py``; figures in ``benchmarks/results/speed_snella_cpu.md``):
+SNELLA / LoRA 1.44x -> 1.25x on DINOv2-S (112 px, batch 32) and 1.76x -> 1.48x on ViT-B/16
+(224 px, batch 8); the first step compiles for 10-30 s, so it pays after a few dozen steps.
 The first call of a graph compiles (tens of seconds on 2 CPU cores; Inductor caches the code
 on disk for later processes); a failure to compile (no C++ compiler, ...) is reported once and
 the eager path is used from then on. Distances here are ``sqrt(sum_c (a_c - b_c)^2)`` (exact
@@ -47,9 +48,9 @@ _state = {"failed": False, "backend": "inductor", "fns": {}}
 
 
 def setting() -> str:
-    v = os.environ.get("TRIMTUNE_COMPILE", "0").strip().lower()
+    v = os.environ.get("TRIMTUNE_COMPILE", "auto").strip().lower()
     return {"1": "on", "true": "on", "on": "on", "0": "off", "false": "off",
-            "off": "off", "": "off"}.get(v, "auto")
+            "off": "off"}.get(v, "auto")
 
 
 def use_compiled(device: torch.device, numel: int) -> bool:
