@@ -33,6 +33,7 @@ model). All at rank ``--rank`` (default 8), sparsity 0.7 (masked-sparse: density
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -178,7 +179,9 @@ def run(args: argparse.Namespace, reports: Sequence[str]) -> dict[str, Any]:
         "models": args.models, "batches": args.batches, "methods": args.methods,
         "rank": args.rank, "sparsity": args.sparsity, "img_size": args.img_size,
         "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
-        "repeats": args.repeats}, "rows": {}, "static": {}, "noise": None}
+        "repeats": args.repeats,
+        "trimtune_compile": os.environ.get("TRIMTUNE_COMPILE", "auto")},
+        "rows": {}, "static": {}, "noise": None}
     if args.resume and json_path.is_file():
         old = read_json(json_path)
         data["rows"], data["static"] = old.get("rows", {}), old.get("static", {})
@@ -318,12 +321,14 @@ def markdown(data: dict[str, Any], report: str) -> str:
              f"- settings: rank {st['rank']}, sparsity {st['sparsity']} (masked-sparse density "
              f"{1 - st['sparsity']:.2g}), img_size {st['img_size'] or 'model default'}, "
              f"warm-up {st['warmup']} + median of {st['steps']} steps, torch threads "
-             f"{st['threads']}, one fresh subprocess per configuration", ""]
+             f"{st['threads']}, one fresh subprocess per configuration, TRIMTUNE_COMPILE="
+             f"{st.get('trimtune_compile', '0 (before issue 17: eager)')}", ""]
     if report == "memory":
         lines += [
             "Method: each configuration runs one AdamW step on a random batch in a fresh "
             "process (`trimtune.measure.memory.measure_subprocess`). CPU `rise` = peak RSS "
-            "(VmHWM, reset after the model is built) minus RSS after the build: activations "
+            "(VmHWM, reset after the model is built and again after the warm-up steps) minus "
+            "RSS after the build: activations "
             "kept for backward, gradients, optimizer state and temporaries. `weights` = "
             "parameter + buffer bytes of the adapted model; `rise + weights` is what a GPU "
             "`max_memory_allocated` would count. Ratios are to lora and to full of the same "
