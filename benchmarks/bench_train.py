@@ -180,7 +180,7 @@ def run(args: argparse.Namespace, reports: Sequence[str]) -> dict[str, Any]:
         "rank": args.rank, "sparsity": args.sparsity, "img_size": args.img_size,
         "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
         "repeats": args.repeats,
-        "trimtune_compile": os.environ.get("TRIMTUNE_COMPILE", "auto")},
+        "trimtune_compile": os.environ.get("TRIMTUNE_COMPILE", "auto"), "tag": args.tag},
         "rows": {}, "static": {}, "noise": None}
     if args.resume and json_path.is_file():
         old = read_json(json_path)
@@ -323,6 +323,12 @@ def markdown(data: dict[str, Any], report: str) -> str:
              f"warm-up {st['warmup']} + median of {st['steps']} steps, torch threads "
              f"{st['threads']}, one fresh subprocess per configuration, TRIMTUNE_COMPILE="
              f"{st.get('trimtune_compile', '0 (before issue 17: eager)')}", ""]
+    # the hand-written reading of one run, first (it may say which figures not to trust):
+    # results/<report>_<tag>_notes.md (tag: cpu, cuda, ...)
+    notes = (Path(__file__).resolve().parent / "results"
+             / f"{report}_{st.get('tag') or dev}_notes.md")
+    if data.get("notes", True) and notes.is_file():
+        lines += [notes.read_text().rstrip(), ""]
     if report == "memory":
         lines += [
             "Method: each configuration runs one AdamW step on a random batch in a fresh "
@@ -388,9 +394,7 @@ def markdown(data: dict[str, Any], report: str) -> str:
                   "a sum over "
                   "the step, not a peak): " +
                   "; ".join(f"`{n}` {mb:.0f}" for n, mb in pr["alloc"]), ""]
-    notes = Path(__file__).resolve().parent / "results" / f"{report}_{dev}_notes.md"
-    if data.get("notes", True) and notes.is_file():
-        lines += [notes.read_text().rstrip(), ""]
+    # hand-written reading of one run: results/<report>_<tag>_notes.md (tag: cpu, cuda, ...)
     return "\n".join(lines)
 
 
