@@ -333,7 +333,8 @@ def markdown(data: dict[str, Any], report: str) -> str:
         lines += [
             "Method: each configuration runs one AdamW step on a random batch in a fresh "
             "process (`trimtune.measure.memory.measure_subprocess`). CPU `rise` = peak RSS "
-            "(VmHWM, reset after the model is built and again after the warm-up steps) minus "
+            "(VmHWM, reset after the model is built"
+            + (" and again after the warm-up steps" if "tag" in st else "") + ") minus "
             "RSS after the build: activations "
             "kept for backward, gradients, optimizer state and temporaries. `weights` = "
             "parameter + buffer bytes of the adapted model; `rise + weights` is what a GPU "
