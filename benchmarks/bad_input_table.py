@@ -154,7 +154,7 @@ def build_fixtures(tmp: Path) -> dict[str, str]:
     """Model folders, image folders and runs the cases refer to (a few seconds of training)."""
     import trimtune as tt
     from trimtune.cli import main
-    from trimtune.pipeline import save_model
+    from trimtune.runs import save_model
     f = {"tmp": str(tmp)}
     f["base"] = str(save_model(_tiny(), tmp / "base"))
     f["base_wide"] = str(save_model(_tiny(width=128), tmp / "base_wide"))

@@ -11,7 +11,8 @@ the JSON of an interrupted run. ``bench_memory.py`` / ``bench_speed.py`` run the
 What is measured, per (model, batch, method):
 
 - **peak training memory** of one AdamW step on a random batch
-  (:func:`trimtune.pipeline.build_train_step`), each configuration in a **fresh subprocess**
+  (:func:`trimtune.measure.train_step.build_train_step`), each configuration in a **fresh
+  subprocess**
   (:func:`trimtune.measure.memory.measure_subprocess`). CPU: the rise of the process's peak
   resident memory (VmHWM, reset after the model is built) over its resident memory after the
   build: activations kept for backward, gradients, optimizer state, temporaries; the frozen
@@ -21,7 +22,7 @@ What is measured, per (model, batch, method):
 - **step time**: median of ``--steps`` steps after ``--warmup`` steps in the same subprocess,
   and images per second = batch / step time.
 - **trainable and stored parameters** and the **adapter file size**: the method is prepared in
-  this process, saved with :func:`trimtune.pipeline.save` to a temporary folder, and the files
+  this process, saved with :func:`trimtune.runs.save` to a temporary folder, and the files
   are stat'ed (stored = entries in ``adapter_model.safetensors``).
 
 Methods: ``full``, ``linear``, ``lora`` (PEFT), ``snell``, ``snella`` (allocator callback run
@@ -49,7 +50,7 @@ from _common import log, machine_info, machine_markdown, md_table, write_results
 from trimtune.checkpoint import read_json  # noqa: E402
 from trimtune.measure.memory import measure_subprocess  # noqa: E402
 
-BUILDER = "trimtune.pipeline:build_train_step"
+BUILDER = "trimtune.measure.train_step:build_train_step"
 DEFAULT_MODELS = ("vit_base_patch16_224", "dinov2_small.imgfocus")
 DEFAULT_METHODS = ("full", "linear", "lora", "snell", "snella", "masked-sparse", "snella@c2")
 MB = 2**20
@@ -74,7 +75,8 @@ def is_zoo(name: str) -> bool:
 
 def build_kwargs(model: str, method: str, batch: int, *, rank: int, img_size: int | None,
                  sparsity: float, device: str | None) -> dict[str, Any]:
-    """Keyword arguments of :func:`trimtune.pipeline.build_train_step` for one configuration.
+    """Keyword arguments of :func:`trimtune.measure.train_step.build_train_step`, one
+    configuration.
 
     ``method`` may carry a compression suffix: ``"snella@c2"`` = SNELLA on the PELA c = 2 model
     (one update per factorised layer, on ``.second``: the default); ``"snella@c2:first"`` /
@@ -103,11 +105,12 @@ def static_info(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Trainable / stored parameter counts, weight bytes and adapter size of a configuration.
 
     Builds the adapted model here (batch 1, CPU), saves its adapter with
-    :func:`trimtune.pipeline.save` into a temporary folder and stats the files.
+    :func:`trimtune.runs.save` into a temporary folder and stats the files.
     """
     from safetensors import safe_open
 
-    from trimtune.pipeline import build_train_step, save
+    from trimtune.measure.train_step import build_train_step
+    from trimtune.runs import save
 
     kw = {**kwargs, "batch_size": 1, "device": "cpu"}
     model, _ = build_train_step(**kw)
@@ -139,7 +142,7 @@ def profile_config(kwargs: dict[str, Any], rows: int = 8) -> dict[str, Any]:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    from trimtune.pipeline import build_train_step
+    from trimtune.measure.train_step import build_train_step
 
     _, step = build_train_step(**{**kwargs, "device": "cpu"})
     step()  # warm-up

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from trimtune.models import create_backbone
-from trimtune.pipeline import FinetuneConfig, prepare
+from trimtune.tasks import FinetuneConfig, prepare
 
 VARIANTS = {
     "lora": ("lora", {}, None),

@@ -17,7 +17,7 @@ import trimtune as tt
 from trimtune.checkpoint import read_json
 from trimtune.cli import build_parser, main
 from trimtune.data import build_transform, load_dataset
-from trimtune.pipeline import load_model, save_model
+from trimtune.runs import load_model, save_model
 from trimtune.tuners.kernels import KERNELS
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)

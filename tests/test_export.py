@@ -15,7 +15,7 @@ from trimtune.cli import main  # noqa: E402
 from trimtune.errors import TrimtuneError  # noqa: E402
 from trimtune.export import export  # noqa: E402
 from trimtune.lowrank import compress  # noqa: E402
-from trimtune.pipeline import merge, save_model  # noqa: E402
+from trimtune.runs import merge, save_model  # noqa: E402
 from trimtune.tuners import SnellaConfig, attach  # noqa: E402
 
 

@@ -15,7 +15,8 @@ from trimtune.checkpoint import read_json
 from trimtune.cli import main
 from trimtune.errors import TrimtuneError
 from trimtune.models import set_drop_path_rate
-from trimtune.pipeline import FinetuneConfig, save_model
+from trimtune.runs import save_model
+from trimtune.tasks import FinetuneConfig
 from trimtune.recipes import recipe_table, recipe_values
 from trimtune.tuners import iter_snell_layers
 

@@ -14,9 +14,11 @@ import pytest
 import torch
 
 import trimtune as tt
-import trimtune.pipeline as pipeline
+import trimtune.tasks as tasks
 from trimtune.checkpoint import read_json, read_safetensors
-from trimtune.pipeline import FinetuneConfig, finetune, load_model, merge, save_model
+from trimtune.data import split_spec
+from trimtune.runs import load_model, merge, save_model
+from trimtune.tasks import FinetuneConfig, finetune
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 DATA = "synthetic:classes=4,n=32,size=32"
@@ -74,7 +76,7 @@ def test_failing_overwrite_leaves_the_old_run_usable(tmp_path, monkeypatch):
     def broken(*a, **k):  # the new run fails at its very end, while writing its plots
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(pipeline, "plot_curves", broken)
+    monkeypatch.setattr(tasks, "plot_curves", broken)
     with pytest.raises(OSError):
         finetune(tiny_backbone(), DATA, config(out, "lora", lr=1e-2, overwrite=True))
     assert snapshot(out) == before
@@ -215,8 +217,8 @@ def test_validation_held_out_of_the_kshot_set_trains_on_the_rest(tmp_path, capsy
     ("digits", "digits@test", None),
 ])
 def test_train_split_beside_validation(train, val, expect):
-    name, split = pipeline.split_spec(train, "train")
-    vname, vsplit = pipeline.split_spec(val, "val")
+    name, split = split_spec(train, "train")
+    vname, vsplit = split_spec(val, "val")
     assert tt.data.train_split_beside(name, split, vname, vsplit) == expect
 
 
@@ -237,7 +239,7 @@ def test_rank_above_min_dim_is_refused_before_any_allocation(method, rank, tmp_p
                                                rf"{narrowest} of target layer"):
         finetune(model, DATA, cfg)
     cfg.rank = narrowest if method != "adalora" else narrowest * 2 // 3
-    pipeline.prepare(tt.compress(tiny_backbone(), ratio=2.0), cfg)  # the limit itself is fine
+    tasks.prepare(tt.compress(tiny_backbone(), ratio=2.0), cfg)  # the limit itself is fine
 
 
 def test_one_class_dataset_is_refused(tmp_path):

@@ -24,12 +24,11 @@ _EXPORTS = {
     "models": ("arch_of", "build_from_arch", "create_backbone", "list_zoo"),
     "train": ("TrainConfig", "fit"),
     "tuners": ("SnellaConfig", "SnellConfig", "attach", "detach", "load_adapter",
-               "save_adapter", "trainable_summary", "SnellaAllocator"),
-    "pipeline": ("FinetuneConfig", "FinetuneResult", "distill", "finetune", "load_model",
-                 "merge", "save_model"),
+               "save_adapter", "trainable_summary", "SnellaAllocator", "SnellaTrainerCallback"),
+    "tasks": ("FinetuneConfig", "FinetuneResult", "distill", "finetune"),
+    "runs": ("load", "load_model", "load_run", "merge", "save", "save_model"),
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
-_WHERE["merge_adapter"] = "tuners"  # tuners.merge, renamed: tt.merge is the pipeline's
 
 
 def __getattr__(name: str):
@@ -38,8 +37,7 @@ def __getattr__(name: str):
         raise AttributeError(f"module 'trimtune' has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(f".{mod}", __name__),
-                    "merge" if name == "merge_adapter" else name)
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
     globals()[name] = value
     return value
 

@@ -190,7 +190,7 @@ def cmd_datasets(a) -> int:
 
 def cmd_compress(a) -> int:
     from . import lowrank
-    from .pipeline import load_model
+    from .runs import load_model
     _check_out(a, run=False)
     model = load_model(a.model, weights=a.weights, img_size=a.img_size)
     policy = sum(x is not None for x in (a.energy, a.rank))
@@ -215,7 +215,8 @@ def cmd_compress(a) -> int:
 
 def cmd_distill(a) -> int:
     from .lowrank import DistillConfig
-    from .pipeline import distill, load_model, save_model
+    from .runs import load_model, save_model
+    from .tasks import distill
     _check_out(a)
     student = load_model(a.student)
     teacher = load_model(a.teacher, weights=a.teacher_weights, img_size=_img_size(student))
@@ -253,8 +254,23 @@ def _apply_recipe(a: argparse.Namespace) -> None:
               + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in applied.items()))
 
 
+def target_modules_arg(values: list[str] | None) -> str | list[str] | None:
+    """``--target-modules`` -> PEFT's ``target_modules``: ``"all-linear"`` or one value with
+    regex characters is a string (a regex over whole names), else a list of names / suffixes."""
+    if not values:
+        return None
+    if len(values) == 1 and (values[0] == "all-linear" or any(c in values[0]
+                                                               for c in "*+?[](){}|^$\\")):
+        return values[0]
+    bad = [v for v in values if v == "all-linear" or any(c in v for c in "*+?[](){}|^$\\")]
+    if bad:
+        raise TrimtuneError(f"--target-modules {' '.join(values)}: give names / suffixes, or "
+                            f"ONE regex or all-linear alone ({bad[0]!r} is one)")
+    return list(values)
+
+
 def cmd_finetune(a) -> int:
-    from .pipeline import FinetuneConfig, finetune
+    from .tasks import FinetuneConfig, finetune
     _check_out(a)
     _apply_recipe(a)
     cfg = FinetuneConfig(method=a.method, rank=a.rank, kernel=a.kernel, sparsity=a.sparsity,
@@ -262,10 +278,10 @@ def cmd_finetune(a) -> int:
                          label_smoothing=a.label_smoothing, branch_dropout=a.branch_dropout,
                          branch_drop_path=a.branch_drop_path, drop_path_rate=a.drop_path,
                          schedule_unit=a.schedule_unit, alloc_interval=a.alloc_interval,
-                         t_init=a.t_init, t_final=a.t_final, train=_train_config(a, a.out))
-    from .pipeline import load_model
-    from .data import load_dataset
-    from .pipeline import split_spec
+                         t_init=a.t_init, t_final=a.t_final, train=_train_config(a, a.out),
+                         target_modules=target_modules_arg(a.target_modules))
+    from .data import load_dataset, split_spec
+    from .runs import load_model
     ds = load_dataset(*split_spec(a.data, "train"), seed=a.seed)
     model = load_model(a.model, weights=a.weights, img_size=a.img_size,
                        num_classes=ds.num_classes, seed=a.seed)  # a new head: seeded too
@@ -286,7 +302,7 @@ def cmd_evaluate(a) -> int:
     from .data import build_transform, load_dataset
     from .measure import evaluate_model
     from .measure.plots import plot_confusion
-    from .pipeline import load_model
+    from .runs import load_model
     if a.out:
         _check_out(a, run=False)
     model = load_model(a.model, weights=a.weights, img_size=a.img_size)
@@ -309,7 +325,7 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_merge(a) -> int:
-    from .pipeline import load_model, merge, save_model
+    from .runs import load_model, merge, save_model
     _check_out(a, run=False)
     model = merge(load_model(a.run))
     save_model(model, a.out)
@@ -419,11 +435,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(s, epochs=1, lr=5e-5, batch=32, warmup=0.2)
     s.set_defaults(func=cmd_distill)
 
-    from .names import KERNELS, METHODS
+    from .names import KERNELS, METHOD_SUMMARIES, METHODS
     s = _command(sub, "finetune", help="fine-tune with SNELLA, SNELL, LoRA or a baseline",
                  allow_abbrev=False)  # --recipe needs to see which flags were given
     _model_args(s)
-    s.add_argument("--method", choices=METHODS, default="snella", help="tuning method")
+    s.add_argument("--method", choices=METHODS, default="snella",
+                   help="tuning method: " + "; ".join(f"{k}: {v}" for k, v in
+                                                      METHOD_SUMMARIES.items()))
+    s.add_argument("--target-modules", nargs="+", default=None, metavar="NAME",
+                   help="layers every method adapts, PEFT's rule: names or name suffixes "
+                        "(qkv mlp.fc1), 'all-linear', or ONE regex over whole names "
+                        r"('.*\.(qkv|fc1)'); default: the model family's (timm ViT: qkv, "
+                        "attn.proj, mlp.fc1, mlp.fc2)")
     s.add_argument("--data", required=True, help="training dataset, e.g. fashion-mnist:1k")
     s.add_argument("--val-data", default=None,
                    help="validation set for model selection, e.g. fashion-mnist:1k@val; without "

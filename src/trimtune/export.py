@@ -55,10 +55,11 @@ def export(source: str | os.PathLike | nn.Module, out_dir: str | os.PathLike,
     """
     if format not in FORMATS:
         raise TrimtuneError(f"unknown export format {format!r}: use one of {', '.join(FORMATS)}")
-    from .pipeline import load_model, merge
+    from .runs import load_model, merge
+    from .tuners.registry import method_of
 
     model = source if isinstance(source, nn.Module) else load_model(str(source))
-    if getattr(model, "peft_config", None) or hasattr(model, "trimtune_method"):
+    if method_of(model) is not None:  # an adapter attached: fold it (the one merge)
         model = merge(model)
     model.eval()
     x = example if example is not None else example_input(model, batch_size=2)

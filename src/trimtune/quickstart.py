@@ -24,7 +24,9 @@ from .measure import count_flops, count_parameters, evaluate_model, latency
 from .measure.memory import measure_subprocess
 from .measure.plots import plot_bars
 from .models import create_backbone
-from .pipeline import FinetuneConfig, distill, finetune, merge, save_model, split_spec
+from .data import split_spec
+from .runs import merge, save_model
+from .tasks import FinetuneConfig, distill, finetune
 from .train import TrainConfig
 
 
@@ -159,7 +161,7 @@ def quickstart(a: argparse.Namespace) -> dict:
                "test_top1": r["acc"]}
         if not a.no_memory:
             src = str(out / "distilled") if "compressed" in label else a.model
-            mem = measure_subprocess("trimtune.pipeline:build_train_step", dict(
+            mem = measure_subprocess("trimtune.measure.train_step:build_train_step", dict(
                 model=src, weights=a.weights, img_size=a.img_size, num_classes=nc,
                 method=r["method"], rank=a.rank, batch_size=a.batch_size))
             row["train_mem_MB"] = mem["peak_bytes"] / 2**20

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from trimtune.errors import TrimtuneError
+from trimtune.tuners.registry import merge
 from trimtune.tuners.baselines import (
-    merge_method,
     prepare_method,
     target_linears,
     trainable_parameters,
@@ -112,7 +112,7 @@ def test_merge_equals_unmerged(method, images):
     model.eval()
     with torch.no_grad():
         ref = model(images)
-    merged = merge_method(model, method)
+    merged = merge(model)
     with torch.no_grad():
         out = merged(images)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -141,7 +141,7 @@ def test_masked_sparse_updates_only_masked_entries(kw, images):
         assert not (moved & (mask == 0)).any(), f"{name}: an unmasked entry moved"
         assert moved.any()
         assert torch.equal(layer.bias, before[f"{name}.bias"])
-    merge_method(model)
+    merge(model)
     assert not any(hasattr(m, "trimtune_grad_mask") for m in model.modules())
 
 
@@ -181,7 +181,7 @@ def test_lora_on_compressed_factors(images):
     model.eval()
     with torch.no_grad():
         ref = model(images)
-        out = merge_method(model)(images)
+        out = merge(model)(images)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert type(model.blocks[0].mlp.fc1.first) is nn.Linear
 
@@ -213,7 +213,7 @@ def test_bad_inputs():
         prepare_method(tiny_vit(), "prefix")
     with pytest.raises(TrimtuneError, match="does not take"):
         prepare_method(tiny_vit(), "lora", density=0.3)
-    with pytest.raises(TrimtuneError, match="matches target_modules"):
+    with pytest.raises(TrimtuneError, match="closest module names"):
         prepare_method(tiny_vit(), "lora", target_modules=["nope"])
     with pytest.raises(TrimtuneError, match="modules_to_save"):
         prepare_method(tiny_vit(), "linear", modules_to_save=("classifier",))
@@ -225,7 +225,7 @@ def test_bad_inputs():
     with pytest.raises(TrimtuneError, match="training steps"):
         cb.on_train_start(SimpleNamespace(total_steps=None))
     with pytest.raises(TrimtuneError, match="nothing to merge"):
-        merge_method(tiny_vit(), "lora")
+        merge(tiny_vit())
 
 
 def test_adalora_in_fit_loop(tmp_path):

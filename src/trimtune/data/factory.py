@@ -208,3 +208,46 @@ def load_dataset(spec: str | Path, split: str = "train", transform: Transform | 
     ds = _select(spec_text, kind, official, str(split), k, seed)
     ds.spec, ds.split, ds.transform = spec_text, str(split), transform
     return ds
+
+
+def split_spec(spec: str, default_split: str) -> tuple[str, str]:
+    """``"fashion-mnist:1k@val"`` -> ``("fashion-mnist:1k", "val")``."""
+    name, _, split = spec.rpartition("@") if "@" in spec else (spec, "", "")
+    return name, split or default_split
+
+
+def as_dataset(data, split: str, transform: Transform | None, seed: int = 0):
+    """``data`` itself when it is a dataset (or None), else :func:`load_dataset` of the spec
+    ``"NAME[@SPLIT]"`` (``split`` when the spec names none)."""
+    if data is None or not isinstance(data, str):
+        return data
+    name, split = split_spec(data, split)
+    return load_dataset(name, split, transform=transform, seed=seed)
+
+
+def describe_data(spec, ds) -> dict:
+    """``{"spec", "num_images", "num_classes"}`` of a dataset (for run records)."""
+    return {"spec": spec if isinstance(spec, str) else getattr(ds, "spec", type(ds).__name__),
+            "num_images": len(ds), "num_classes": getattr(ds, "num_classes", None)}
+
+
+def check_classes(ds, spec) -> None:
+    """A classifier needs two classes or more: refuse a one-class dataset before training."""
+    n = getattr(ds, "num_classes", None)
+    if n is not None and n < 2:
+        name = spec if isinstance(spec, str) else getattr(ds, "spec", type(ds).__name__)
+        raise TrimtuneError(f"{name} has {n} class: fine-tuning a classifier needs 2 or more "
+                            "(an ImageFolder needs one sub-folder per class)")
+
+
+def disjoint_train(data: str, eval_data: str) -> str:
+    """``data`` with its split changed so that it does not contain ``eval_data`` (see
+    :func:`train_split_beside`); prints a note when it changed."""
+    name, split = split_spec(data, "train")
+    vname, vsplit = split_spec(eval_data, "val")
+    other = train_split_beside(name, split, vname, vsplit)
+    if other is None:
+        return data
+    print(f"note: validation {eval_data} is held out of {data}; training on {name}@{other} "
+          "(the rest) so that selection never sees training images")
+    return f"{name}@{other}"

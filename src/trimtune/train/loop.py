@@ -4,9 +4,12 @@ Method-agnostic: a method plugs in an *objective* ``objective(model, batch) -> (
 (optional: ``setup(accelerator)``; ``find_unused_parameters = True`` when some trainable
 parameters get no gradient, e.g. the head in label-free distillation) and *callbacks*
 (``on_train_start``, ``on_step_start`` — before the first forward of each optimizer step —,
-``after_optimizer_step``, ``on_epoch_end``, ``state_dict``, ``load_state_dict``). Runs on CPU, one GPU, or several processes under ``accelerate launch`` /
-``torchrun`` (DDP; gloo on CPU). Writes ``out_dir/metrics.jsonl``, ``out_dir/checkpoint/``
-and, with ``select_metric``, ``out_dir/best/``.
+``after_optimizer_step``, ``on_epoch_end``, ``on_evaluate`` — after ``eval_fn``, its metrics in
+``state.logs``, the model still holding what was evaluated (the EMA average with ``ema``) —,
+``state_dict``, ``load_state_dict``; see :mod:`trimtune.train.callbacks`). Runs on CPU, one GPU,
+or several processes under ``accelerate launch`` / ``torchrun`` (DDP; gloo on CPU). Writes
+``out_dir/metrics.jsonl``, ``out_dir/checkpoint/`` and, with ``select_metric``,
+``out_dir/best/``.
 """
 
 from __future__ import annotations
@@ -281,10 +284,12 @@ def _fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tr
                     model.eval()
                     with torch.no_grad(), _ema_weights(raw, ema):  # EMA on: it is evaluated
                         val = {k: float(v) for k, v in eval_fn(raw).items()}
+                        state.logs.update(val)
+                        # e.g. BestEpoch reads state.logs and copies what was evaluated
+                        _call(callbacks, "on_evaluate", state)
                         best_value = _keep_best(raw, val, best_value, cfg, out, main)
                     model.train()
                     log({"step": state.step, "epoch": epoch, **val})
-                    state.logs.update(val)
             stopped = last or state.should_stop
             signum = _agree(interrupt[0], accelerator)
             if signum or stopped or (cfg.ckpt_every and state.step % cfg.ckpt_every == 0):

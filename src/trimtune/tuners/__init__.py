@@ -1,7 +1,8 @@
 """Fine-tuning methods: SNELL / SNELLA (kernelised sparse updates) and the usual baselines.
 
     model = attach(model, SnellaConfig(r=32, target_sparsity=0.7))   # in place
-    ...train (SnellaAllocator callback for SNELLA)...
+    model = attach(model, "lora", r=8)                                # any method, by name
+    ...train with callbacks(model) (SNELLA's allocator, AdaLoRA's)...
     save_adapter(model, "runs/ft"); plain = merge(model)
 
 SNELL / SNELLA are PEFT tuners too (importing this package registers them with PEFT):
@@ -11,12 +12,10 @@ SNELL / SNELLA are PEFT tuners too (importing this package registers them with P
 from .config import DEFAULT_TARGETS, SnellaConfig, SnellConfig, config_from_dict
 from .inject import (
     adapter_configs,
-    attach,
     detach,
     format_summary,
     iter_snell_layers,
     iter_units,
-    merge,
     trainable_summary,
 )
 from .snell_tuner import SnellaModel, SnellaTrainerCallback, SnellLinear, SnellModel
@@ -37,15 +36,14 @@ from .snell import SparseDelta, magnitude_threshold, sparsify
 # written beside this package by another engineer: the SNELLA allocator and the baselines
 from .allocator import SnellaAllocator, allocate_budget, cubic_budget, find_units  # noqa: E402
 from .baselines import (  # noqa: E402
-    METHODS,
-    TARGET_SUFFIXES,
     AdaLoraCallback,
     adalora_orth_loss,
-    merge_method,
     prepare_method,
     target_linears,
     trainable_parameters,
 )
+# the one attach and the one merge, for every method
+from .registry import REGISTRY, Method, attach, callbacks, merge, method_of  # noqa: E402
 
 __all__ = [
     "DEFAULT_TARGETS", "SnellConfig", "SnellaConfig", "config_from_dict",
@@ -56,6 +54,6 @@ __all__ = [
     "SigmoidKernel", "create_kernel", "safe_cdist",
     "SparseDelta", "SnellLinear", "magnitude_threshold", "sparsify",
     "SnellaAllocator", "allocate_budget", "cubic_budget", "find_units",
-    "METHODS", "TARGET_SUFFIXES", "AdaLoraCallback", "adalora_orth_loss", "merge_method",
+    "REGISTRY", "Method", "method_of", "callbacks", "AdaLoraCallback", "adalora_orth_loss",
     "prepare_method", "target_linears", "trainable_parameters",
 ]

@@ -14,8 +14,9 @@ for :func:`trimtune.train.fit` with one of these methods:
                  of a given density (SPT / GPS style memory reference, see below)
 ===============  ============================================================================
 
-Target layers are those SNELL adapts: in every timm ViT block the fused ``attn.qkv``, the
-``attn.proj``, ``mlp.fc1`` and ``mlp.fc2`` linears. **The fused qkv stays fused**: LoRA on it
+Target layers follow the one rule of :mod:`trimtune.tuners.targets` (PEFT's), with the same
+default as SNELL: in every timm ViT block the fused ``attn.qkv``, the ``attn.proj``,
+``mlp.fc1`` and ``mlp.fc2`` linears. **The fused qkv stays fused**: LoRA on it
 trains ``r * (d + 3d)`` numbers per block, whereas LoRA on split q, k, v (the SNELL authors'
 layout) trains ``3 * r * 2d``. On a model compressed by :func:`trimtune.lowrank.compress`, a
 target that became a low-rank pair gets its adapter on both factor linears ``.first`` and
@@ -24,7 +25,8 @@ target that became a low-rank pair gets its adapter on both factor linears ``.fi
 The PEFT layers are injected in place with :func:`peft.inject_adapter_in_model` (AdaLoRA: its
 tuner class, kept inside the returned callback): the model stays a plain ``nn.Module``, never a
 ``PeftModel``. The head is made trainable directly (no ``ModulesToSaveWrapper`` copy).
-:func:`merge_method` folds the adapters back into plain ``nn.Linear`` layers.
+:func:`trimtune.tuners.registry.merge` (the one merge) folds the adapters back into plain
+``nn.Linear`` layers.
 
 AdaLoRA's orthogonality regulariser lives in ``PeftModel.forward`` in PEFT; with a plain model
 add :func:`adalora_orth_loss` to the objective's loss if you want it (the default objective
@@ -34,7 +36,6 @@ does not).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -43,12 +44,13 @@ from torch import nn
 
 from ..errors import TrimtuneError
 from ..models.probe import Probe, check_forward_path, route_through_modules
+from .targets import select_linears, select_modules
 
 __all__ = [
     "METHODS",
-    "TARGET_SUFFIXES",
     "prepare_method",
-    "merge_method",
+    "attach_peft_config",
+    "drop_method_state",
     "target_linears",
     "trainable_parameters",
     "AdaLoraCallback",
@@ -56,7 +58,6 @@ __all__ = [
 ]
 
 METHODS = ("full", "linear", "bitfit", "lora", "dora", "adalora", "masked-sparse")
-TARGET_SUFFIXES = ("qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 _OPTIONS: dict[str, tuple[str, ...]] = {
     "full": (), "linear": (), "bitfit": (), "lora": ("dropout",), "dora": ("dropout",),
     "adalora": ("dropout", "init_r", "total_step", "tinit", "tfinal", "deltaT", "beta1",
@@ -66,45 +67,13 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
 _ADALORA_PLACEHOLDER_STEPS = 10**9  # replaced by the real total at train start
 
 
-def _matches(name: str, patterns: str | Sequence[str]) -> bool:
-    """PEFT rule: a regex string must fully match; list entries match the name or a suffix."""
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
-def _is_factorised(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "first", None), nn.Linear) and isinstance(
-        getattr(module, "second", None), nn.Linear)
-
-
-def target_linears(model: nn.Module, target_modules: str | Sequence[str] | None = None
-                   ) -> list[str]:
-    """Qualified names of the ``nn.Linear`` layers a method adapts.
-
-    Args:
-        model: a timm model, plain or compressed (low-rank layers with ``.first``/``.second``).
-        target_modules: regex (full match) or list of names / name suffixes, as in PEFT;
-            default :data:`TARGET_SUFFIXES`.
-
-    Returns:
-        Names of linear layers; a matched low-rank layer contributes ``name.first`` and
-        ``name.second``.
-    """
-    patterns = TARGET_SUFFIXES if target_modules is None else target_modules
-    names: list[str] = []
-    for name, module in model.named_modules():
-        if not name or not _matches(name, patterns):
-            continue
-        if _is_factorised(module):
-            names += [f"{name}.first", f"{name}.second"]
-        elif isinstance(module, nn.Linear):
-            names.append(name)
-    if not names:
-        raise TrimtuneError(f"no linear layer of {type(model).__name__} matches target_modules="
-                            f"{patterns!r}; pass names such as 'qkv' or 'mlp.fc1' that exist "
-                            "in model.named_modules()")
-    return names
+def target_linears(model: nn.Module, target_modules: str | Sequence[str] | None = None,
+                   modules_to_save: Sequence[str] = ("head",)) -> list[str]:
+    """Qualified names of the ``nn.Linear`` layers a method adapts: the one rule of
+    :func:`trimtune.tuners.targets.select_linears` (PEFT's; ``None``: the model family's
+    default; a matched low-rank layer contributes ``name.first`` and ``name.second``; modules
+    trained in full are never targets)."""
+    return select_linears(model, target_modules, modules_to_save=list(modules_to_save or ()))
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -113,19 +82,9 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 def _train_modules(model: nn.Module, modules_to_save: Iterable[str]) -> None:
-    """Make every parameter of the named modules trainable (names or suffixes)."""
-    patterns = list(modules_to_save or ())
-    found = set()
-    for name, module in model.named_modules():
-        for p in patterns:
-            if name == p or name.endswith("." + p):
-                found.add(p)
-                for q in module.parameters():
-                    q.requires_grad_(True)
-    missing = set(patterns) - found
-    if missing:
-        raise TrimtuneError(f"modules_to_save {sorted(missing)} not found in the model; pass "
-                            "the classifier's name (timm: model.default_cfg['classifier']) or ()")
+    """Make every parameter of the named modules trainable (:func:`select_modules`)."""
+    for name in select_modules(model, list(modules_to_save or ())):
+        model.get_submodule(name).requires_grad_(True)
 
 
 def prepare_method(model: nn.Module, method: str, *, rank: int = 8, alpha: float | None = None,
@@ -167,8 +126,8 @@ def prepare_method(model: nn.Module, method: str, *, rank: int = 8, alpha: float
         raise TrimtuneError(f"method {method!r} does not take {sorted(unknown)}; it takes "
                             f"{list(_OPTIONS[method]) or 'no extra options'}")
     callbacks: list[Any] = []
-    adapted = [] if method in ("full", "linear", "bitfit") else target_linears(model,
-                                                                                target_modules)
+    adapted = [] if method in ("full", "linear", "bitfit") else target_linears(
+        model, target_modules, modules_to_save)
     was_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if adapted:
         route_through_modules(model)
@@ -184,30 +143,37 @@ def prepare_method(model: nn.Module, method: str, *, rank: int = 8, alpha: float
     elif method in ("lora", "dora"):
         from peft import LoraConfig, inject_adapter_in_model
 
-        targets = target_linears(model, target_modules)
         config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
-                            lora_dropout=kw.pop("dropout", 0.0), target_modules=targets,
+                            lora_dropout=kw.pop("dropout", 0.0), target_modules=adapted,
                             use_dora=method == "dora", bias="none")
         model.requires_grad_(False)
         inject_adapter_in_model(config, model)
         _train_adapters(model)
         _train_modules(model, modules_to_save)
     elif method == "adalora":
-        callbacks.append(_prepare_adalora(model, rank, alpha, target_modules, kw))
+        callbacks.append(_prepare_adalora(model, rank, alpha, adapted, kw))
         _train_modules(model, modules_to_save)
     else:
-        _prepare_masked_sparse(model, target_modules, kw)
+        _prepare_masked_sparse(model, adapted, kw)
         _train_modules(model, modules_to_save)
     model.trimtune_method = {"method": method, "rank": rank, "alpha": alpha}
+    _probe_or_undo(model, adapted, probe, method, was_trainable)
+    return model, callbacks
+
+
+def _probe_or_undo(model: nn.Module, adapted: list[str], probe: Probe, what: str,
+                   was_trainable: set[str]) -> None:
+    """The forward-path probe after a baseline is in; on failure the model is put back as it
+    was (PEFT layers removed, masks dropped, ``requires_grad`` restored) and the error raised."""
     try:
-        check_forward_path(model, adapted, probe, what=method)
+        check_forward_path(model, adapted, probe, what=what)
     except TrimtuneError:
-        merge_method(model, method)  # the update is zero at init: the original weights
+        _remove_peft_layers(model)
+        drop_method_state(model)
         model.__dict__.pop("peft_config", None)  # PEFT's record of the injected adapter
         for n, p in model.named_parameters():
             p.requires_grad_(n in was_trainable)
         raise
-    return model, callbacks
 
 
 def _train_adapters(model: nn.Module) -> None:
@@ -217,11 +183,11 @@ def _train_adapters(model: nn.Module) -> None:
 
 # ---------------------------------------------------------------------------- AdaLoRA
 def _prepare_adalora(model: nn.Module, rank: int, alpha: float | None,
-                     target_modules: str | Sequence[str] | None, kw: dict) -> AdaLoraCallback:
+                     target_modules: list[str], kw: dict) -> AdaLoraCallback:
     from peft import AdaLoraConfig
     from peft.tuners.adalora import AdaLoraModel
 
-    targets = target_linears(model, target_modules)
+    targets = list(target_modules)
     total = kw.pop("total_step", None)
     config = AdaLoraConfig(
         init_r=kw.pop("init_r", math.ceil(1.5 * rank)), target_r=rank,
@@ -299,8 +265,7 @@ def adalora_orth_loss(model: nn.Module) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- masked sparse
-def _prepare_masked_sparse(model: nn.Module, target_modules: str | Sequence[str] | None,
-                           kw: dict) -> None:
+def _prepare_masked_sparse(model: nn.Module, target_modules: list[str], kw: dict) -> None:
     """Dense target weights train through a fixed gradient mask (SPT / GPS memory reference).
 
     The mask keeps ``density`` of the entries of every target weight (per layer, like SNELL's
@@ -328,7 +293,7 @@ def _prepare_masked_sparse(model: nn.Module, target_modules: str | Sequence[str]
     if mask_init == "gradient" and batches is None:
         raise TrimtuneError("mask_init='gradient' needs batches=[(images, labels), ...]")
 
-    names = target_linears(model, target_modules)
+    names = list(target_modules)
     layers = {n: model.get_submodule(n) for n in names}
     model.requires_grad_(False)
     if mask_init == "gradient":
@@ -372,38 +337,51 @@ def _gradient_scores(model: nn.Module, layers: dict[str, nn.Module], batches: It
 
 
 # ---------------------------------------------------------------------------- merge
-def merge_method(model: nn.Module, method: str | None = None) -> nn.Module:
-    """Fold a baseline's update into plain layers, in place; returns ``model``.
-
-    LoRA / DoRA / AdaLoRA: every PEFT layer is merged (``layer.merge()``) and replaced by its
-    base ``nn.Linear``, so the result is a plain timm model again. masked-sparse: the gradient
-    hooks and masks are removed (the weights already hold the update). full / linear / bitfit:
-    nothing to do. ``method`` defaults to the one :func:`prepare_method` recorded.
-    """
-    method = method or getattr(model, "trimtune_method", {}).get("method")
-    if method is None or method not in METHODS:
-        raise TrimtuneError(f"merge_method: unknown method {method!r}; pass one of "
-                            f"{', '.join(METHODS)}")
-    if method in ("lora", "dora", "adalora"):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        peft_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-        if not peft_layers:
-            raise TrimtuneError(f"no {method} layers in the model: nothing to merge (was it "
-                                "prepared with prepare_method, or merged already?)")
-        for name, layer in peft_layers:
-            with torch.no_grad():
-                layer.merge()
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, layer.get_base_layer())
-    elif method == "masked-sparse":
-        for module in model.modules():
-            hook = getattr(module, "_trimtune_mask_hook", None)
-            if hook is not None:
-                hook.remove()
-                del module._trimtune_mask_hook
-                del module.trimtune_grad_mask
+def drop_method_state(model: nn.Module) -> nn.Module:
+    """What a baseline leaves besides PEFT layers: masked-sparse's gradient hooks and masks
+    (the weights already hold the update) and the ``trimtune_method`` record; in place.
+    The PEFT layers themselves merge in :func:`trimtune.tuners.registry.merge`."""
+    for module in model.modules():
+        hook = getattr(module, "_trimtune_mask_hook", None)
+        if hook is not None:
+            hook.remove()
+            del module._trimtune_mask_hook
+            del module.trimtune_grad_mask
     if hasattr(model, "trimtune_method"):
         del model.trimtune_method
     return model
+
+
+def _remove_peft_layers(model: nn.Module) -> None:
+    """Replace every PEFT layer by its base layer (nothing merged), in place."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, layer in [(n, m) for n, m in model.named_modules()
+                        if isinstance(m, BaseTunerLayer)]:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child,
+                layer.get_base_layer())
+
+
+def attach_peft_config(model: nn.Module, config: Any, modules_to_save: Sequence[str] = ("head",),
+                       probe: Probe = True) -> tuple[nn.Module, list]:
+    """LoRA / DoRA from a ready ``peft.LoraConfig`` (its ``target_modules`` selected by the
+    one rule), the head trained in full and the forward path probed as :func:`prepare_method`
+    does."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if not isinstance(config, LoraConfig) or type(config) is not LoraConfig:
+        raise TrimtuneError(f"attach takes a peft.LoraConfig here, got {type(config).__name__}:"
+                            " give AdaLoRA as method='adalora' with options")
+    adapted = target_linears(model, config.target_modules, modules_to_save)
+    config.target_modules = adapted
+    was_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    route_through_modules(model)
+    model.requires_grad_(False)
+    inject_adapter_in_model(config, model)
+    _train_adapters(model)
+    _train_modules(model, modules_to_save)
+    method = "dora" if config.use_dora else "lora"
+    model.trimtune_method = {"method": method, "rank": config.r, "alpha": config.lora_alpha}
+    _probe_or_undo(model, adapted, probe, method, was_trainable)
+    return model, []

@@ -19,8 +19,8 @@ Sparsification is a competition by magnitude, recomputed at every forward (nothi
 - ``"none"``: ``dW_s = dW`` (plain kernel update; the authors' SNELL at s = 0, class ``KLoRA``).
 
 At ``s = 0`` "code", "squared" and "soft" give the squared form ``dW * |dW|`` (as the authors'
-SNELLA class, which squares at every sparsity); :func:`~trimtune.tuners.inject.make_layer`
-gives SNELL at sparsity 0 the plain update ``"none"``, as the authors' SNELL code does.
+SNELLA class, which squares at every sparsity); the config's ``unit_sparsify`` gives SNELL
+at sparsity 0 the plain update ``"none"``, as the authors' SNELL code does.
 
 The dense ``dW`` (the size of the weight) is not kept for backward: :class:`SparseDeltaFunction`
 saves only ``x``, ``A``, ``B``, the kernel's parameters and the threshold, and recomputes

@@ -2,7 +2,7 @@
 with the same weights and per-layer sparsities on both ranks, and matches one process with
 the same global batch (2 x 4 = 8 images per step).
 
-This file is also the worker: ``torchrun --nproc_per_node 2 test_pipeline_ddp.py OUT_DIR``.
+This file is also the worker: ``torchrun --nproc_per_node 2 test_tasks_ddp.py OUT_DIR``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 import trimtune as tt
 from trimtune.checkpoint import torch_save_atomic
-from trimtune.pipeline import FinetuneConfig, finetune
+from trimtune.tasks import FinetuneConfig, finetune
 from trimtune.tuners import iter_units
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)

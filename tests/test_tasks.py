@@ -1,5 +1,6 @@
-"""End-to-end tests of ``trimtune.pipeline``: every fine-tuning method on a tiny ViT and
-synthetic data, merge == unmerged, resume == uninterrupted, the run folder, load_model(run).
+"""End-to-end tests of ``trimtune.tasks`` / ``trimtune.runs``: every fine-tuning method on a
+tiny ViT and synthetic data, merge == unmerged, resume == uninterrupted, the run folder,
+load_model(run).
 
 Shapes: tiny ViT, D = 64, 2 blocks, MLP 4D, patch 8 on 32 px images, 4 classes.
 """
@@ -18,7 +19,8 @@ from torch import nn
 import trimtune as tt
 from trimtune.checkpoint import read_json, read_safetensors
 from trimtune.data import build_transform, load_dataset
-from trimtune.pipeline import FinetuneConfig, finetune, load_model, merge, save_model
+from trimtune.runs import load_model, merge, save_model
+from trimtune.tasks import FinetuneConfig, finetune
 from trimtune.tuners import iter_units
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)

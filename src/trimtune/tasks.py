@@ -1,0 +1,330 @@
+"""The two training tasks, each one call of the one loop (:func:`trimtune.train.fit`):
+
+- :func:`distill`: PELA's intermediate pre-training of a compressed student from its teacher
+  (objective from :mod:`trimtune.lowrank`);
+- :func:`finetune`: a method of the registry (:mod:`trimtune.tuners.registry`) on labelled
+  data, with the classification objective, the method's callbacks and best-epoch selection
+  (:class:`trimtune.train.BestEpoch`), writing a run folder (:mod:`trimtune.runs`).
+
+This is the only module (besides the CLI) that imports both the methods (``lowrank``,
+``tuners``) and the loop (``train``): the loop stays method-agnostic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from . import __version__
+from .checkpoint import new_run_dir, run_folder, write_json
+from .data import (as_dataset, build_transform, check_classes, describe_data, disjoint_train,
+                   stratified_choice)
+from .errors import TrimtuneError
+from .lowrank import DistillConfig, set_trainable
+from .measure import evaluate_model
+from .measure.plots import plot_confusion, plot_curves
+from .models import set_drop_path_rate
+from .names import METHODS, SNELL_METHODS
+from .runs import (base_spec, identity, input_size, load_model, save, save_model, state_sha256,
+                   with_identity)
+from .train import BestEpoch, ClassificationObjective, TrainConfig, fit
+from .tuners import SnellaConfig, SnellConfig, registry
+from .tuners.snell_tuner import is_fused_qkv
+from .tuners.targets import select_linears
+
+# --------------------------------------------------------------------------- distill
+
+
+def distill(student: nn.Module, teacher: nn.Module | str, data: Dataset | str,
+            config: DistillConfig | None = None, *, max_images: int | None = None):
+    """PELA intermediate pre-training: ``student`` (compressed) learns from the frozen
+    ``teacher`` on ``data`` (labels optional). Trains ``student`` in place and returns the
+    loop's result; the teacher is never updated."""
+    cfg = config or DistillConfig()
+    tc = cfg.train or TrainConfig()
+    if isinstance(teacher, str):
+        teacher = load_model(teacher, num_classes=getattr(student, "num_classes", None),
+                             img_size=input_size(student))
+    check_teacher(student, teacher)
+    ds = as_dataset(data, "train", build_transform(student, train=False), tc.seed)
+    if max_images and max_images < len(ds):
+        ds = ds.subset(stratified_choice(ds.targets, max_images, tc.seed))
+    set_trainable(student, cfg.trainable)
+    settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "train"}
+    settings.update(data=describe_data(data, ds), teacher=identity(teacher),
+                    student=identity(student))
+    return fit(student, ds, cfg.objective(teacher), tc, settings=settings)
+
+
+def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
+    """Distillation matches features block by block: the teacher must have the student's width,
+    depth and resolution (it is the model the student was compressed from)."""
+    for what, get in (("width", lambda m: getattr(m, "num_features", None)),
+                      ("depth (blocks)", lambda m: len(m.blocks) if hasattr(m, "blocks") else None),
+                      ("image size", input_size)):
+        s, t = get(student), get(teacher)
+        if s is not None and t is not None and s != t:
+            raise TrimtuneError(f"teacher {what} {t} != student {what} {s}: distil from the model "
+                                "the student was compressed from (same architecture and "
+                                "--img-size)")
+
+
+# --------------------------------------------------------------------------- finetune
+
+
+@dataclass
+class FinetuneConfig:
+    """What to tune and how. ``train`` holds the loop's settings (epochs, lr, batch size...).
+
+    ``target_modules`` selects the adapted layers for every method by the one rule of
+    :mod:`trimtune.tuners.targets` (PEFT's: a regex string over whole names, a list of names /
+    suffixes, or ``"all-linear"``); None: the model family's default."""
+
+    method: str = "snella"
+    rank: int = 8
+    kernel: str | None = None  # default: mixture for snella, piecewise for snell
+    sparsity: float = 0.7  # snell: fixed fraction zeroed; snella: the target of the schedule
+    init_sparsity: float = 0.0  # snella: fraction zeroed at the start of the schedule
+    density: float | None = None  # masked-sparse: fraction of each weight that trains
+    target_modules: str | list[str] | None = None  # every method: which layers (see above)
+    protocol: str = "vtab"  # vtab: resize only; fgvc: random-resized crop + flip
+    label_smoothing: float = 0.0
+    # SNELL / SNELLA regularisation and allocation schedule (trimtune.recipes: "authors" sets
+    # 0.1 / 0.1 / 0.1 and an epoch schedule as the released scripts; these are the "fast" ones)
+    branch_dropout: float = 0.0  # dropout on the update branch's input (not attn.proj)
+    branch_drop_path: float = 0.0  # DropPath on each unit's update (q, k, v independently)
+    drop_path_rate: float = 0.0  # backbone stochastic depth (timm's linear decay over blocks)
+    schedule_unit: str = "step"  # snella: count the budget schedule in "step"s or "epoch"s
+    alloc_interval: int = 1  # snella: reallocate every N schedule units
+    t_init: float = 0  # snella: schedule warm-up (count, or fraction of the run if < 1)
+    t_final: float = 0  # snella: final phase with the allocation fixed
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, epochs=10))
+    method_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise TrimtuneError(f"unknown method {self.method!r}; choose one of "
+                                f"{', '.join(METHODS)}")
+        if self.protocol not in ("vtab", "fgvc"):
+            raise TrimtuneError(f"unknown protocol {self.protocol!r}; choose vtab or fgvc")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise TrimtuneError(f"drop-path rate {self.drop_path_rate} is outside [0, 1): use "
+                                "e.g. 0.1 (the authors') or 0")
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if self.method in SNELL_METHODS:  # the tuner config checks its own fields, now
+            tuner_config(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def tuner_config(cfg: FinetuneConfig) -> SnellConfig:
+    """The :class:`~trimtune.tuners.SnellConfig` / ``SnellaConfig`` a SNELL-family run uses."""
+    common = {"r": cfg.rank, "dropout": cfg.branch_dropout, "drop_path": cfg.branch_drop_path,
+              "target_modules": cfg.target_modules, **cfg.method_kwargs}  # method_kwargs win
+    if cfg.kernel:
+        common["kernel"] = cfg.kernel
+    if cfg.method == "snell":
+        return SnellConfig(sparsity=cfg.sparsity, **common)
+    return SnellaConfig(target_sparsity=cfg.sparsity, init_sparsity=cfg.init_sparsity,
+                        schedule_unit=cfg.schedule_unit, interval=cfg.alloc_interval,
+                        t_init=cfg.t_init, t_final=cfg.t_final, **common)
+
+
+def _baseline_options(cfg: FinetuneConfig, total_steps: int | None) -> dict[str, Any]:
+    kw = {"rank": cfg.rank, "target_modules": cfg.target_modules, **cfg.method_kwargs}
+    if cfg.method == "masked-sparse":
+        kw["density"] = cfg.density if cfg.density is not None else 1.0 - cfg.sparsity
+    if cfg.method == "adalora" and total_steps:
+        kw["total_step"] = total_steps
+    return kw
+
+
+def check_rank(model: nn.Module, cfg: FinetuneConfig) -> None:
+    """Refuse a rank above ``min(d_in, d_out)`` of a target layer (a SNELL / SNELLA unit, a
+    LoRA / DoRA / AdaLoRA linear): it only adds memory (r x (d_in + d_out) per layer), never
+    expressiveness, and a huge one exhausts the machine before the first step."""
+    if cfg.method in SNELL_METHODS:
+        tcfg = tuner_config(cfg)
+        layers = []
+        for name in select_linears(model, tcfg.target_modules, exclude=tcfg.exclude_modules,
+                                   modules_to_save=tcfg.modules_to_save):
+            lin = model.get_submodule(name)
+            split = 3 if tcfg.split_qkv and is_fused_qkv(name) and lin.out_features % 3 == 0 \
+                else 1
+            layers.append((name, lin.in_features, lin.out_features // split))
+        rank = cfg.rank
+    elif cfg.method in ("lora", "dora", "adalora"):
+        layers = [(n, m.in_features, m.out_features) for n in
+                  select_linears(model, cfg.method_kwargs.get("target_modules",
+                                                              cfg.target_modules))
+                  for m in [model.get_submodule(n)]]
+        rank = cfg.method_kwargs.get("init_r") or (
+            math.ceil(1.5 * cfg.rank) if cfg.method == "adalora" else cfg.rank)
+    else:
+        return
+    if rank < 1:
+        raise TrimtuneError(f"rank={cfg.rank}: give a rank of 1 or more, e.g. 8")
+    name, d_in, d_out = min(layers, key=lambda t: min(t[1], t[2]))
+    if rank > min(d_in, d_out):
+        raise TrimtuneError(
+            f"rank {rank} is above min(d_in, d_out) = {min(d_in, d_out)} of target layer {name} "
+            f"({d_in} -> {d_out}{' per unit' if cfg.method in SNELL_METHODS else ''}): it would "
+            f"only add memory; use --rank {min(d_in, d_out)} or less")
+
+
+def prepare(model: nn.Module, cfg: FinetuneConfig, *, total_steps: int | None = None
+            ) -> tuple[nn.Module, list]:
+    """Attach ``cfg.method`` (the registry's attach) and return ``(model, callbacks)``. A model
+    that already has a method attached (``trimtune.attach`` first) is tuned as it is. A rank
+    above a target's ``min(d_in, d_out)`` is refused first (:func:`check_rank`)."""
+    attached = registry.method_of(model)
+    if attached is None:
+        check_rank(model, cfg)
+        if cfg.method in SNELL_METHODS:
+            registry.attach(model, tuner_config(cfg))
+        else:
+            registry.attach(model, cfg.method, **_baseline_options(cfg, total_steps))
+    elif attached != cfg.method:
+        raise TrimtuneError(f"the model already has {attached} attached but the config says "
+                            f"method={cfg.method!r}: pass FinetuneConfig(method={attached!r}) "
+                            "or a plain model")
+    return model, registry.callbacks(model)
+
+
+@dataclass
+class FinetuneResult:
+    model: nn.Module
+    out_dir: Path | None
+    best: dict | None
+    test: dict | None
+    history: list
+
+
+def finetune(model: nn.Module | str, data: Dataset | str,
+             config: FinetuneConfig | TrainConfig | None = None,
+             *, eval_data: Dataset | str | None = None, test_data: Dataset | str | None = None,
+             base_spec: dict | None = None) -> FinetuneResult:
+    """Fine-tune ``model`` on ``data`` with ``config.method`` (or the method already attached
+    with :func:`trimtune.attach`: then ``config.method`` must name it; a plain
+    :class:`~trimtune.train.TrainConfig` as ``config`` tunes the attached method with it).
+
+    Model selection uses ``eval_data`` only (best validation epoch); without it the last
+    epoch is kept. ``test_data`` is evaluated once, at the end, on the selected weights.
+    The run folder (``config.train.out_dir``) receives run.json, metrics.jsonl, the adapter
+    and plots. A folder that already holds a run is refused unless ``config.train.resume``
+    (same result settings, checked against the checkpoint) or ``config.train.overwrite``
+    (the new run replaces the old one only once it finished: a failure leaves the old one).
+
+    ``config.train.seed`` fixes everything: the new classifier head (created here when the
+    class count differs), the adapter init, the data order and the masks.
+
+    Validating on the held-out part of the training set (``"X:1k@val"`` beside ``"X:1k"``)
+    trains on the rest (``"X:1k@train800"``) and prints a note: validation never overlaps
+    the training images.
+    """
+    attached = registry.method_of(model) if isinstance(model, nn.Module) else None
+    if isinstance(config, TrainConfig):  # tt.finetune(model, data, tt.TrainConfig(...))
+        config = FinetuneConfig(method=attached or "snella", train=config)
+    cfg = config or FinetuneConfig(method=attached or "snella")
+    tc = cfg.train
+    main = int(os.environ.get("RANK", "0")) == 0  # under DDP only rank 0 writes the run folder
+    out = Path(tc.out_dir) if tc.out_dir is not None else new_run_dir()
+    if isinstance(data, str) and isinstance(eval_data, str):
+        data = disjoint_train(data, eval_data)
+    with run_folder(out, resume=bool(tc.resume), overwrite=tc.overwrite, main=main) as work:
+        return _finetune(model, data, cfg, eval_data, test_data, base_spec, work if main else None,
+                         final=out)
+
+
+def _finetune(model, data, cfg: FinetuneConfig, eval_data, test_data, spec, out: Path | None,
+              final: Path | None) -> FinetuneResult:
+    tc = cfg.train
+    seed = tc.seed
+    probe = as_dataset(data, "train", None, seed)
+    check_classes(probe, data)
+    # the new head (when the class count differs) is part of the run: seeded like the rest
+    if isinstance(model, str):
+        spec = spec or {"model": model, "num_classes": probe.num_classes}
+    attached = isinstance(model, nn.Module) and registry.method_of(model) is not None
+    if attached and getattr(model, "num_classes", probe.num_classes) != probe.num_classes:
+        raise TrimtuneError(f"the attached model predicts {model.num_classes} classes, the data "
+                            f"has {probe.num_classes}: reset its head before trimtune.attach")
+    model = load_model(model, num_classes=None if attached else probe.num_classes, seed=seed)
+    tf_train = build_transform(model, train=True, protocol=cfg.protocol)
+    tf_eval = build_transform(model, train=False, protocol=cfg.protocol)
+    train_ds = as_dataset(data, "train", tf_train, seed)
+    eval_ds = as_dataset(eval_data, "val", tf_eval, seed)
+    test_ds = as_dataset(test_data, "test", tf_eval, seed)
+
+    spec = with_identity(spec)
+    if out and spec is None:
+        # an in-memory base (e.g. compressed + distilled) cannot be rebuilt from a name: keep
+        # its weights in the run folder so load_model(run_dir) gives back the tuned model;
+        # their hash is compared on resume (the folder is not rewritten before that)
+        base = registry.base_copy(model) if attached else model
+        if not (tc.resume and (out / "base").is_dir()):
+            save_model(base, out / "base")
+        spec = {"model": "base", "weights_sha256": state_sha256(base)}
+    if cfg.drop_path_rate:
+        set_drop_path_rate(model, cfg.drop_path_rate)
+    torch.manual_seed(seed)  # adapter init: same seed, same start (and on every DDP rank)
+    # the schedules (SNELLA allocator, AdaLoRA) take the loop's total steps (epochs x whole
+    # steps per epoch x processes): max_steps only stops early, so a resumed run matches
+    model, callbacks = prepare(model, cfg, total_steps=None)
+    best = BestEpoch("val_acc")
+
+    def eval_fn(m: nn.Module) -> dict:
+        r = evaluate_model(m, eval_ds, batch_size=max(64, tc.batch_size), progress=False)
+        return {"val_acc": r.top1}
+
+    run_base = spec or base_spec(model)
+    run_json = {"trimtune_version": __version__, "kind": "finetune", "config": cfg.to_dict(),
+                "base": run_base, "data": describe_data(data, train_ds)}
+    if out and not tc.resume:  # a resume rewrites it only once its settings were accepted
+        write_json(out / "run.json", run_json)
+    # what changes the result besides the loop's own settings: compared on resume
+    settings = {k: v for k, v in cfg.to_dict().items() if k != "train"}
+    settings.update(data=describe_data(data, train_ds),
+                    val_data=None if eval_ds is None else describe_data(eval_data, eval_ds),
+                    base=run_base)
+    tc_run = dataclasses.replace(tc, out_dir=out or final, overwrite=False)
+    result = fit(model, train_ds, ClassificationObjective(cfg.label_smoothing), tc_run,
+                 callbacks=[*callbacks, best], eval_fn=eval_fn if eval_ds is not None else None,
+                 settings=settings)
+    best.restore(model)
+    if out and tc.resume:
+        write_json(out / "run.json", run_json)
+    test = None
+    if test_ds is not None:
+        r = evaluate_model(model, test_ds, batch_size=max(64, tc.batch_size))
+        test = r.to_dict()
+        if out:
+            plot_confusion(r.confusion, r.classes, out / "confusion.png",
+                           title=f"{cfg.method}: test top-1 {r.top1:.3f}")
+    if out:
+        save(model, out / "adapter", method=cfg.method)
+        summary = {"best_val_acc": best.value, "test_top1": test and test["top1"],
+                   "test": test}
+        write_json(out / "results.json", summary)
+        if (out / "metrics.jsonl").is_file():
+            plot_curves(out / "metrics.jsonl", out / "curves.png", title=cfg.method)
+        for cb in callbacks:
+            if hasattr(cb, "plot_history"):
+                cb.plot_history(out / "sparsity.png")
+    return FinetuneResult(model=model, out_dir=final if out else None,
+                          best={"val_acc": best.value}, test=test,
+                          history=getattr(result, "history", []))
+
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "check_rank", "check_teacher", "distill",
+           "finetune", "prepare", "tuner_config"]
