@@ -215,11 +215,11 @@ def cmd_compress(a) -> int:
 
 def cmd_distill(a) -> int:
     from .lowrank import DistillConfig
-    from .runs import load_model, save_model
+    from .runs import input_size, load_model, save_model
     from .tasks import distill
     _check_out(a)
     student = load_model(a.student)
-    teacher = load_model(a.teacher, weights=a.teacher_weights, img_size=_img_size(student))
+    teacher = load_model(a.teacher, weights=a.teacher_weights, img_size=input_size(student))
     cfg = DistillConfig(train=_train_config(a, a.out), block_weight=a.block_weight,
                         final_weight=a.final_weight, logits_weight=a.logits_weight,
                         ce_weight=a.ce_weight,
@@ -229,11 +229,6 @@ def cmd_distill(a) -> int:
     save_model(student, Path(a.out) / "model")
     print(f"distilled student saved to {Path(a.out) / 'model'}/")
     return 0
-
-
-def _img_size(model) -> int | None:
-    pe = getattr(model, "patch_embed", None)
-    return pe.img_size[0] if pe is not None and getattr(pe, "img_size", None) else None
 
 
 def _apply_recipe(a: argparse.Namespace) -> None:
