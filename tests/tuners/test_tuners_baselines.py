@@ -172,10 +172,11 @@ def test_lora_on_compressed_factors(images):
     for blk in model.blocks:
         blk.mlp.fc1 = Factorised(blk.mlp.fc1, 16)
     targets = target_linears(model)
-    assert "blocks.0.mlp.fc1.first" in targets and "blocks.0.mlp.fc1.second" in targets
+    # the one rule: a matched factorised layer gets one update, on .second (as SNELL)
+    assert "blocks.0.mlp.fc1.second" in targets and "blocks.0.mlp.fc1.first" not in targets
     r = 4
     model, _ = prepare_method(model, "lora", rank=r)
-    shapes = [(D, 3 * D), (D, D), (D, 16), (16, HID), (HID, D)]
+    shapes = [(D, 3 * D), (D, D), (16, HID), (HID, D)]
     assert trainable_parameters(model) == DEPTH * sum(r * (i + o) for i, o in shapes) + HEAD
     randomise_adapters(model)
     model.eval()

@@ -19,8 +19,8 @@ default as SNELL: in every timm ViT block the fused ``attn.qkv``, the ``attn.pro
 ``mlp.fc1`` and ``mlp.fc2`` linears. **The fused qkv stays fused**: LoRA on it
 trains ``r * (d + 3d)`` numbers per block, whereas LoRA on split q, k, v (the SNELL authors'
 layout) trains ``3 * r * 2d``. On a model compressed by :func:`trimtune.lowrank.compress`, a
-target that became a low-rank pair gets its adapter on both factor linears ``.first`` and
-``.second`` (``r * (in + rank) + r * (rank + out)`` numbers).
+target that became a low-rank pair gets ONE adapter, on its second factor ``.second``
+(``r * (rank + out)`` numbers), as SNELL does; a pattern naming ``.first`` selects that factor.
 
 The PEFT layers are injected in place with :func:`peft.inject_adapter_in_model` (AdaLoRA: its
 tuner class, kept inside the returned callback): the model stays a plain ``nn.Module``, never a
@@ -71,8 +71,8 @@ def target_linears(model: nn.Module, target_modules: str | Sequence[str] | None 
                    modules_to_save: Sequence[str] = ("head",)) -> list[str]:
     """Qualified names of the ``nn.Linear`` layers a method adapts: the one rule of
     :func:`trimtune.tuners.targets.select_linears` (PEFT's; ``None``: the model family's
-    default; a matched low-rank layer contributes ``name.first`` and ``name.second``; modules
-    trained in full are never targets)."""
+    default; a matched low-rank layer contributes ``name.second``; modules trained in full are
+    never targets)."""
     return select_linears(model, target_modules, modules_to_save=list(modules_to_save or ()))
 
 
