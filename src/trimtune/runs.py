@@ -21,6 +21,7 @@ from .lowrank.io import factorise_like
 from .models import arch_of, build_from_arch, create_backbone
 from .train import TrainConfig, trainable_state
 from .tuners import SnellConfig, adapter_configs, load_adapter, registry, save_adapter
+from .tuners.io import base_arch
 
 ADAPTER = "adapter"
 
@@ -149,10 +150,29 @@ def save(model: nn.Module, out_dir: str | Path, *, method: str | None = None) ->
                       metadata={"format": "pt", "trimtune_version": __version__})
     record = dict(getattr(model, "trimtune_method", None) or {})
     write_json(out_dir / "adapter_config.json", {
-        **record, "method": method or registry.method_of(model), "base": identity(model),
-        "num_tensors": len(state), "num_parameters": int(sum(v.numel() for v in state.values())),
+        **record, "method": method or registry.method_of(model),
+        "base": {"arch": base_arch(model), "num_params": _base_numel(model)},
+        "num_tensors": len(state),
+        "num_parameters": int(sum(v.numel() for v in state.values())),
         "trimtune_version": __version__})
     return out_dir
+
+
+def _base_numel(model: nn.Module) -> int:
+    """Parameter entries of the base under a baseline method: a PEFT layer contributes only its
+    ``base_layer`` (masked-sparse, full, linear and bitfit add no parameters)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [n + "." for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    return sum(p.numel() for n, p in model.named_parameters()
+               if not any(n.startswith(t) and not n.startswith(t + "base_layer.") for t in layers))
+
+
+#: the recorded options (``model.trimtune_method``) that rebuild a method's trained tensors
+_REBUILD = {"lora": ("rank", "alpha", "target_modules"),
+            "dora": ("rank", "alpha", "target_modules"),
+            "adalora": ("rank", "alpha", "target_modules", "init_r"),
+            "masked-sparse": ("target_modules",)}
 
 
 def load(model: nn.Module, path: str | Path) -> nn.Module:
@@ -171,12 +191,29 @@ def load(model: nn.Module, path: str | Path) -> nn.Module:
         raise TrimtuneError(f"{path / 'adapter_config.json'} names method {method!r}, not one of"
                             f" {', '.join(registry.REGISTRY)}: load it with the tool that wrote it")
     state = read_safetensors(path / "adapter_model.safetensors")
-    options = {"rank": meta["rank"]} if method in ("lora", "dora", "adalora") else {}
-    registry.attach(model, method, **options)
-    _, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected:
+    base = meta.get("base") or {}
+    want, have = base.get("arch"), base_arch(model)
+    if want and have and want != have:
+        raise TrimtuneError(f"adapter {path} was trained on a {want} base, this model is a "
+                            f"{have}: load it onto a {want} model")
+    n = _base_numel(model)
+    if base.get("num_params") not in (None, n):
+        raise TrimtuneError(f"adapter {path} belongs to a base with {base['num_params']:,} "
+                            f"parameters, this model has {n:,}: load it onto the base it was "
+                            "trained on (architecture, num_classes, compression)")
+    options = {k: meta[k] for k in _REBUILD.get(method, ()) if meta.get(k) is not None}
+    try:
+        registry.attach(model, method, **options)
+        _, unexpected = model.load_state_dict(state, strict=False)
+    except (RuntimeError, TrimtuneError) as e:  # torch: size mismatch; no such target layer
+        why = str(e).split("size mismatch for ", 1)[-1].split("\n")[0][:160]
+        raise TrimtuneError(f"adapter {path} does not fit this model ({why}): load it onto "
+                            "the base it was trained on") from e
+    missing = sorted(n for n, p in model.named_parameters() if p.requires_grad and n not in state)
+    if unexpected or missing:
         raise TrimtuneError(f"adapter {path} does not fit this model (unexpected tensors "
-                            f"{unexpected[:3]}): load it onto the base it was trained on")
+                            f"{unexpected[:3]}, trained tensors missing {missing[:3]}): load it "
+                            "onto the base it was trained on")
     return model
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import peft
 import pytest
+import timm
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -20,7 +21,7 @@ from trimtune.tuners import SnellaConfig, SnellConfig, SnellLinear, registry
 from trimtune.tuners.targets import select_linears
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import tiny_vit  # noqa: E402
+from conftest import TINY_VIT, tiny_vit  # noqa: E402
 
 TARGETED = ("snella", "snell", "lora", "dora", "adalora", "masked-sparse")
 OPTIONS = {"snella": dict(r=4, init_sparsity=0.2), "snell": dict(r=4, sparsity=0.3),
@@ -162,6 +163,51 @@ def test_bad_inputs_one_clear_error_each(tmp_path):
     (tmp_path / "bitfit" / "adapter_config.json").write_text('{"method": "ia3"}')
     with pytest.raises(TrimtuneError, match="names method 'ia3'"):
         tt.load(tiny_vit(), tmp_path / "bitfit")
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora", "masked-sparse", "bitfit"])
+def test_adapter_for_another_base_is_one_error(method, tmp_path):
+    """trimtune's own adapter files (non-PEFT methods): another architecture, width or depth."""
+    tt.save(perturb(attached(method)), tmp_path / "ad")
+    others = {"another architecture": timm.create_model(
+                  "vit_small_patch16_224", pretrained=False, num_classes=5, **TINY_VIT),
+              "wider": tiny_vit(embed_dim=32), "deeper": tiny_vit(depth=3)}
+    for what, other in others.items():
+        with pytest.raises(TrimtuneError, match="load it onto (the base it was trained on|a "
+                                                "vit_tiny)"):
+            tt.load(other, tmp_path / "ad")
+            pytest.fail(f"{method} adapter loaded onto a {what} base")
+
+
+def test_non_default_targets_round_trip(images, tmp_path):
+    model = perturb(tt.attach(tiny_vit(), "lora", r=4, target_modules=["fc2"])).eval()
+    tt.save(model, tmp_path / "ad")
+    back = tt.load(tiny_vit(), tmp_path / "ad").eval()
+    assert adapted_layers(back) == adapted_layers(model) == ["blocks.0.mlp.fc2", "blocks.1.mlp.fc2"]
+    with torch.no_grad():
+        assert torch.equal(back(images), model(images))
+
+
+def test_peft_adapter_of_another_method_is_one_error(tmp_path):
+    """A PEFT folder of a method trimtune does not load itself (IA3, or PEFT's own LoRA
+    folder) given to trimtune's loaders: one line naming PeftModel.from_pretrained."""
+    for name, config in {"ia3": peft.IA3Config(target_modules=["qkv"], feedforward_modules=[]),
+                         "lora": peft.LoraConfig(r=2, target_modules=["qkv"])}.items():
+        peft.get_peft_model(tiny_vit(), config).save_pretrained(str(tmp_path / name))
+        with pytest.raises(TrimtuneError, match="PeftModel.from_pretrained"):
+            tt.load(tiny_vit(), tmp_path / name)
+        with pytest.raises(TrimtuneError, match="PeftModel.from_pretrained"):
+            tt.load_adapter(tiny_vit(), tmp_path / name)
+
+
+def test_duplicate_adapter_name_is_one_error():
+    model = peft.inject_adapter_in_model(SnellaConfig(r=4, target_modules=["qkv"]), tiny_vit())
+    with pytest.raises(TrimtuneError, match="adapter 'default' already exists on "
+                                            "blocks.0.attn.qkv: choose another adapter_name"):
+        peft.inject_adapter_in_model(SnellConfig(r=2, target_modules=["qkv"]), model)
+    pm = peft.get_peft_model(tiny_vit(), SnellaConfig(r=4, target_modules=["qkv"]))
+    with pytest.raises(ValueError, match="'default' already exists"):  # PEFT's own error
+        pm.add_adapter("default", SnellaConfig(r=2, target_modules=["qkv"]))
 
 
 def test_attach_then_finetune(tmp_path):

@@ -128,6 +128,11 @@ def prepare_method(model: nn.Module, method: str, *, rank: int = 8, alpha: float
     callbacks: list[Any] = []
     adapted = [] if method in ("full", "linear", "bitfit") else target_linears(
         model, target_modules, modules_to_save)
+    # what rebuilds the same trainable tensors (trimtune.runs.load): JSON-able options only
+    record = {"method": method, "rank": rank, "alpha": alpha,
+              "target_modules": adapted or None}
+    if method == "adalora":
+        record["init_r"] = kw.get("init_r", math.ceil(1.5 * rank))
     was_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if adapted:
         route_through_modules(model)
@@ -156,7 +161,7 @@ def prepare_method(model: nn.Module, method: str, *, rank: int = 8, alpha: float
     else:
         _prepare_masked_sparse(model, adapted, kw)
         _train_modules(model, modules_to_save)
-    model.trimtune_method = {"method": method, "rank": rank, "alpha": alpha}
+    model.trimtune_method = record
     _probe_or_undo(model, adapted, probe, method, was_trainable)
     return model, callbacks
 
@@ -382,6 +387,7 @@ def attach_peft_config(model: nn.Module, config: Any, modules_to_save: Sequence[
     _train_adapters(model)
     _train_modules(model, modules_to_save)
     method = "dora" if config.use_dora else "lora"
-    model.trimtune_method = {"method": method, "rank": config.r, "alpha": config.lora_alpha}
+    model.trimtune_method = {"method": method, "rank": config.r, "alpha": config.lora_alpha,
+                             "target_modules": adapted}
     _probe_or_undo(model, adapted, probe, method, was_trainable)
     return model, []
