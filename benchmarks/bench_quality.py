@@ -81,6 +81,9 @@ VARIANTS = {
     "snella-r8": dict(method="snella", rank=8),
     "snella-r32": dict(method="snella", rank=32),
     "full": dict(method="full"),
+    # the join: the same methods on the PELA-compressed backbone (--compress-* flags)
+    "lora-r8@c2": dict(method="lora", rank=8, compressed=True),
+    "snella-r8@c2": dict(method="snella", rank=8, compressed=True),
 }
 
 #: ablation name -> changes to snella-r8 (run at snella-r8's selected lr)
@@ -94,6 +97,8 @@ ABLATIONS = {
     "sparsity-0.9": dict(sparsity=0.9),
     "squared-grad": dict(method_kwargs={"sparsify": "squared"}),
 }
+
+CALIB_SEED = 99  # the draw of unlabeled train images that calibrates / distils the @c2 backbone
 
 PRESETS = {
     "reduced": dict(img_size=56, epochs=3, seeds="0,1,2", test_images=2000),
@@ -125,6 +130,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="search the lr grid on the first seed only, or on every seed")
     ap.add_argument("--lrs", default="", help='override grids, JSON: {"lora": [1e-3, 3e-3]}')
     ap.add_argument("--sparsity", type=float, default=0.7, help="snell / snella sparsity")
+    ap.add_argument("--compress-ratio", type=float, default=2.0,
+                    help="PELA ratio c of the @c2 variants' backbone")
+    ap.add_argument("--compress-init", default="whiten",
+                    help="factorisation of the @c2 backbone: svd, whiten or asvd")
+    ap.add_argument("--calib-images", type=int, default=256,
+                    help="unlabeled calibration images of the @c2 backbone (the task's train "
+                    "split, a draw of its own, seed 99)")
+    ap.add_argument("--distill-epochs", type=int, default=0,
+                    help="PELA distillation epochs of the @c2 backbone on those images "
+                    "(0: factorised only)")
+    ap.add_argument("--distill-lr", type=float, default=1e-4, help="its lr")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -178,6 +194,7 @@ def variant_config(name: str, a) -> dict:
     (``snella-r8:piecewise-kernel``)."""
     base, _, abl = name.partition(":")
     cfg = {"sparsity": a.sparsity, **VARIANTS[base]}
+    cfg.pop("compressed", None)
     if abl:
         cfg.update(ABLATIONS[abl])
     return cfg
@@ -196,6 +213,9 @@ class Study:
         self.runs: dict[str, dict] = {}
         self.data: dict[tuple[str, int], tuple] = {}
         self.tests: dict[str, Pretransformed] = {}
+        self.compressed: dict[str, torch.nn.Module] = {}
+        self.compressed_info: dict[str, dict] = {}
+        self.grids: dict[str, tuple] = dict(DEFAULT_LRS)  # main() sets the run's grids
         self.t0 = time.time()
         prev = RESULTS / f"quality_{a.tag}.json"
         if a.resume and prev.is_file():
@@ -223,6 +243,42 @@ class Study:
             self.tests = {task: Pretransformed(ds)}
         return self.tests[task]
 
+    # ------------------------------------------------------------------ backbones
+    def base_for(self, task: str, variant: str) -> torch.nn.Module:
+        """The backbone a variant starts from: the original, or (``@c2`` variants) the
+        PELA-compressed one, built once per task from unlabeled images of the task's train split
+        (a draw of its own, seed :data:`CALIB_SEED`; the test split is never read)."""
+        if not VARIANTS[variant.partition(":")[0]].get("compressed"):
+            return self.base
+        if task not in self.compressed:
+            a = self.a
+            calib = Pretransformed(tt.load_dataset(
+                task, "train800", transform=tt.build_transform(self.base, train=False),
+                seed=CALIB_SEED))
+            with Timer() as t:
+                student = tt.compress(copy.deepcopy(self.base), ratio=a.compress_ratio,
+                                      init=a.compress_init, calib=calib,
+                                      calib_images=a.calib_images)
+            info = {"ratio": a.compress_ratio, "init": a.compress_init,
+                    "calib_images": min(a.calib_images, len(calib)), "compress_s": t.seconds,
+                    "params": sum(p.numel() for p in student.parameters()),
+                    "original_params": sum(p.numel() for p in self.base.parameters())}
+            if a.distill_epochs:
+                out = Path(a.work) / task.replace(":", "_") / "distill"
+                shutil.rmtree(out, ignore_errors=True)
+                dc = tt.DistillConfig(ce_weight=0.0, train=tt.TrainConfig(
+                    epochs=a.distill_epochs, lr=a.distill_lr, batch_size=a.batch_size,
+                    warmup_epochs=0.5, seed=CALIB_SEED, out_dir=str(out), resume=False,
+                    progress=False))
+                with Timer() as t:
+                    tt.distill(student, self.base, calib, dc)
+                info.update(distill_epochs=a.distill_epochs, distill_lr=a.distill_lr,
+                            distill_s=t.seconds)
+            log(f"compressed backbone for {task}: {info}")
+            self.compressed[task] = student
+            self.compressed_info[task] = info
+        return self.compressed[task]
+
     # ------------------------------------------------------------------ one run
     def run(self, task: str, variant: str, seed: int, lr: float) -> dict:
         key = f"{task}|{variant}|{seed}|{lr:g}"
@@ -237,7 +293,8 @@ class Study:
                             resume=False, progress=False, log_every=10)
         cfg = tt.FinetuneConfig(**variant_config(variant, a), train=tc)
         with Timer() as t:
-            r = tt.finetune(copy.deepcopy(self.base), train, cfg, eval_data=val)
+            r = tt.finetune(copy.deepcopy(self.base_for(task, variant)), train, cfg,
+                            eval_data=val)
         curve = [h["val_acc"] for h in r.history if "val_acc" in h]
         row = {"task": task, "variant": variant, "seed": seed, "lr": lr,
                "best_val_acc": r.best["val_acc"], "val_curve": curve, "train_wall_s": t.seconds,
@@ -292,7 +349,8 @@ class Study:
     def save(self, final: bool) -> None:
         md, groups, errors = self.report(final)
         data = {"args": {k: v for k, v in vars(self.a).items()}, "machine": self.info,
-                "runs": self.runs, "complete": final}
+                "runs": self.runs, "compressed_backbones": self.compressed_info,
+                "complete": final}
         write_results(f"quality_{self.a.tag}", md, data,
                       figure=(lambda p: plot_bars(groups, p, ylabel="test top-1 (%)",
                                                   title=f"{self.a.model} at {self.a.img_size}px"
@@ -328,6 +386,7 @@ class Study:
         diffs = []
         for t in tasks:
             for x, y in (("snella-r8", "lora-r8"), ("snella-r32", "lora-r32"),
+                         ("snella-r8@c2", "snella-r8"), ("lora-r8@c2", "lora-r8"),
                          ("snella-r8", "full"), ("snella-r32", "full"), ("snell-r8", "lora-r8")):
                 d = self.paired(t, x, y)
                 if d:
@@ -355,7 +414,7 @@ class Study:
               f"Preset `{a.preset}`: {a.epochs} epochs per run on `@train800`, batch "
               f"{a.batch_size}, AdamW (wd 1e-4), 0.5-epoch warm-up then cosine to 1e-6; sparsity "
               f"{a.sparsity} for snell / snella (snella: target of its schedule, fast recipe). "
-              f"lr grid of 2 values per method ({', '.join(f'{k}: {v[0]:g}, {v[1]:g}' for k, v in DEFAULT_LRS.items())})"
+              f"lr grid per method ({'; '.join(k + ': ' + ', '.join(f'{x:g}' for x in v) for k, v in self.grids.items())})"
               f", selected on `@val` ({a.lr_select}); each run keeps its best-val epoch; merged "
               f"and tested once on "
               + (f"{a.test_images} stratified test images" if a.test_images else
@@ -365,6 +424,16 @@ class Study:
               "## Paired differences (test points, per seed: same images, same seed)", "",
               md_table(["task", "difference", "mean", "std", "per seed", "n"], diffs)
               if diffs else "(not enough runs yet)", ""]
+        for t, info in self.compressed_info.items():
+            md += [f"`@c{info['ratio']:g}` variants on {t}: the backbone compressed by PELA "
+                   f"(ratio {info['ratio']:g}, init `{info['init']}` calibrated on "
+                   f"{info['calib_images']} unlabeled train images of a draw of its own, "
+                   f"{info['params'] / 1e6:.2f}M of {info['original_params'] / 1e6:.2f}M "
+                   "params, {:.0f} s)".format(info["compress_s"])
+                   + (f", then distilled from the original for {info['distill_epochs']} epochs "
+                      f"on those images at lr {info['distill_lr']:g} "
+                      f"({info['distill_s']:.0f} s)" if info.get("distill_epochs") else
+                      ", not distilled") + "; the same fine-tuning protocol as the rest.", ""]
         if abl_rows:
             md += [f"## SNELLA ablation ({tasks[0]}, r = 8, at snella-r8's selected lr)", "",
                    md_table(["variant", "test % mean", "std", "paired vs snella-r8", "n"],
@@ -402,6 +471,7 @@ def main(argv=None) -> int:
     log(f"backbone {a.model} at {a.img_size}px; tasks {a.task_list}; seeds {a.seed_list}")
     base = tt.create_backbone(a.model, num_classes=10, img_size=a.img_size)
     study = Study(a, base, info)
+    study.grids = grids
     # variants in the order given (put the question first: lora-r8,snella-r8,...); the
     # ablation runs once --ablation-after is done on every task (it needs snella-r8's lr), so a
     # run stopped by a time limit has the most important rows
