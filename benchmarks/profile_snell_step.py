@@ -31,10 +31,8 @@ import time
 from contextlib import contextmanager
 
 import torch
-from torch import nn
 
-from trimtune.models import create_backbone
-from trimtune.tasks import FinetuneConfig, prepare
+from trimtune.measure.train_step import build_train_step
 
 VARIANTS = {
     "lora": ("lora", {}, None),
@@ -62,37 +60,17 @@ def compile_setting(value: str | None):
 
 
 def build(name: str, args, device: torch.device):
+    """One synchronised training step of variant ``name`` (the benchmarks' step builder,
+    :func:`trimtune.measure.train_step.build_train_step`, under the variant's compile setting)."""
     method, kw, comp = VARIANTS[name]
-    torch.manual_seed(0)
-    m = create_backbone(args.model, num_classes=10, img_size=args.img_size,
-                        pretrained=not args.random_init)
-    m.to(device)
-    m, callbacks = prepare(m, FinetuneConfig(method=method, rank=args.rank, sparsity=0.7,
-                                             method_kwargs=kw), total_steps=100)
-    m.train()
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
-    x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
-    y = torch.randint(0, 10, (args.batch,), device=device)
-    loss_fn = nn.CrossEntropyLoss()
-    from types import SimpleNamespace
-    state = SimpleNamespace(model=m, step=0, total_steps=100, epoch=0, steps_per_epoch=100,
-                            accelerator=None, out_dir=None)
-    for cb in callbacks:
-        if hasattr(cb, "on_train_start"):
-            cb.on_train_start(state)
+    _, train_step = build_train_step(args.model, method=method, rank=args.rank,
+                                     batch_size=args.batch, img_size=args.img_size,
+                                     pretrained=not args.random_init, sparsity=0.7,
+                                     device=str(device), method_kwargs=kw)
 
     def step() -> None:
         with compile_setting(comp):
-            for cb in callbacks:
-                if hasattr(cb, "on_step_start"):
-                    cb.on_step_start(state)
-            loss_fn(m(x), y).backward()
-            opt.step()
-            state.step += 1
-            for cb in callbacks:  # the allocator reads the gradients (as fit does)
-                if hasattr(cb, "after_optimizer_step"):
-                    cb.after_optimizer_step(state)
-            opt.zero_grad(set_to_none=True)
+            train_step()
         if device.type == "cuda":
             torch.cuda.synchronize()
 

@@ -15,7 +15,8 @@ def build_train_step(model: str, *, method: str = "snella", rank: int = 8,
                      weights: str | None = None, pretrained: bool = True,
                      compress_ratio: float | None = None, sparsity: float = 0.7,
                      device: str | None = None, seed: int = 0,
-                     target_modules: str | list[str] | None = None):
+                     target_modules: str | list[str] | None = None,
+                     method_kwargs: dict | None = None):
     """Build ``(model, step_fn)`` for the memory / speed benchmarks: one AdamW training step
     of ``method`` on a random batch (what a real step allocates: activations kept for
     backward, gradients, optimizer state). Used by ``trimtune.measure.memory``.
@@ -23,7 +24,8 @@ def build_train_step(model: str, *, method: str = "snella", rank: int = 8,
     For SNELLA the step also runs what :func:`trimtune.train.fit` runs after every optimizer
     step: the allocator callback (importance EMA update and, with ``schedule_unit="step"``,
     the cross-layer reallocation), so its time and memory are part of the figure.
-    ``target_modules`` replaces the default targets (the one rule, every method)."""
+    ``target_modules`` replaces the default targets (the one rule, every method);
+    ``method_kwargs`` goes to ``FinetuneConfig.method_kwargs`` (e.g. SNELL's dropout)."""
     from ..models import create_backbone
     from ..runs import load_model
     from ..tasks import FinetuneConfig, prepare
@@ -40,7 +42,9 @@ def build_train_step(model: str, *, method: str = "snella", rank: int = 8,
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     m.to(dev)
     m, callbacks = prepare(m, FinetuneConfig(method=method, rank=rank, sparsity=sparsity,
-                                             target_modules=target_modules), total_steps=100)
+                                             target_modules=target_modules,
+                                             method_kwargs=dict(method_kwargs or {})),
+                           total_steps=100)
     m.train()
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
