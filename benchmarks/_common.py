@@ -160,6 +160,41 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
+def params_m(model: Any) -> float:
+    """Parameters of ``model`` in millions."""
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def load_eval_sets(model: Any, specs: dict[str, tuple[str, str, str, str]],
+                   test_images: int = 0, seed: int = 0) -> dict[str, tuple[Any, Any]]:
+    """``{name: (train set, test set)}`` read with ``model``'s evaluation transform.
+
+    Args:
+        specs: ``{name: (train spec, train split, test spec, test split)}``.
+        test_images: cap each test set (stratified, seeded); 0 = the whole test set.
+    """
+    import trimtune as tt
+    from trimtune.data import stratified_choice
+
+    tf = tt.build_transform(model, train=False)
+    sets = {}
+    for name, (trs, trsplit, tes, tesplit) in specs.items():
+        te = tt.load_dataset(tes, tesplit, transform=tf, seed=seed)
+        if test_images and test_images < len(te):
+            te = te.subset(stratified_choice(te.targets, test_images, seed))
+        sets[name] = (tt.load_dataset(trs, trsplit, transform=tf, seed=seed), te)
+    return sets
+
+
+def finish(stem: str, lines: Sequence[str], info: dict[str, Any], data: dict[str, Any]) -> int:
+    """End a benchmark: its report ``lines`` + a Machine section written to ``stem``.md and
+    ``{"machine": info, **data}`` to ``stem``.json (results folder), the report printed; 0."""
+    md = "\n".join([*lines, "", "## Machine", "", machine_markdown(info), ""])
+    write_results(stem, md, {"machine": info, **data})
+    print(md)
+    return 0
+
+
 def log(msg: str) -> None:
     """Timestamped progress line on stdout, flushed (benchmarks run under nohup)."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)

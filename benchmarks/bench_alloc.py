@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Timer, log, machine_info, machine_markdown, md_table, write_results  # noqa: E402
+from _common import Timer, finish, log, machine_info, md_table  # noqa: E402
 from bench_train import FACTOR_TARGETS  # noqa: E402
 
 import trimtune as tt  # noqa: E402
@@ -89,12 +89,8 @@ def main(argv=None) -> int:
           "sparsities. zeroed: sparsity > 0.99 (the allocator keeps one entry); dense: < 0.01.",
           "", md_table(["run", "units", "zeroed", "dense", "min", "median", "max", "stdev"],
                        rows), "",
-          "A short run on 2 CPU cores shared with other engineers' jobs.", "",
-          "## Machine", "", machine_markdown(info), ""]
-    write_results(f"alloc_{a.tag}", "\n".join(md), {"args": vars(a), "machine": info,
-                                                    "runs": runs})
-    print("\n".join(md))
-    return 0
+          "A short run on 2 CPU cores shared with other engineers' jobs."]
+    return finish(f"alloc_{a.tag}", md, info, {"args": vars(a), "runs": runs})
 
 
 if __name__ == "__main__":

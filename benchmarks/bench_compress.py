@@ -80,12 +80,18 @@ def main(argv=None) -> int:
                     help="time each compression this often; the best run is reported (the one "
                          "other jobs on a shared machine disturbed least)")
     ap.add_argument("--out", type=Path, default=OUT / "compress_cpu")
+    ap.add_argument("--stages", action="store_true",
+                    help="only time compression at c = 2 and where its time goes (decompositions"
+                         " / factors + module building / forward-path probe), the randomized "
+                         "option and its error vs exact; writes <out>_stages.md")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     started = time.time()
 
     base = timm.create_model(a.model, pretrained=False).eval()
+    if a.stages:
+        return stages(a, base)
     size = base.pretrained_cfg["input_size"]
     models = {"original": base}
     compress_s, compress_cpu_s = {}, {}
@@ -156,6 +162,67 @@ def main(argv=None) -> int:
     write_md(a.out.with_suffix(".md"), meta, rows, shares, a.batches, prof_b)
     write_png(a.out.with_suffix(".png"), rows, a.batches)
     print(a.out.with_suffix(".md").read_text())
+    return 0
+
+
+def _best(fn, reps: int) -> tuple[float, float, object]:
+    """Best wall and CPU seconds of ``reps`` calls of ``fn`` (and its last result)."""
+    walls, cpus = [], []
+    for _ in range(reps):
+        t, p = time.perf_counter(), time.process_time()
+        out = fn()
+        walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - p)
+    return min(walls), min(cpus), out
+
+
+def stages(a, base: torch.nn.Module) -> int:
+    """Compression time at c = 2 split into stages, and svd='randomized' against exact."""
+    from trimtune.lowrank import factorised_layers, select_layers
+    from trimtune.lowrank.layers import gram_eigh_many
+
+    chosen, _ = select_layers(base)
+    weights = [m.weight for m in chosen.values()]
+    load_before = os.getloadavg()[0]
+    rows = []
+    dec = _best(lambda: gram_eigh_many(weights), a.compress_reps)
+    noprobe = _best(lambda: compress(base, ratio=2.0, probe=False), a.compress_reps)
+    full = _best(lambda: compress(base, ratio=2.0), a.compress_reps)
+    rnd = _best(lambda: compress(base, ratio=2.0, svd="randomized", probe=False),
+                a.compress_reps)
+    rows += [["Gram matrices + eigh (gram_eigh_many)", dec[0], dec[1]],
+             ["factors + module building + copy", noprobe[0] - dec[0], noprobe[1] - dec[1]],
+             ["forward-path probe (one forward / backward)", full[0] - noprobe[0],
+              full[1] - noprobe[1]],
+             ["**compress(ratio=2), total**", full[0], full[1]],
+             ["compress(ratio=2, svd='randomized', probe=False)", rnd[0], rnd[1]]]
+    # the randomized factors' weight error relative to the exact (Eckart-Young) one
+    exact, approx = factorised_layers(noprobe[2]), factorised_layers(rnd[2])
+    excess = []
+    for name, lin in chosen.items():
+        w = lin.weight.detach().double()
+        e_exact = float((exact[name].weight_product.double() - w).norm())
+        e_rnd = float((approx[name].weight_product.double() - w).norm())
+        excess.append(e_rnd / e_exact - 1)
+    load_after = os.getloadavg()[0]
+    md = [f"# Compression time at c = 2, by stage: {a.model}", "",
+          f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+          f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
+          f"- machine: {cpu_name()}, {os.cpu_count()} cores visible, torch threads {a.threads}"
+          f"; torch {torch.__version__}; random init (time does not depend on the values)",
+          f"- best of {a.compress_reps} runs each; 1-minute load average {load_before:.1f} "
+          f"before, {load_after:.1f} after. The 2 cores were shared with other engineers' jobs:"
+          " wall times are upper bounds; CPU (s) is the process's CPU time (both threads).", "",
+          "| stage | wall (s) | CPU (s) |", "|---|---|---|"]
+    md += [f"| {n} | {w:.2f} | {c:.2f} |" for n, w, c in rows]
+    md += ["", f"svd='randomized' (torch.svd_lowrank, rank + 10 columns, 4 power iterations) "
+               f"vs exact: weight error ||W - W_r||_F above Eckart-Young's by "
+               f"{100 * statistics.median(excess):.2f}% (median over {len(excess)} layers, "
+               f"max {100 * max(excess):.2f}%)."]
+    path = a.out.with_name(a.out.name + "_stages.md")
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(md) + "\n")
+    print("\n".join(md))
     return 0
 
 

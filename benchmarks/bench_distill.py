@@ -38,8 +38,8 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS, Timer, log, machine_info, machine_markdown, md_table,  # noqa: E402
-                     write_results)
+from _common import (RESULTS, Timer, load_eval_sets, log, machine_info,  # noqa: E402
+                     machine_markdown, md_table, params_m, write_results)
 
 import trimtune as tt  # noqa: E402
 from trimtune.checkpoint import read_safetensors, write_safetensors  # noqa: E402
@@ -145,7 +145,7 @@ def evaluate(label: str, model, sets: dict, a, work: Path) -> dict:
     """kNN and probe accuracy of ``model`` on every eval set; features cached in ``work``."""
     out = {}
     for name, (tr, te) in sets.items():
-        cache = work / f"feats_{label}_{name.replace(' ', '_')}.safetensors"
+        cache = work / f"feats_{label}_{name.replace(' ', '_')}_{len(tr)}_{len(te)}.safetensors"
         if cache.is_file():
             f = read_safetensors(cache)
             xtr, ytr, xte, yte = (f[k].numpy() for k in ("xtr", "ytr", "xte", "yte"))
@@ -164,6 +164,16 @@ def evaluate(label: str, model, sets: dict, a, work: Path) -> dict:
                      "n_train": len(ytr), "n_test": len(yte)}
         log(f"  {label} / {name}: kNN {out[name]['knn']:.4f}  probe {out[name]['probe']:.4f}")
     return out
+
+
+def record(results: dict, timings: dict, key: str, label: str, model, sets: dict, a,
+           work: Path, **extra) -> None:
+    """:func:`evaluate` ``model`` (features cached as ``label``) into ``results[key]`` with
+    its parameter count and ``extra`` fields; the wall time into ``timings``."""
+    with Timer() as t:
+        results[key] = {"params_M": params_m(model), **extra,
+                        "acc": evaluate(label, model, sets, a, work)}
+    timings[f"eval {key}"] = t.seconds
 
 
 def report(a, info: dict, results: dict, timings: dict, distill_log: dict | None) -> tuple:
@@ -245,20 +255,8 @@ def main(argv=None) -> int:
     log(f"teacher {a.model} at {a.img_size}px")
     teacher = tt.create_backbone(a.model, num_classes=10, img_size=a.img_size)
     tf = tt.build_transform(teacher, train=False)
-    sets = {}
-    for name, (trs, trsplit, tes, tesplit) in EVAL_SETS.items():
-        te = tt.load_dataset(tes, tesplit, transform=tf, seed=a.seed)
-        if a.test_images and a.test_images < len(te):
-            te = te.subset(stratified_choice(te.targets, a.test_images, a.seed))
-        sets[name] = (tt.load_dataset(trs, trsplit, transform=tf, seed=a.seed), te)
-
-    def params_m(m) -> float:
-        return sum(p.numel() for p in m.parameters()) / 1e6
-
-    with Timer() as t:
-        results["original"] = {"params_M": params_m(teacher),
-                               "acc": evaluate("original", teacher, sets, a, work)}
-    timings["eval original"] = t.seconds
+    sets = load_eval_sets(teacher, EVAL_SETS, a.test_images, a.seed)
+    record(results, timings, "original", "original", teacher, sets, a, work)
     save_partial()
 
     with Timer() as t:
@@ -266,10 +264,7 @@ def main(argv=None) -> int:
     timings["compress"] = t.seconds
     log(f"compressed c={a.ratio}: {params_m(teacher):.2f}M -> {params_m(student):.2f}M params "
         f"in {t.seconds:.1f}s")
-    with Timer() as t:
-        results["svd"] = {"params_M": params_m(student),
-                          "acc": evaluate("svd", student, sets, a, work)}
-    timings["eval svd"] = t.seconds
+    record(results, timings, "svd", "svd", student, sets, a, work)
     save_partial()
 
     dstudent = copy.deepcopy(student)
@@ -302,10 +297,7 @@ def main(argv=None) -> int:
                        if isinstance(v, (int, float))}
         log(f"distilled in {t.seconds:.0f}s: {distill_log}")
         tt.save_model(dstudent, ckpt / tag)
-    with Timer() as t:
-        results["svd+distill"] = {"params_M": params_m(dstudent),
-                                  "acc": evaluate(f"distill_{tag}", dstudent, sets, a, work)}
-    timings["eval svd+distill"] = t.seconds
+    record(results, timings, "svd+distill", f"distill_{tag}", dstudent, sets, a, work)
     save_partial(final=True)
     md, _ = report(a, info, results, timings, distill_log)
     print("\n" + md)

@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS, Timer, log, machine_info, machine_markdown, md_table,  # noqa: E402
-                     write_results)
-from bench_distill import EVAL_SETS, evaluate  # noqa: E402  (same protocol and helpers)
+from _common import (RESULTS, Timer, load_eval_sets, log, machine_info,  # noqa: E402
+                     machine_markdown, md_table, write_results)
+from bench_distill import EVAL_SETS, record  # noqa: E402  (same protocol and helpers)
 
 import trimtune as tt  # noqa: E402
 from trimtune.data import stratified_choice  # noqa: E402
@@ -169,22 +169,8 @@ def main(argv=None) -> int:
         write_results(f"init_{a.tag}", md, data, figure=fig)
 
     teacher = tt.create_backbone(a.model, num_classes=10, img_size=a.img_size).eval()
-    tf = tt.build_transform(teacher, train=False)
-    sets = {}
-    for name in a.sets:
-        trs, trsplit, tes, tesplit = EVAL_SETS[name]
-        te = tt.load_dataset(tes, tesplit, transform=tf, seed=a.seed)
-        if a.test_images and a.test_images < len(te):
-            te = te.subset(stratified_choice(te.targets, a.test_images, a.seed))
-        sets[name] = (tt.load_dataset(trs, trsplit, transform=tf, seed=a.seed), te)
-
-    def params_m(m) -> float:
-        return sum(p.numel() for p in m.parameters()) / 1e6
-
-    with Timer() as t:
-        results["original"] = {"params_M": params_m(teacher),
-                               "acc": evaluate("original", teacher, sets, a, work)}
-    timings["eval original"] = t.seconds
+    sets = load_eval_sets(teacher, {n: EVAL_SETS[n] for n in a.sets}, a.test_images, a.seed)
+    record(results, timings, "original", "original", teacher, sets, a, work)
     save()
     for init in a.inits:
         kw = {} if init == "svd" else dict(calib=a.calib, calib_images=a.calib_images)
@@ -192,12 +178,8 @@ def main(argv=None) -> int:
             student = tt.compress(teacher, ratio=a.ratio, init=init, **kw)
         timings[f"compress {init}"] = t.seconds
         log(f"{init}: compressed in {t.seconds:.1f}s ({student.trimtune_lowrank['init']})")
-        with Timer() as t:
-            results[init] = {"params_M": params_m(student),
-                             "init": student.trimtune_lowrank["init"],
-                             "acc": evaluate(f"{init}_c{a.ratio}_n{a.calib_images}", student,
-                                             sets, a, work)}
-        timings[f"eval {init}"] = t.seconds
+        record(results, timings, init, f"{init}_c{a.ratio}_n{a.calib_images}", student, sets,
+               a, work, init=student.trimtune_lowrank["init"])
         save()
     save(final=True)
     md, _ = report(a, info, results, timings)

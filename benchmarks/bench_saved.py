@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import log, machine_info, machine_markdown, md_table, write_results  # noqa: E402
+from _common import finish, log, machine_info, md_table  # noqa: E402
 from bench_train import MB, build_kwargs  # noqa: E402
 
 from trimtune.measure.train_step import build_train_step  # noqa: E402
@@ -94,12 +94,8 @@ def main(argv=None) -> int:
           "RSS). `snella@c2`: SNELLA on the c = 2 model with the default targets (one update "
           "per factorised layer, on `.second`); `:first` / `:both`: on `.first` / on both.", "",
           md_table(["method", "batch", "adapted layers", "trainable (k)", "saved (MB)",
-                    "state (MB)", "saved + state (MB)", "x lora"], rows), "",
-          "## Machine", "", machine_markdown(info), ""]
-    write_results(f"saved_{a.tag}", "\n".join(md), {"args": vars(a), "machine": info,
-                                                    "rows": data})
-    print("\n".join(md))
-    return 0
+                    "state (MB)", "saved + state (MB)", "x lora"], rows)]
+    return finish(f"saved_{a.tag}", md, info, {"args": vars(a), "rows": data})
 
 
 if __name__ == "__main__":

@@ -96,3 +96,30 @@ def test_tiny_run_writes_reports(bench, tmp_path):
     assert all(r["peak_bytes"] > 0 and r["step_s"] > 0 for r in data["rows"].values())
     md = (tmp_path / "memory_t.md").read_text()
     assert "| lora |" in md and "command:" in md
+
+
+def test_common_eval_sets_record_and_finish(tmp_path, monkeypatch):
+    """The helpers bench_distill / bench_init / bench_alloc / bench_saved share: eval sets
+    read with the model's transform (test set capped, stratified), one recorded evaluation
+    (features cached under a name that includes the set sizes) and the report writer."""
+    import argparse
+
+    import timm
+
+    common, distill = _load("_common"), _load("bench_distill")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0,
+                              img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)
+    sets = common.load_eval_sets(model, {"digits": distill.EVAL_SETS["digits"]},
+                                 test_images=40, seed=0)
+    tr, te = sets["digits"]
+    assert len(te) == 40 and len(tr) > 1000 and tuple(te[0][0].shape) == (3, 32, 32)
+    results, timings = {}, {}
+    a = argparse.Namespace(device="cpu", knn_k=3, seed=0)
+    distill.record(results, timings, "tiny", "tiny", model, sets, a, tmp_path, note=1)
+    assert results["tiny"]["note"] == 1 and "eval tiny" in timings
+    assert 0 <= results["tiny"]["acc"]["digits"]["knn"] <= 1
+    assert list(tmp_path.glob(f"feats_tiny_digits_{len(tr)}_40.safetensors"))
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    assert common.finish("x_test", ["# title"], {"cpu": "c"}, {"rows": [1]}) == 0
+    assert "## Machine" in (tmp_path / "x_test.md").read_text()
+    assert json.loads((tmp_path / "x_test.json").read_text())["machine"]["cpu"] == "c"

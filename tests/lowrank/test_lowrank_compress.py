@@ -11,6 +11,7 @@ from torch import nn
 from trimtune.errors import TrimtuneError
 from trimtune.lowrank import (LowRankLinear, compress, factorised_layers, is_compressed,
                               rank_for)
+from trimtune.lowrank.layers import gram, gram_eigh, gram_eigh_many
 
 FULL = dict(rank=10**6, keep_dense_if_no_saving=False)  # rank clamped to min(in, out)
 
@@ -267,9 +268,11 @@ def test_float32_gram_within_eckart_young_bound(shape):
 
 
 @torch.no_grad()
-def test_batched_groups_equal_per_layer_and_share_no_storage(vit):
-    """compress() decomposes same-shape layers in one batched call: the factors are those of
-    a per-layer decomposition; the copy holds new tensors only (the original is untouched)."""
+def test_parallel_decompositions_equal_per_layer_and_share_no_storage(vit):
+    """compress() decomposes the layers side by side on worker threads: the factors are those
+    of a per-layer decomposition; the copy holds new tensors only (the original is
+    untouched); the caller's torch thread count is restored."""
+    threads = torch.get_num_threads()
     lr = compress(vit, rank=9)
     orig = dict(vit.named_modules())
     for name, m in factorised_layers(lr).items():
@@ -278,3 +281,23 @@ def test_batched_groups_equal_per_layer_and_share_no_storage(vit):
     ptrs = {p.data_ptr() for p in vit.parameters()}
     assert not any(p.data_ptr() in ptrs for p in lr.parameters())
     assert not is_compressed(vit) and isinstance(vit.blocks[0].attn.qkv, nn.Linear)
+    assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@torch.no_grad()
+def test_gram_lower_triangle_and_workers_agree(dtype):
+    """The CPU Gram matrix (BLAS syrk: lower triangle only) matches the full product there,
+    for tall and wide weights; 1, 2 and 3 workers give the same decompositions, in order."""
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(*shape, generator=g, dtype=dtype) for shape in
+          ((48, 16), (16, 40), (24, 24), (48, 16), (40, 16))]
+    for w in ws:
+        full = w.mT @ w if w.shape[0] >= w.shape[1] else w @ w.mT
+        torch.testing.assert_close(gram(w, dtype).tril(), full.tril())
+    ref = [gram_eigh(w, dtype) for w in ws]
+    for workers in (1, 2, 3):
+        got = gram_eigh_many(ws, dtype, workers=workers)
+        for (s, v), (s_ref, v_ref) in zip(got, ref):
+            torch.testing.assert_close(s, s_ref)
+            torch.testing.assert_close(v.abs(), v_ref.abs())  # eigenvector signs are free

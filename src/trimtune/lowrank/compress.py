@@ -33,7 +33,6 @@ import copy
 import math
 import re
 import warnings
-from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -43,8 +42,8 @@ from torch import nn
 from ..errors import TrimtuneError
 from ..models import arch_of
 from ..models.probe import Probe, check_forward_path, route_through_modules
-from .layers import (LowRankLinear, activation_scale, gram_eigh, svd_from_gram, truncated_svd,
-                     weighted_target, whitening_factor)
+from .layers import (LowRankLinear, activation_scale, gram_eigh_many, svd_from_gram,
+                     truncated_svd, weighted_target, whitening_factor)
 
 DEFAULT_SKIP: tuple[str, ...] = ("norm", "head", "patch_embed", "downsample")
 MIN_OUT_FEATURES = 10
@@ -227,8 +226,9 @@ def compress(
             False skips the check.
 
     Returns:
-        the compressed model (``model.trimtune_lowrank`` records ``ranks``, ``policy``, ``skip``,
-        ``energy`` (kept fraction per layer), ``kept_dense`` and ``init`` (method and calibration); ``model.trimtune_arch`` is kept;
+        the compressed model (``model.trimtune_lowrank`` records ``ranks``, ``policy``,
+        ``skip``, ``energy`` (kept fraction per layer), ``kept_dense`` and ``init`` (method and
+        calibration); ``model.trimtune_arch`` is kept;
         ``model.trimtune_spectra`` holds the singular values for :func:`plot_spectra`), or
         ``(model, spectra)`` when ``return_spectra``.
     """
@@ -286,17 +286,10 @@ def compress(
             target = weighted_target(lin.weight, right)
         plan[name] = {"rank": r, "method": method, "target": target}
 
-    # 2. one batched eigen-decomposition per group of same-shape layers (the gram method)
-    eig: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    groups: dict[tuple, list[str]] = defaultdict(list)
-    for name, p in plan.items():
-        t = p["target"]
-        if p["method"] == "gram" and not t.is_meta:
-            groups[(tuple(t.shape), t.device)].append(name)
-    for names in groups.values():
-        s_all, vec_all = gram_eigh(torch.stack([plan[n]["target"].detach() for n in names]),
-                                   sdtype)
-        eig.update({n: (s_all[i], vec_all[i]) for i, n in enumerate(names)})
+    # 2. the eigen-decompositions of the gram-method layers, side by side (gram_eigh_many)
+    todo = [n for n, p in plan.items() if p["method"] == "gram" and not p["target"].is_meta]
+    eig: dict[str, tuple[torch.Tensor, torch.Tensor]] = dict(
+        zip(todo, gram_eigh_many([plan[n]["target"] for n in todo], sdtype)))
 
     # 3. per layer: the rank (from the spectrum for the energy policy) and the factors
     ranks: dict[str, int] = {}
