@@ -32,6 +32,10 @@ import trimtune as tt  # noqa: E402
 from trimtune.tuners import iter_units  # noqa: E402
 
 
+CONFIGS = {"original": "original", "c2": "c=2, one factor (.second)",
+           "c2-both": "c=2, both factors"}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="dinov2_small.imgfocus")
@@ -42,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--sparsity", type=float, default=0.5, help="SNELLA target sparsity")
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                    help="models / targets to run (each with mean and size-aware scores)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="runs/bench_alloc", help="run folders")
@@ -63,9 +69,10 @@ def main(argv=None) -> int:
     base = tt.create_backbone(a.model, num_classes=10, img_size=a.img_size)
     comp = tt.compress(base, ratio=2.0)
     runs = {}
-    for model_name, model, targets in (("original", base, None),
-                                       ("c=2, one factor (.second)", comp, None),
-                                       ("c=2, both factors", comp, FACTOR_TARGETS["both"])):
+    models = {"original": (base, None), "c2": (comp, None),
+              "c2-both": (comp, FACTOR_TARGETS["both"])}
+    for key in a.configs:
+        (model, targets), model_name = models[key], CONFIGS[key]
         for size_aware in (False, True):
             label = f"{model_name}, {'size-aware' if size_aware else 'mean'} scores"
             kw = {"size_aware": size_aware}

@@ -28,9 +28,23 @@ def test_quickstart_tests_on_the_data_own_test_split(tmp_path, capsys):
     assert code == 0, err[-2000:]
     summary = (tmp_path / "qs" / "summary.md").read_text()
     assert "images of digits:40@test" in summary and "fashion" not in summary.lower()
+    assert "## What the join gains" in summary and "fewer parameters" in summary
     args = read_json(tmp_path / "qs" / "summary.json")["args"]
     assert args["test_data"] is None  # the default follows --data
 
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2 and "already holds a quickstart" in err and "--overwrite" in err
+
+
+def test_join_gains_sentence():
+    from trimtune.quickstart import join_gains
+
+    row = dict(params_M=20.0, gflops=4.0, latency_ms=10.0, train_mem_MB=600.0, test_top1=0.8)
+    table = [{"configuration": "original + snella", **row},
+             {"configuration": "compressed + snella", **row, "params_M": 10.0, "gflops": 2.0,
+              "latency_ms": 6.25, "train_mem_MB": 480.0, "test_top1": 0.79}]
+    text = join_gains(table)
+    assert "2.00x fewer parameters" in text and "1.60x the CPU inference speed" in text
+    assert "0.80x the training memory (600 -> 480 MB; less)" in text and "-1.00 points" in text
+    assert join_gains(table[:1]) == ""

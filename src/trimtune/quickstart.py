@@ -107,8 +107,11 @@ def quickstart(a: argparse.Namespace) -> dict:
     rows["original + linear probe"] = {"model": lp, "acc": evaluate_model(lp, test_ds).top1,
                                        "method": "linear"}
 
-    stage(f"2/5 compress (PELA, c = {a.ratio})")
-    student = compress(teacher, ratio=a.ratio)
+    init = getattr(a, "init", "svd")
+    stage(f"2/5 compress (PELA, c = {a.ratio}, init {init})")
+    calib = {} if init == "svd" else dict(init=init, calib=a.distill_data,
+                                          calib_images=a.calib_images)
+    student = compress(teacher, ratio=a.ratio, **calib)
 
     stage(f"3/5 distill {a.distill_images} unlabeled images x {a.distill_epochs} epoch(s)")
     dname, dsplit = split_spec(a.distill_data, "train")
@@ -198,8 +201,33 @@ def _markdown(table: list[dict], a, elapsed: float, n_test: int, test_spec: str)
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Test set: {n_test} images of {test_spec}. Fine-tuning: SNELLA r={a.rank}, "
               f"target sparsity {a.sparsity}, {a.epochs} epochs, lr {a.lr}, batch "
-              f"{a.batch_size}. Distillation: {a.distill_images} unlabeled images x "
+              f"{a.batch_size}. Compression: c = {a.ratio}, factor init "
+              f"{getattr(a, 'init', 'svd')}. Distillation: {a.distill_images} unlabeled images x "
               f"{a.distill_epochs} epoch(s). Training memory: peak RSS increase of one "
               f"training step at batch {a.batch_size} in a fresh process (CPU). "
               f"Total time {elapsed / 60:.1f} min on {torch.get_num_threads()} threads.", ""]
+    gains = join_gains(table)
+    if gains:
+        lines += ["## What the join gains", "", gains, ""]
     return "\n".join(lines)
+
+
+def join_gains(table: list[dict]) -> str:
+    """One paragraph: compressed + snella against original + snella, from the summary rows
+    (params, FLOPs, latency, training memory when measured, test top-1); "" without both."""
+    rows = {r["configuration"]: r for r in table}
+    o, c = rows.get("original + snella"), rows.get("compressed + snella")
+    if o is None or c is None:
+        return ""
+    parts = [f"{o['params_M'] / c['params_M']:.2f}x fewer parameters "
+             f"({o['params_M']:.2f}M -> {c['params_M']:.2f}M)",
+             f"{o['gflops'] / c['gflops']:.2f}x fewer FLOPs",
+             f"{o['latency_ms'] / c['latency_ms']:.2f}x the CPU inference speed (batch 1)"]
+    if "train_mem_MB" in o and "train_mem_MB" in c:
+        ratio = c["train_mem_MB"] / o["train_mem_MB"]
+        parts.append(f"{ratio:.2f}x the training memory ({o['train_mem_MB']:.0f} -> "
+                     f"{c['train_mem_MB']:.0f} MB; {'less' if ratio < 1 else 'MORE'})")
+    diff = 100 * (c["test_top1"] - o["test_top1"])
+    return ("Compressed + SNELLA against original + SNELLA (same data, budget and seed): "
+            + ", ".join(parts) + f", at {diff:+.2f} points of test top-1 "
+            f"({100 * o['test_top1']:.2f}% -> {100 * c['test_top1']:.2f}%; one seed).")
