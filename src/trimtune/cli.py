@@ -76,9 +76,11 @@ def _add_quickstart_args(p: argparse.ArgumentParser) -> None:
                    help="how many distillation images (default 2048)")
     p.add_argument("--distill-epochs", type=int, default=1, help="distillation epochs")
     p.add_argument("--ratio", type=float, default=2.0, help="PELA compression ratio c")
-    p.add_argument("--init", choices=["svd", "whiten", "asvd"], default="svd",
-                   help="factor init of the compression: svd (PELA), whiten (SVD-LLM) or asvd, "
-                        "the last two calibrated on --calib-images of --distill-data")
+    p.add_argument("--init", choices=["svd", "whiten", "asvd"], default="whiten",
+                   help="factor init of the compression: whiten (SVD-LLM; default: measured "
+                        "to cut plain SVD's kNN / probe loss >10x, results/init_cpu.md), svd "
+                        "(PELA) or asvd; whiten / asvd calibrate on --calib-images of "
+                        "--distill-data")
     p.add_argument("--calib-images", type=int, default=256,
                    help="calibration images for --init whiten / asvd (default 256)")
     p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs (default 2)")

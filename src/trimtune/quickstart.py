@@ -107,7 +107,7 @@ def quickstart(a: argparse.Namespace) -> dict:
     rows["original + linear probe"] = {"model": lp, "acc": evaluate_model(lp, test_ds).top1,
                                        "method": "linear"}
 
-    init = getattr(a, "init", "svd")
+    init = getattr(a, "init", "whiten")
     stage(f"2/5 compress (PELA, c = {a.ratio}, init {init})")
     calib = {} if init == "svd" else dict(init=init, calib=a.distill_data,
                                           calib_images=a.calib_images)
@@ -202,7 +202,7 @@ def _markdown(table: list[dict], a, elapsed: float, n_test: int, test_spec: str)
     lines += ["", f"Test set: {n_test} images of {test_spec}. Fine-tuning: SNELLA r={a.rank}, "
               f"target sparsity {a.sparsity}, {a.epochs} epochs, lr {a.lr}, batch "
               f"{a.batch_size}. Compression: c = {a.ratio}, factor init "
-              f"{getattr(a, 'init', 'svd')}. Distillation: {a.distill_images} unlabeled images x "
+              f"{getattr(a, 'init', 'whiten')}. Distillation: {a.distill_images} unlabeled images x "
               f"{a.distill_epochs} epoch(s). Training memory: peak RSS increase of one "
               f"training step at batch {a.batch_size} in a fresh process (CPU). "
               f"Total time {elapsed / 60:.1f} min on {torch.get_num_threads()} threads.", ""]
