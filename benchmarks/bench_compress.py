@@ -201,8 +201,8 @@ def stages(a, base: torch.nn.Module) -> int:
     excess = []
     for name, lin in chosen.items():
         w = lin.weight.detach().double()
-        e_exact = float((exact[name].weight_product.double() - w).norm())
-        e_rnd = float((approx[name].weight_product.double() - w).norm())
+        e_exact = float((exact[name].weight_product.detach().double() - w).norm())
+        e_rnd = float((approx[name].weight_product.detach().double() - w).norm())
         excess.append(e_rnd / e_exact - 1)
     load_after = os.getloadavg()[0]
     md = [f"# Compression time at c = 2, by stage: {a.model}", "",
