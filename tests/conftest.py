@@ -41,3 +41,38 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ---- tiny random Hugging Face transformers models (configs only: nothing is downloaded) ----
+HF_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+
+
+def hf_vit(num_labels: int = 5):
+    from transformers import ViTConfig, ViTForImageClassification
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, num_labels=num_labels,
+                                               **HF_TINY))
+
+
+def hf_clip_vision():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    torch.manual_seed(0)
+    return CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, **HF_TINY))
+
+
+def hf_bert():
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=100, **HF_TINY))
+
+
+def hf_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=100, num_key_value_heads=1, **HF_TINY))
+
+
+def hf_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=100, num_key_value_heads=1, **HF_TINY))

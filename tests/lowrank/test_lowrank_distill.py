@@ -134,3 +134,105 @@ def test_bad_settings_are_clear_errors():
     with pytest.raises(TrimtuneError, match="no factorised layer"):
         set_trainable(teacher_vit(), "factors")
     assert isinstance(factorised_layers(compress(teacher))["blocks.0.mlp.fc1"], LowRankLinear)
+
+
+# ---- transformers models: features through output_hidden_states ----------------------------
+def hf_vit_classifier():
+    from transformers import ViTConfig, ViTForImageClassification
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, num_labels=5, initializer_range=0.2)).eval()  # not tiny features
+
+
+def hf_bert():
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3,
+                                num_attention_heads=2, intermediate_size=64)).eval()
+
+
+def text_batch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 50, (3, 7), generator=g)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, 4:] = 0  # padded
+    mask[2, 2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_transformers_vit_full_rank_student_matches_and_low_rank_learns(x):
+    teacher = hf_vit_classifier()
+    student = compress(teacher, rank=32, exclude=["classifier"],
+                       keep_dense_if_no_saving=False).eval()
+    assert len(factorised_layers(student)) == 12
+    obj = DistillObjective(teacher, final_weight=1.0, logits_weight=1.0, ce_weight=1.0,
+                           reg_weight=1.0)
+    loss, logs = obj(student, x)  # a plain tensor is the model's pixel_values
+    assert set(logs) == {"block", "final", "logits", "reg"} and loss.item() < 1e-6, logs
+    _, logs = obj(student, (x, torch.tensor([0, 1, -1, 2])))
+    assert "ce" in logs
+    # a real compression: non-zero, and a few steps on the factors bring the features closer
+    student = compress(teacher, ratio=2.0)
+    set_trainable(student, "factors")
+    obj = DistillObjective(teacher, ce_weight=0.0)
+    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-2)
+    first = None
+    for _ in range(15):
+        loss, _ = obj(student, x)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 0.1 and obj(student, x)[0].item() < 0.5 * first
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_transformers_bert_blocks_and_padding_left_out():
+    teacher = hf_bert()
+    student = compress(teacher, ratio=2.0).eval()
+    batch = text_batch()
+    calls = []
+    student.encoder.layer[0].register_forward_hook(lambda *a: calls.append(1))
+    loss, logs = DistillObjective(teacher, blocks=2, final_weight=1.0)(student, batch)
+    assert calls == [1]  # one student forward
+    keep = batch["attention_mask"].bool()
+    with torch.no_grad():
+        t = teacher(**batch, output_hidden_states=True).hidden_states[1:]
+        s = student(**batch, output_hidden_states=True)
+    want = torch.stack([((a - b)[keep] ** 2).mean() for a, b in zip(s.hidden_states[-2:], t[-2:])])
+    torch.testing.assert_close(logs["block"], want.mean())  # last 2 blocks, real tokens only
+    t_last = teacher(**batch).last_hidden_state
+    torch.testing.assert_close(logs["final"],
+                               ((s.last_hidden_state - t_last)[keep] ** 2).mean())
+    # padded positions do not count: changing their ids leaves the loss as it was
+    batch2 = dict(batch, input_ids=batch["input_ids"].masked_fill(~keep, 3))
+    _, logs2 = DistillObjective(teacher, blocks=2, final_weight=1.0)(student, batch2)
+    torch.testing.assert_close(logs2["block"], logs["block"])
+
+
+def test_transformers_without_head_or_mixed_libraries_are_clear_errors(x):
+    teacher = hf_bert()
+    student = compress(teacher, ratio=2.0)
+    batch = dict(text_batch(), labels=torch.tensor([0, 1, 1]))
+    with pytest.raises(TrimtuneError, match="no logits .*ce_weight=0"):
+        DistillObjective(teacher)(student, batch)
+    assert "ce" not in DistillObjective(teacher)(student, text_batch())[1]  # no labels: fine
+    with pytest.raises(TrimtuneError, match="different libraries"):
+        DistillObjective(teacher_vit())(student, text_batch())
+
+
+def test_fit_distils_a_transformers_student_from_dict_batches(tmp_path):
+    teacher = hf_bert()
+    student = compress(teacher, ratio=2.0)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 50, (8, 6), generator=g)
+    data = [{"input_ids": ids[i], "attention_mask": torch.ones(6, dtype=torch.long)}
+            for i in range(8)]
+    cfg = DistillConfig(train=TrainConfig(epochs=1, batch_size=4, lr=1e-3, out_dir=tmp_path,
+                                          progress=False, resume=False), trainable="factors")
+    set_trainable(student, cfg.trainable)
+    before = student.encoder.layer[0].intermediate.dense.first.weight.clone()
+    res = fit(student, data, cfg.objective(teacher), cfg.train)
+    assert res.step == 2 and "block" in res.metrics
+    assert not torch.equal(student.encoder.layer[0].intermediate.dense.first.weight, before)

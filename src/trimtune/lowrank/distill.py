@@ -15,9 +15,12 @@ Loss (each term weighted, zero-weight terms are not computed)::
     ce     = cross_entropy(z_s, y) over labelled samples (y >= 0)
     reg    = mean_l (max_ij |W2 W1 - W_teacher|_ij - eps)^2                (authors' form)
 
-One student forward per step: ``forward_intermediates(intermediates_only=False)`` gives the
-block outputs and the final features, then ``forward_head`` the logits. This module does not
-import ``trimtune.train``: the objective is a plain callable.
+One student forward per step. A timm model: ``forward_intermediates(intermediates_only=False)``
+gives the block outputs and the final features, then ``forward_head`` the logits. A Hugging Face
+transformers model: ``model(**inputs, output_hidden_states=True)`` gives the block outputs
+(``hidden_states[1:]``), the final features (``last_hidden_state``, else the last block) and the
+logits (``logits``, when the model has a head); token terms skip padding (``attention_mask``).
+This module does not import ``trimtune.train``: the objective is a plain callable.
 """
 
 from __future__ import annotations
@@ -110,11 +113,67 @@ def _forward_as(model: nn.Module, fn) -> Iterator[nn.Module]:
             inner.forward = old
 
 
+def _is_transformers(model: nn.Module) -> bool:
+    """A Hugging Face transformers model (``config`` + ``main_input_name``), not timm."""
+    return (hasattr(getattr(model, "config", None), "model_type")
+            and hasattr(model, "main_input_name") and not hasattr(model, "forward_intermediates"))
+
+
+def _pick(hidden: Sequence[torch.Tensor], blocks) -> list[torch.Tensor]:
+    """The block outputs timm's ``indices`` would pick: None = all, n = last n, list = those."""
+    if blocks is None:
+        return list(hidden)
+    if isinstance(blocks, int):
+        return list(hidden[len(hidden) - blocks:])
+    return [hidden[i] for i in blocks]
+
+
+def _hf_features(model: nn.Module, forward, inputs: dict, blocks, need_logits: bool):
+    """``(final, [block outputs], logits | None)`` of a transformers model, one forward."""
+    out = forward(**inputs, output_hidden_states=True, return_dict=True)
+    hidden = getattr(out, "hidden_states", None)
+    if not hidden:
+        raise TrimtuneError(f"{type(model).__name__} returned no hidden_states with "
+                            "output_hidden_states=True: distil a transformers model that does")
+    inter = _pick(hidden[1:], blocks)  # hidden_states[0]: the embeddings
+    final = getattr(out, "last_hidden_state", None)
+    final = hidden[-1] if final is None else final
+    logits = getattr(out, "logits", None)
+    if need_logits and logits is None:
+        raise TrimtuneError(f"{type(model).__name__} has no logits (no head): set "
+                            "logits_weight=0 and ce_weight=0 to distil its features only")
+    return final, inter, logits
+
+
+def _hf_inputs(model: nn.Module, x) -> dict:
+    """A transformers model's keyword inputs: a dict as given, a tensor as its main input."""
+    return dict(x) if isinstance(x, dict) else {model.main_input_name: x}
+
+
+def _split_batch(batch):
+    """``(inputs, labels | None)``: ``x``, ``(x, y)`` or a dict (``labels`` taken out)."""
+    if isinstance(batch, dict):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return inputs, batch.get("labels")
+    if isinstance(batch, (tuple, list)):
+        return batch[0], batch[1]
+    return batch, None
+
+
+def _mse(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """MSE of token features (B, N, C), over the tokens where ``mask`` (B, N) is set."""
+    t = t.to(s.dtype)
+    if mask is None or s.dim() != 3 or mask.shape != s.shape[:2]:
+        return F.mse_loss(s, t)
+    keep = mask.bool()
+    return F.mse_loss(s[keep], t[keep])
+
+
 def _intermediates(model: nn.Module, x: torch.Tensor, blocks, only: bool):
     """``(final (B, N, C) | None, [block outputs (B, N, C)])``; full token sequence, no norm."""
     if not hasattr(model, "forward_intermediates"):
         raise TrimtuneError(f"{type(model).__name__} has no forward_intermediates: use a timm "
-                            f"model (timm >= 1.0) as student and teacher")
+                            f"model (timm >= 1.0) or a transformers model as student and teacher")
     params = inspect.signature(model.forward_intermediates).parameters
     kw: dict[str, Any] = {"indices": blocks, "intermediates_only": only}
     if "norm" in params:
@@ -147,7 +206,10 @@ class DistillObjective:
         reg_weight / reg_eps / reg_form / reg_p: the weight-perturbation regulariser.
         blocks: which blocks to distil (timm ``indices``: None = all, int = last n, or a list).
 
-    A batch is ``x`` (B, 3, H, W), or ``(x, y)`` with ``y = -1`` for unlabelled images.
+    A batch is ``x`` (B, 3, H, W), or ``(x, y)`` with ``y = -1`` for unlabelled images. For a
+    transformers model ``x`` is its main input (``pixel_values`` / ``input_ids``) or a dict of
+    its inputs (``{"input_ids", "attention_mask"}``, optional ``"labels"``): features come from
+    ``output_hidden_states`` and padded tokens are left out of the token terms.
     """
 
     def __init__(self, teacher: nn.Module, *, block_weight: float = 1.0, final_weight: float = 0.0,
@@ -178,18 +240,38 @@ class DistillObjective:
         self._w_teacher = None
 
     def __call__(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+        x, y = _split_batch(batch)
+        inner = _unwrap(model)
+        hf = _is_transformers(inner)
+        if hf != _is_transformers(self.teacher):
+            raise TrimtuneError("student and teacher are of different libraries (timm vs "
+                                "transformers): distil from the model the student was "
+                                "compressed from")
+        mask = None
+        if hf:
+            x = _hf_inputs(inner, x)
+            mask = x.get("attention_mask")
+        need_logits = bool(self.logits_weight or (self.ce_weight and y is not None))
         with torch.no_grad():
             self.teacher.eval()
-            need_t_final = bool(self.final_weight or self.logits_weight)
-            t_final, t_blocks = _intermediates(self.teacher, x, self.blocks, only=not need_t_final)
-            t_logits = self.teacher.forward_head(t_final) if self.logits_weight else None
+            if hf:
+                t_final, t_blocks, t_logits = _hf_features(
+                    self.teacher, self.teacher, x, self.blocks, bool(self.logits_weight))
+            else:
+                need_t_final = bool(self.final_weight or self.logits_weight)
+                t_final, t_blocks = _intermediates(self.teacher, x, self.blocks,
+                                                   only=not need_t_final)
+                t_logits = self.teacher.forward_head(t_final) if self.logits_weight else None
+
+        forward = inner.forward  # the model's own (or Accelerate's autocast) forward
 
         def student_forward(inp):  # ONE student forward: block outputs, features and logits
+            if hf:
+                return _hf_features(inner, forward, inp, self.blocks, need_logits)
             final, inter = _intermediates(inner, inp, self.blocks, only=False)
             return final, inter, inner.forward_head(final)
 
-        with _forward_as(model, student_forward) as inner:
+        with _forward_as(model, student_forward):
             s_final, s_blocks, s_logits = model(x)
 
         logs: dict[str, torch.Tensor] = {}
@@ -197,10 +279,10 @@ class DistillObjective:
             if len(s_blocks) != len(t_blocks):
                 raise TrimtuneError(f"student has {len(s_blocks)} blocks, teacher {len(t_blocks)}"
                                     f": distil from the model the student was compressed from")
-            logs["block"] = torch.stack([F.mse_loss(s, t.to(s.dtype))
+            logs["block"] = torch.stack([_mse(s, t, mask)
                                          for s, t in zip(s_blocks, t_blocks)]).mean()
         if self.final_weight:
-            logs["final"] = F.mse_loss(s_final, t_final.to(s_final.dtype))
+            logs["final"] = _mse(s_final, t_final, mask)
         if self.logits_weight:
             logs["logits"] = self._logits_term(s_logits, t_logits)
         if self.ce_weight and y is not None and (y >= 0).any():

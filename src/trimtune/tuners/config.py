@@ -40,8 +40,10 @@ class SnellConfig(PeftConfig):
         target_modules: PEFT's rule (:mod:`trimtune.tuners.targets`): a string is a regex
             matched against the whole module name, a list holds names or dotted name suffixes
             (``["qkv"]`` matches ``blocks.0.attn.qkv``), ``"all-linear"`` every linear but
-            ``modules_to_save``. ``None``: the model family's default (timm:
-            :data:`DEFAULT_TARGETS`). A matched factorised layer adapts both factors.
+            ``modules_to_save``. ``None``: the model's default, the same for every method
+            (:func:`trimtune.tuners.targets.default_targets`: timm :data:`DEFAULT_TARGETS`,
+            transformers PEFT's default for its model type, else its block linears). A
+            matched factorised layer gets one update, on ``.second``.
         split_qkv: give a fused ``qkv`` linear three separate updates (q, k, v).
         modules_to_save: modules trained in full beside the adapter (the classifier head),
             PEFT's ``ModulesToSaveWrapper``; names or suffixes as in PEFT.

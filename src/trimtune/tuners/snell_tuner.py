@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from timm.layers import DropPath
 from torch import nn
 
@@ -35,7 +36,7 @@ from .config import SnellaConfig, SnellConfig
 from .kernels import create_kernel
 from .peft_registration import PREFIX, register
 from .snell import FusedSnellFunction, SparseDelta
-from .targets import DEFAULT_TARGETS, matches, select_linears
+from .targets import matches, select_linears
 
 _ADAPTER_DICTS = ("snell_units", "snell_dropout", "snell_drop_path")
 
@@ -237,7 +238,8 @@ class SnellModel(BaseTuner):
 
     prefix: str = PREFIX
     tuner_layer_cls = SnellLayer
-    target_module_mapping = {k: v for k, v in DEFAULT_TARGETS.items() if k != "timm"}
+    #: PEFT's per-model-type defaults (trimtune resolves None itself: targets.default_targets)
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     def _prepare_adapter_config(self, peft_config: SnellConfig, model_config: dict
                                 ) -> SnellConfig:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 
 from torch import nn
@@ -31,13 +32,10 @@ ALL_LINEAR = "all-linear"
 #: layer (``r".*qkv\.(first|second)"``) selects that factor.
 LOWRANK_FACTOR = "second"
 
-#: Default targets per model family when ``target_modules`` is None: timm ViTs (fused ``qkv`` or
-#: separate ``q``/``k``/``v``, the projection and the MLP) and Hugging Face ViT / DINOv2.
+#: Default targets of a timm model when ``target_modules`` is None: fused ``qkv`` or separate
+#: ``q``/``k``/``v``, the attention projection and the MLP of every block.
 DEFAULT_TARGETS: dict[str, str | list[str]] = {
     "timm": r"(.*\.)?(qkv|q|k|v|attn\.proj|mlp\.fc1|mlp\.fc2)",
-    "vit": ["query", "key", "value", "attention.output.dense", "intermediate.dense",
-            "output.dense"],
-    "dinov2": ["query", "key", "value", "attention.output.dense", "mlp.fc1", "mlp.fc2"],
 }
 
 Patterns = str | Sequence[str] | None
@@ -48,9 +46,81 @@ def model_family(model: nn.Module) -> str:
     return str(getattr(getattr(model, "config", None), "model_type", None) or "timm")
 
 
+def peft_default_targets(model_type: str) -> str | list[str] | None:
+    """PEFT's own default ``target_modules`` for a transformers ``model_type``
+    (``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``), or None when PEFT has none."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as M
+
+    found = M.get(model_type)
+    return list(found) if isinstance(found, (list, tuple, set)) else found
+
+
+_INDEX = re.compile(r"(?:^|\.)\d+\.")  # a ModuleList / Sequential index inside a name
+
+
+def block_linears(model: nn.Module) -> dict[str, str]:
+    """``{name: kind}`` of the linear layers inside the model's repeated (Transformer) blocks.
+
+    A block linear has a list index in its name (``encoder.layer.3.attention.self.query``,
+    ``model.layers.0.mlp.up_proj``, ``blocks.2.attn.qkv``); its kind is the name after the last
+    index (``attention.self.query``). Heads, poolers and embeddings are not block linears.
+    A factorised layer (``.first`` / ``.second``) counts once, under its own name.
+    """
+    inner = _inside_adapters(model)
+    out: dict[str, str] = {}
+    for name, mod in model.named_modules():
+        if not name or name in inner or name.rpartition(".")[0] in out:
+            continue
+        if not (_as_linear(mod) or _is_factorised(mod)):
+            continue
+        ends = [m.end() for m in _INDEX.finditer(name)]
+        if ends:
+            out[name] = name[ends[-1]:]
+    return out
+
+
 def default_targets(model: nn.Module) -> str | list[str]:
-    """The default ``target_modules`` for ``model`` (:data:`DEFAULT_TARGETS`)."""
-    return DEFAULT_TARGETS.get(model_family(model), DEFAULT_TARGETS["timm"])
+    """The default ``target_modules`` for ``model``, the same for every method.
+
+    * a timm model: :data:`DEFAULT_TARGETS` ``["timm"]``;
+    * a transformers model whose ``config.model_type`` PEFT knows: PEFT's own default
+      (:func:`peft_default_targets`, e.g. ``["q_proj", "v_proj"]`` for Llama, ``["query",
+      "value"]`` for BERT); :func:`select_linears` warns which block linears it leaves out;
+    * another transformers model (ViT, CLIP, DINOv2...): every linear of its Transformer blocks
+      (:func:`block_linears`), as a regex over their kinds; ``"all-linear"`` if it has none.
+    """
+    family = model_family(model)
+    if family == "timm":
+        return DEFAULT_TARGETS["timm"]
+    found = peft_default_targets(family)
+    if found:
+        return found
+    kinds = sorted(set(block_linears(model).values()))
+    if not kinds:
+        return ALL_LINEAR
+    return r"(.*\.)?\d+\.(" + "|".join(re.escape(k) for k in kinds) + ")"
+
+
+def warn_partial_coverage(model: nn.Module, selected: Iterable[str], patterns: Patterns,
+                          stacklevel: int = 3) -> list[str]:
+    """One warning when ``selected`` covers some, not all, of the model's block linears
+    (:func:`block_linears`): it names the kinds left out. Returns those kinds."""
+    blocks = block_linears(model)
+    chosen = {n.rpartition(".")[0] if n.rpartition(".")[0] in blocks else n for n in selected}
+    hit = [n for n in blocks if n in chosen]
+    missed = [n for n in blocks if n not in chosen]
+    if not hit or not missed:
+        return []
+    kinds = list(dict.fromkeys(blocks[n] for n in missed))
+    family = model_family(model)
+    origin = (f"target_modules={patterns!r}" if patterns is not None else "the default targets"
+              if family == "timm" else f"PEFT's default target_modules for {family!r}")
+    warnings.warn(
+        f"{origin} covers {len(hit)} of the {len(blocks)} Transformer-block linears of this "
+        f"{type(model).__name__}; not adapted: {', '.join(kinds)} ({len(missed)} "
+        f"layer{'s' * (len(missed) > 1)}); name them in target_modules to adapt them too",
+        UserWarning, stacklevel=stacklevel)
+    return kinds
 
 
 def matches(name: str, patterns: Patterns) -> bool:
@@ -103,7 +173,7 @@ def _closest(patterns: Patterns, names: list[str], n: int = 3) -> list[str]:
 
 
 def select_linears(model: nn.Module, patterns: Patterns = None, *, exclude: Patterns = None,
-                   modules_to_save: Patterns = None) -> list[str]:
+                   modules_to_save: Patterns = None, warn: bool = True) -> list[str]:
     """Qualified names of the linear layers ``patterns`` select, in model order.
 
     Args:
@@ -112,10 +182,13 @@ def select_linears(model: nn.Module, patterns: Patterns = None, *, exclude: Patt
             family's default (:func:`default_targets`).
         exclude: PEFT's ``exclude_modules``.
         modules_to_save: never targets (PEFT: adapters never wrap a module to save).
+        warn: warn (once, :func:`warn_partial_coverage`) when the selection covers only part
+            of the model's Transformer-block linears.
 
     Raises:
         TrimtuneError: nothing matches; the message names the closest module names.
     """
+    given = patterns
     if patterns is None:
         patterns = default_targets(model)
     all_linear = isinstance(patterns, str) and patterns.lower() == ALL_LINEAR
@@ -144,6 +217,8 @@ def select_linears(model: nn.Module, patterns: Patterns = None, *, exclude: Patt
             f"target_modules={patterns!r} match no linear layer of this {type(model).__name__} "
             f"(PEFT's rule: a string is a regex over the whole name, a list holds names or name "
             f"suffixes); closest module names: {', '.join(_closest(patterns, linears))}")
+    if warn:
+        warn_partial_coverage(model, found, given)
     return found
 
 
@@ -169,5 +244,6 @@ def select_modules(model: nn.Module, patterns: Iterable[str] | str | None) -> li
     return hit
 
 
-__all__ = ["ALL_LINEAR", "DEFAULT_TARGETS", "default_targets", "matches", "model_family",
-           "select_linears", "select_modules"]
+__all__ = ["ALL_LINEAR", "DEFAULT_TARGETS", "block_linears", "default_targets", "matches",
+           "model_family", "peft_default_targets", "select_linears", "select_modules",
+           "warn_partial_coverage"]
