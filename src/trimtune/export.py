@@ -115,7 +115,8 @@ def _write_transformers(model: nn.Module, tmp: Path, x: Any, want: Any) -> None:
     if is_compressed(model):
         raise TrimtuneError("transformers cannot build a compressed (factorised) model: "
                             "from_pretrained would re-initialise its factors; export it with "
-                            "--format onnx")
+                            "--format onnx, or keep it as a trimtune folder "
+                            "(trimtune.save_compressed, read by trimtune.load_compressed)")
     model.save_pretrained(str(tmp), safe_serialization=True)
     back = type(model).from_pretrained(str(tmp)).eval()
     with torch.no_grad():

@@ -1,6 +1,8 @@
 """Compressed-model format: round trip, rebuild from the JSON alone, tampered files."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -132,3 +134,59 @@ def test_factorise_like_builds_empty_tree(vit):
     out = factorise_like(vit, ranks)
     assert out is vit and isinstance(vit.blocks[0].attn.qkv, LowRankLinear)
     assert vit.blocks[1].mlp.fc2.rank == 6 and vit.blocks[1].mlp.fc2.second.bias is not None
+
+
+# ---- transformers models: trimtune reloads them exactly, stock from_pretrained refuses --------
+def _hf_builders():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import conftest
+    return [conftest.hf_vit, conftest.hf_clip_vision, conftest.hf_bert, conftest.hf_llama,
+            conftest.hf_qwen2]
+
+
+def _tied_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=100, num_key_value_heads=1, hidden_size=64,
+                                        num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=128, tie_word_embeddings=True))
+
+
+@pytest.mark.parametrize("builder", _hf_builders() + [_tied_qwen2],
+                         ids=["vit", "clip_vision", "bert", "llama", "qwen2", "qwen2_tied"])
+def test_compressed_transformers_model_reloads_exactly_and_stock_loader_refuses(builder,
+                                                                               tmp_path):
+    from trimtune.models.probe import example_input
+
+    small = compress(builder(), ratio=2.0).eval()
+    x = example_input(small, batch_size=2)
+    with torch.no_grad():
+        want = small(**x)[0]
+    small.save_pretrained(tmp_path / "hf")  # HF's own method (what Trainer calls): our format
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "config.json", "trimtune.json", "trimtune_model.safetensors"]
+    for folder in (tmp_path / "hf", save_compressed(small, tmp_path / "tt")):
+        back = load_compressed(folder)
+        assert type(back) is type(small) and back.trimtune_lowrank["ranks"] == \
+            small.trimtune_lowrank["ranks"]
+        with torch.no_grad():
+            assert torch.equal(back(**x)[0], want)
+        with pytest.raises(OSError, match="no file named model.safetensors"):
+            type(small).from_pretrained(folder)  # instead of re-initialising the factors
+    tied = getattr(small.config, "tie_word_embeddings", False) and hasattr(back, "lm_head")
+    if tied:
+        assert back.lm_head.weight is back.model.embed_tokens.weight
+    back.save_pretrained(tmp_path / "again")  # a reloaded model saves our format too
+    assert (tmp_path / "again" / "trimtune_model.safetensors").is_file()
+
+
+def test_transformers_folder_with_stock_weights_is_refused(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from conftest import hf_bert
+
+    dense = hf_bert()
+    dense.save_pretrained(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(TrimtuneError, match="holds model.safetensors.*another folder"):
+        save_compressed(compress(dense, ratio=2.0), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trimtune.errors import TrimtuneError
-from trimtune.lowrank import compress, factorised_layers
+from trimtune.lowrank import compress, factorised_layers, load_compressed, save_compressed
+from trimtune.lowrank.distill import DistillObjective
 from trimtune.models.probe import check_forward_path, example_input
 from trimtune.tuners import SnellaConfig, attach, iter_snell_layers, merge, prepare_method
 
@@ -17,7 +18,11 @@ TIMM_TARGETS = "fc1|fc2|qkv|proj"
 
 
 def timm_model(arch, **kwargs):
-    return lambda: timm.create_model(arch, pretrained=False, **kwargs)
+    def build():
+        model = timm.create_model(arch, pretrained=False, **kwargs)
+        model.trimtune_arch = {"arch": arch, "kwargs": kwargs}  # as create_backbone records
+        return model
+    return build
 
 
 def hf_vit():
@@ -31,6 +36,28 @@ def hf_bert():
     from transformers import BertConfig, BertModel
     return BertModel(BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
                                 num_attention_heads=2, intermediate_size=128))
+
+
+HF_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+
+
+def hf_clip_vision():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    return CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, **HF_TINY))
+
+
+def hf_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    return LlamaForCausalLM(LlamaConfig(vocab_size=100, num_key_value_heads=1, **HF_TINY))
+
+
+def hf_qwen2():  # tied input / output embeddings, q/k/v biases
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=100, num_key_value_heads=1,
+                                        tie_word_embeddings=True, **HF_TINY))
+
+
+DECODER = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
 
 
 # name, builder, target pattern, head (trained in full), the documented error (None: it must
@@ -56,6 +83,9 @@ ARCHS = [
     # transformers models: the probe feeds pixel_values / input_ids built from their config
     ("hf_vit", hf_vit, "q_proj|k_proj|v_proj|o_proj|fc1|fc2", "classifier", None),
     ("hf_bert", hf_bert, "query|key|value|dense", None, None),
+    ("hf_clip_vision", hf_clip_vision, "q_proj|k_proj|v_proj|out_proj|fc1|fc2", None, None),
+    ("hf_llama", hf_llama, DECODER, None, None),
+    ("hf_qwen2", hf_qwen2, DECODER, None, None),
 ]
 
 
@@ -88,7 +118,7 @@ def loss_of(model, x):
 @pytest.mark.parametrize("how", ["snella", "lora", "compress"])
 @pytest.mark.parametrize("name,builder,targets,head,error", ARCHS, ids=[a[0] for a in ARCHS])
 def test_every_architecture_replaced_layers_train_and_merge(name, builder, targets, head, error,
-                                                            how, one_thread):
+                                                            how, one_thread, tmp_path):
     torch.manual_seed(0)
     model = builder()
     if error:
@@ -103,6 +133,16 @@ def test_every_architecture_replaced_layers_train_and_merge(name, builder, targe
         loss_of(small, x).backward()
         assert all(p.grad is not None for m in factorised_layers(small).values()
                    for p in m.parameters())
+        # distil one step from the original (timm: forward_intermediates; transformers:
+        # output_hidden_states), then save / load exactly
+        small.zero_grad()
+        loss, logs = DistillObjective(model, ce_weight=0.0)(small, x)
+        loss.backward()
+        assert torch.isfinite(loss) and logs["block"] > 0
+        small.eval()
+        back = load_compressed(save_compressed(small, tmp_path / name))
+        with torch.no_grad():
+            assert torch.equal(call(back, x), call(small, x))
         return
     model = adapt(model, how, targets, head)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -362,6 +362,9 @@ def compress(
     if arch is not None:
         out.trimtune_arch = arch
     check_forward_path(out, list(ranks), probe, what="compress")
+    from .io import route_save_pretrained  # io imports this module
+
+    route_save_pretrained(out)  # transformers: save_pretrained writes trimtune's format
     return (out, spectra) if return_spectra else out
 
 

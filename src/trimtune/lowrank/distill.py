@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import TrimtuneError
+from ..models import is_transformers_model
 from .compress import factorised_layers
 from .layers import LowRankLinear
 
@@ -111,12 +112,6 @@ def _forward_as(model: nn.Module, fn) -> Iterator[nn.Module]:
             del inner.forward
         else:
             inner.forward = old
-
-
-def _is_transformers(model: nn.Module) -> bool:
-    """A Hugging Face transformers model (``config`` + ``main_input_name``), not timm."""
-    return (hasattr(getattr(model, "config", None), "model_type")
-            and hasattr(model, "main_input_name") and not hasattr(model, "forward_intermediates"))
 
 
 def _pick(hidden: Sequence[torch.Tensor], blocks) -> list[torch.Tensor]:
@@ -242,8 +237,8 @@ class DistillObjective:
     def __call__(self, model: nn.Module, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = _split_batch(batch)
         inner = _unwrap(model)
-        hf = _is_transformers(inner)
-        if hf != _is_transformers(self.teacher):
+        hf = is_transformers_model(inner)
+        if hf != is_transformers_model(self.teacher):
             raise TrimtuneError("student and teacher are of different libraries (timm vs "
                                 "transformers): distil from the model the student was "
                                 "compressed from")

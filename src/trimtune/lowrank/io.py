@@ -5,12 +5,21 @@ model or a download: the timm architecture and its kwargs, the number of classes
 every factorised layer, the rank policy, the skip patterns, the factor init and its calibration
 data (``init``; files written before it existed load as ``{"method": "svd"}``), the package and
 format versions.
+
+A Hugging Face transformers model is saved the same way, its architecture recorded as its class
+name and ``config.to_dict()``, plus its ``config.json``; its weights are named
+``trimtune_model.safetensors`` (:data:`TRANSFORMERS_WEIGHTS_NAME`, recorded in ``trimtune.json``),
+a name stock ``from_pretrained`` does not read: it refuses the folder ("no file named
+model.safetensors") instead of silently re-initialising every factorised layer.
+``compress`` / ``load_compressed`` also route the compressed model's own ``save_pretrained``
+(what HF ``Trainer`` calls) to :func:`save_compressed`.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import types
 from pathlib import Path
 
 import torch
@@ -18,7 +27,7 @@ from torch import nn
 
 from ..checkpoint import read_json, read_safetensors, write_json, write_safetensors
 from ..errors import TrimtuneError
-from ..models import build_from_arch
+from ..models import build_from_arch, is_transformers_model
 from ..models.probe import route_through_modules
 from .compress import factorised_layers, get_arch
 from .layers import LowRankLinear
@@ -27,10 +36,27 @@ FORMAT = "trimtune.compressed"
 FORMAT_VERSION = 1
 CONFIG_NAME = "trimtune.json"
 WEIGHTS_NAME = "model.safetensors"
+#: a compressed transformers model's weights: a name transformers' from_pretrained never reads
+TRANSFORMERS_WEIGHTS_NAME = "trimtune_model.safetensors"
+#: weight files transformers' from_pretrained would read instead of ours
+_HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                    "pytorch_model.bin.index.json")
 REQUIRED = ("format", "format_version", "arch", "ranks")
 
-__all__ = ["save_compressed", "load_compressed", "factorise_like",
-           "FORMAT_VERSION"]
+__all__ = ["save_compressed", "load_compressed", "factorise_like", "route_save_pretrained",
+           "weights_file", "FORMAT_VERSION"]
+
+
+def weights_file(directory: str | os.PathLike) -> Path:
+    """The weight file of a model folder :func:`save_compressed` wrote (``trimtune.json``'s
+    ``weights``: ``model.safetensors``, or :data:`TRANSFORMERS_WEIGHTS_NAME`)."""
+    directory = Path(directory)
+    config = read_json(directory / CONFIG_NAME)
+    name = config.get("weights", WEIGHTS_NAME) if isinstance(config, dict) else WEIGHTS_NAME
+    if name not in (WEIGHTS_NAME, TRANSFORMERS_WEIGHTS_NAME):
+        raise TrimtuneError(f"{directory / CONFIG_NAME}: unknown weights file {name!r}; re-save "
+                            "the model")
+    return directory / name
 
 
 def factorise_like(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
@@ -82,6 +108,35 @@ def _check_state(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]
                             "re-save the model")
 
 
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict with tied tensors (e.g. tied input / output embeddings) cloned:
+    safetensors stores no shared storage; loading fills the tied parameter twice, equally."""
+    seen: set[tuple] = set()
+    out = {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
+        out[k] = v.clone() if key in seen and v.numel() else v
+        seen.add(key)
+    return out
+
+
+def _save_pretrained(self: nn.Module, save_directory: str | os.PathLike, *args,
+                     is_main_process: bool = True, **kwargs) -> None:
+    """``save_pretrained`` of a compressed transformers model: trimtune's format (stock
+    ``from_pretrained`` cannot rebuild factorised layers), reloaded exactly by
+    :func:`load_compressed`. transformers' other arguments do not apply and are ignored."""
+    if is_main_process:
+        save_compressed(self, save_directory, allow_dense=True)
+
+
+def route_save_pretrained(model: nn.Module) -> nn.Module:
+    """Make a compressed transformers model's own ``save_pretrained`` write trimtune's format
+    (:func:`save_compressed`); other models are left as they are. Returns ``model``."""
+    if is_transformers_model(model) and factorised_layers(model):
+        model.save_pretrained = types.MethodType(_save_pretrained, model)
+    return model
+
+
 def save_compressed(model: nn.Module, directory: str | os.PathLike, *,
                     allow_dense: bool = False) -> Path:
     """Write ``model.safetensors`` + ``trimtune.json`` (atomically) into ``directory``.
@@ -91,7 +146,10 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, *,
     ``model.safetensors`` is then a plain timm state dict.
 
     The architecture must be known (``model.trimtune_arch``, set by ``create_backbone`` and
-    kept by ``compress``); it is checked by rebuilding the tree on the meta device.
+    kept by ``compress``; a transformers model's class and config); it is checked by rebuilding
+    the tree on the meta device. A transformers model's folder also gets its ``config.json``
+    and :data:`TRANSFORMERS_WEIGHTS_NAME` (see the module docstring); a folder that already
+    holds transformers weights (``model.safetensors``...) is refused.
     """
     from .. import __version__
 
@@ -124,10 +182,22 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, *,
         "dense": not layers,
     }
     directory = Path(directory)
+    hf = arch.get("library") == "transformers"
+    if hf:
+        stale = [f for f in _HF_WEIGHT_FILES if (directory / f).exists()]
+        if stale:
+            raise TrimtuneError(f"{directory} holds {stale[0]}: stock from_pretrained would read "
+                                "it instead of this compressed model; save into another folder")
+        config["weights"] = TRANSFORMERS_WEIGHTS_NAME
     directory.mkdir(parents=True, exist_ok=True)
-    # weights first: a folder whose json exists is complete
-    write_safetensors(directory / WEIGHTS_NAME, dict(state),
+    # weights first, trimtune.json last: a folder whose trimtune.json exists is complete
+    write_safetensors(directory / config.get("weights", WEIGHTS_NAME), _unshared(dict(state)),
                       metadata={"format": "pt", "trimtune_format": FORMAT})
+    if hf:
+        write_json(directory / "config.json", {
+            **model.config.to_dict(),
+            "trimtune": "compressed by trimtune (factorised layers): transformers cannot rebuild "
+                        "it; load it with trimtune.load_compressed(DIR)"})
     write_json(directory / CONFIG_NAME, config)
     return directory
 
@@ -162,12 +232,14 @@ def load_compressed(directory: str | os.PathLike, device: str | torch.device = "
         arch.setdefault("kwargs", {}).setdefault("num_classes", num_classes)
     model = build_from_arch(arch)
     factorise_like(model, ranks)
-    state = read_safetensors(directory / WEIGHTS_NAME)
-    _check_state(model.state_dict(), state, str(directory / WEIGHTS_NAME))
+    weights = weights_file(directory)
+    state = read_safetensors(weights)
+    _check_state(model.state_dict(), state, str(weights))
     model.load_state_dict(state, strict=True)
     model.trimtune_arch = arch
     model.trimtune_lowrank = {"ranks": dict(ranks), "policy": config.get("policy"),
                               "skip": config.get("skip"), "energy": config.get("energy") or {},
                               "kept_dense": {},
                               "init": config.get("init") or {"method": "svd"}}
+    route_save_pretrained(model)
     return model.to(device).eval()

@@ -1,6 +1,7 @@
 """Backbones: timm names, local weight files and the offline zoo (``trimtune.models``)."""
 
-from .factory import arch_of, build_from_arch, create_backbone, load_weights, set_drop_path_rate
+from .factory import (arch_of, build_from_arch, create_backbone, is_transformers_model,
+                      load_weights, set_drop_path_rate)
 from .imgfocus import convert_imgfocus_onnx, imgfocus_onnx_path
 from .zoo import ZOO, ZooEntry, cache_dir, cached_weights, list_zoo
 
@@ -14,6 +15,7 @@ __all__ = [
     "convert_imgfocus_onnx",
     "create_backbone",
     "imgfocus_onnx_path",
+    "is_transformers_model",
     "list_zoo",
     "load_weights",
     "set_drop_path_rate",

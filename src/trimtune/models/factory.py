@@ -3,7 +3,9 @@
 One factory verb, :func:`create_backbone`, returns a plain timm model carrying
 ``model.trimtune_arch = {"arch": <timm name>, "kwargs": {...}}`` so that
 :func:`build_from_arch` can rebuild the same architecture (random init, no download) when a
-compressed model or an adapter is loaded back.
+compressed model or an adapter is loaded back. A Hugging Face transformers model is recorded as
+``{"library": "transformers", "class": <class name>, "config": config.to_dict()}`` and rebuilt
+by ``<class>._from_config`` (:func:`arch_of` / :func:`build_from_arch`).
 """
 
 from __future__ import annotations
@@ -102,12 +104,47 @@ def create_backbone(
     return model
 
 
+def is_transformers_model(model: nn.Module) -> bool:
+    """A Hugging Face transformers ``PreTrainedModel`` (never imports transformers itself)."""
+    tf = sys.modules.get("transformers")
+    return tf is not None and isinstance(model, tf.PreTrainedModel)
+
+
+TRANSFORMERS = "transformers"
+
+
+def _transformers_arch(model: nn.Module) -> dict:
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    return {"library": TRANSFORMERS, "class": type(model).__name__, "config": config}
+
+
+def _build_transformers(arch: dict) -> nn.Module:
+    try:
+        import transformers
+    except ImportError as e:
+        raise TrimtuneError(f"this model is a transformers {arch.get('class')}: pip install "
+                            "transformers to load it") from e
+    cls = getattr(transformers, str(arch.get("class")), None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+            and isinstance(arch.get("config"), dict)):
+        raise TrimtuneError(f"transformers {transformers.__version__} has no model class "
+                            f"{arch.get('class')!r} (or the record has no config): load it with "
+                            "the transformers version that saved it, or re-save it")
+    model = cls._from_config(cls.config_class.from_dict(arch["config"]))
+    model.trimtune_arch = copy.deepcopy(arch)
+    return model
+
+
 def build_from_arch(arch: dict) -> nn.Module:
     """Rebuild an architecture from ``model.trimtune_arch`` with random weights (no download).
 
     Args:
-        arch: ``{"arch": <timm name>, "kwargs": {...}}`` as returned by :func:`arch_of`.
+        arch: ``{"arch": <timm name>, "kwargs": {...}}`` or a transformers record
+            (``{"library": "transformers", "class", "config"}``), as returned by :func:`arch_of`.
     """
+    if isinstance(arch, dict) and arch.get("library") == TRANSFORMERS:
+        return _build_transformers(arch)
     if not isinstance(arch, dict) or not isinstance(arch.get("arch"), str):
         raise TrimtuneError(f"architecture record must be {{'arch': name, 'kwargs': {{...}}}}, "
                             f"got {arch!r}; re-save the model with this trimtune version")
@@ -130,11 +167,14 @@ def arch_of(model: nn.Module) -> dict:
     Returns ``model.trimtune_arch`` when set; for a plain timm model it is inferred from
     ``model.pretrained_cfg["architecture"]``, ``num_classes``, and (for ViTs) img/patch size,
     width, depth, heads..., then checked by building the record on the meta device and comparing
-    every parameter name and shape.
+    every parameter name and shape. A transformers model: its class name and
+    ``config.to_dict()``.
     """
     rec = getattr(model, "trimtune_arch", None)
     if rec is not None:
         return copy.deepcopy(rec)
+    if is_transformers_model(model):
+        return _transformers_arch(model)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     name = cfg.get("architecture")
     if not name or not timm.is_model(name):
