@@ -17,7 +17,7 @@ from . import __version__
 from .checkpoint import file_sha256, read_json, read_safetensors, write_json, write_safetensors
 from .errors import TrimtuneError
 from .lowrank import is_compressed, load_compressed, save_compressed
-from .lowrank.io import factorise_like
+from .lowrank.io import factorise_like, weights_file
 from .models import arch_of, build_from_arch, create_backbone
 from .train import TrainConfig, trainable_state
 from .tuners import SnellConfig, adapter_configs, load_adapter, registry, save_adapter
@@ -106,8 +106,12 @@ def state_sha256(model: nn.Module) -> str:
 def _base_files(spec: dict) -> list[Path]:
     """The files a base named in run.json is read from (a model folder's weights, --weights)."""
     files = []
-    if spec.get("model") and (Path(spec["model"]) / "model.safetensors").is_file():
-        files.append(Path(spec["model"]) / "model.safetensors")
+    folder = Path(spec["model"]) if spec.get("model") else None
+    if folder is not None:  # model.safetensors (a transformers model: trimtune_model...)
+        weights = (weights_file(folder) if (folder / "trimtune.json").is_file()
+                   else folder / "model.safetensors")
+        if weights.is_file():
+            files.append(weights)
     if spec.get("weights") and Path(spec["weights"]).is_file():
         files.append(Path(spec["weights"]))
     return files
