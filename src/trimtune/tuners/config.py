@@ -14,11 +14,7 @@ from ..errors import TrimtuneError
 from .kernels import KERNELS
 from .peft_registration import PeftType
 from .snell import SPARSIFY, check_sparsity
-from .targets import DEFAULT_TARGETS as _FAMILY_DEFAULTS
-
-#: Default targets of a timm ViT: q/k/v (or fused qkv), attn.proj, mlp.fc1, mlp.fc2 of every
-#: block (for a compressed model both factors of those layers); see trimtune.tuners.targets.
-DEFAULT_TARGETS = _FAMILY_DEFAULTS["timm"]
+from .targets import DEFAULT_TARGETS  # noqa: F401 - re-exported: the timm default pattern
 
 
 @dataclass

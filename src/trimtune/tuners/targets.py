@@ -34,9 +34,7 @@ LOWRANK_FACTOR = "second"
 
 #: Default targets of a timm model when ``target_modules`` is None: fused ``qkv`` or separate
 #: ``q``/``k``/``v``, the attention projection and the MLP of every block.
-DEFAULT_TARGETS: dict[str, str | list[str]] = {
-    "timm": r"(.*\.)?(qkv|q|k|v|attn\.proj|mlp\.fc1|mlp\.fc2)",
-}
+DEFAULT_TARGETS = r"(.*\.)?(qkv|q|k|v|attn\.proj|mlp\.fc1|mlp\.fc2)"
 
 Patterns = str | Sequence[str] | None
 
@@ -82,7 +80,7 @@ def block_linears(model: nn.Module) -> dict[str, str]:
 def default_targets(model: nn.Module) -> str | list[str]:
     """The default ``target_modules`` for ``model``, the same for every method.
 
-    * a timm model: :data:`DEFAULT_TARGETS` ``["timm"]``;
+    * a timm model: :data:`DEFAULT_TARGETS`;
     * a transformers model whose ``config.model_type`` PEFT knows: PEFT's own default
       (:func:`peft_default_targets`, e.g. ``["q_proj", "v_proj"]`` for Llama, ``["query",
       "value"]`` for BERT); :func:`select_linears` warns which block linears it leaves out;
@@ -91,7 +89,7 @@ def default_targets(model: nn.Module) -> str | list[str]:
     """
     family = model_family(model)
     if family == "timm":
-        return DEFAULT_TARGETS["timm"]
+        return DEFAULT_TARGETS
     found = peft_default_targets(family)
     if found:
         return found
