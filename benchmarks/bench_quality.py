@@ -84,6 +84,13 @@ VARIANTS = {
     # the join: the same methods on the PELA-compressed backbone (--compress-* flags)
     "lora-r8@c2": dict(method="lora", rank=8, compressed=True),
     "snella-r8@c2": dict(method="snella", rank=8, compressed=True),
+    # which factor of a factorised layer (W = W2 W1) is adapted: .second (the default), or both
+    "lora-r8@c2-both": dict(method="lora", rank=8, compressed=True,
+                            target_modules=r"(.*\.)?(qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+                            r"\.(first|second)"),
+    "snella-r8@c2-both": dict(method="snella", rank=8, compressed=True,
+                              target_modules=r"(.*\.)?(qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+                              r"\.(first|second)"),
 }
 
 #: ablation name -> changes to snella-r8 (run at snella-r8's selected lr)
@@ -384,9 +391,9 @@ class Study:
                     lrs.append("—")
             rows.append([v, params, *cells, *lrs])
         diffs = []
+        joins = tuple((v, v.partition("@")[0]) for v in variants if "@" in v)
         for t in tasks:
-            for x, y in (("snella-r8", "lora-r8"), ("snella-r32", "lora-r32"),
-                         ("snella-r8@c2", "snella-r8"), ("lora-r8@c2", "lora-r8"),
+            for x, y in (("snella-r8", "lora-r8"), ("snella-r32", "lora-r32"), *joins,
                          ("snella-r8", "full"), ("snella-r32", "full"), ("snell-r8", "lora-r8")):
                 d = self.paired(t, x, y)
                 if d:

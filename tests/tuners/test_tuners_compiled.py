@@ -132,6 +132,19 @@ def test_small_units_stay_eager_under_auto(monkeypatch):
     assert compiled.use_compiled(cpu, 4)
 
 
+def test_unknown_compile_setting_warns_once_and_means_auto(monkeypatch):
+    monkeypatch.setattr(compiled, "_state", {**compiled._state, "warned": set()})
+    monkeypatch.setenv("TRIMTUNE_COMPILE", "yes please")
+    with pytest.warns(UserWarning, match="TRIMTUNE_COMPILE='yes please'.*using auto"):
+        assert compiled.setting() == "auto"
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second read is silent
+        assert compiled.setting() == "auto"
+        monkeypatch.setenv("TRIMTUNE_COMPILE", " OFF ")
+        assert compiled.setting() == "off"
+
+
 def test_compile_failure_falls_back_to_eager(monkeypatch):
     monkeypatch.setenv("TRIMTUNE_COMPILE", "1")
 

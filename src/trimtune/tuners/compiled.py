@@ -44,13 +44,21 @@ import torch
 MIN_NUMEL = 1 << 16
 EPS = 1e-12  # kernels.safe_cdist's clamp of the squared distance
 
-_state = {"failed": False, "backend": "inductor", "fns": {}}
+_state = {"failed": False, "backend": "inductor", "fns": {}, "warned": set()}
+_SETTINGS = {"1": "on", "true": "on", "on": "on", "0": "off", "false": "off", "off": "off",
+             "auto": "auto", "": "auto"}
 
 
 def setting() -> str:
-    v = os.environ.get("TRIMTUNE_COMPILE", "auto").strip().lower()
-    return {"1": "on", "true": "on", "on": "on", "0": "off", "false": "off",
-            "off": "off"}.get(v, "auto")
+    """``on`` / ``off`` / ``auto`` from ``TRIMTUNE_COMPILE``; an unknown value warns once and
+    means ``auto``."""
+    raw = os.environ.get("TRIMTUNE_COMPILE", "auto")
+    v = raw.strip().lower()
+    if v not in _SETTINGS and raw not in _state["warned"]:
+        _state["warned"].add(raw)
+        warnings.warn(f"trimtune: TRIMTUNE_COMPILE={raw!r} is not one of 0, 1 or auto "
+                      "(also off / on / false / true); using auto", stacklevel=2)
+    return _SETTINGS.get(v, "auto")
 
 
 def use_compiled(device: torch.device, numel: int) -> bool:
