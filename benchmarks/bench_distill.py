@@ -8,6 +8,10 @@ evaluated with frozen features (pre-logit CLS token) for three models:
 * svd+distill    the same, then ``tt.distill`` from the frozen original on unlabeled images
                  (Fashion-MNIST train + MNIST-5k train; labels are never used)
 
+``--init whiten`` (or ``asvd``) replaces the plain SVD by the data-aware factorisation
+(calibrated on unlabeled Fashion-MNIST train images); the rows are then ``whiten`` and
+``whiten+distill``.
+
 Two frozen-feature protocols on two real datasets:
 
 * kNN: k nearest training features by cosine similarity, majority vote
@@ -57,6 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", default="dinov2_small.imgfocus")
     ap.add_argument("--img-size", type=int, default=112)
     ap.add_argument("--ratio", type=float, default=2.0, help="PELA compression ratio c")
+    ap.add_argument("--init", choices=("svd", "whiten", "asvd"), default="svd",
+                    help="factorisation before distillation: PELA's plain SVD, SVD-LLM "
+                         "whitening or ASVD scaling (the data-aware two are calibrated on "
+                         "--calib-images unlabeled Fashion-MNIST train images)")
+    ap.add_argument("--calib-images", type=int, default=256,
+                    help="calibration images of --init whiten / asvd")
     ap.add_argument("--distill-images", type=int, default=24000,
                     help="unlabeled images asked for, half Fashion-MNIST train, half MNIST-5k "
                          "train (which has 4,000: the default gives 12,000 + 4,000)")
@@ -186,12 +196,12 @@ def report(a, info: dict, results: dict, timings: dict, distill_log: dict | None
             f"{100 * r['acc'][n][p]:.2f}" if n in r.get("acc", {}) else "-"
             for n in EVAL_SETS for p in ("knn", "probe")])
     gaps = []
-    if "original" in results and "svd+distill" in results:
+    if "original" in results and f"{a.init}+distill" in results:
         for n in EVAL_SETS:
             for p in ("knn", "probe"):
                 o = results["original"].get("acc", {}).get(n, {}).get(p)
-                d = results["svd+distill"].get("acc", {}).get(n, {}).get(p)
-                s = results.get("svd", {}).get("acc", {}).get(n, {}).get(p)
+                d = results[f"{a.init}+distill"].get("acc", {}).get(n, {}).get(p)
+                s = results.get(a.init, {}).get("acc", {}).get(n, {}).get(p)
                 if o is not None and d is not None:
                     gaps.append([n, p, f"{100 * (d - o):+.2f}",
                                  f"{100 * (s - o):+.2f}" if s is not None else "-",
@@ -204,8 +214,8 @@ def report(a, info: dict, results: dict, timings: dict, distill_log: dict | None
           md_table(header, rows), ""]
     if gaps:
         md += ["Gap to the original (points; goal: distilled within 1.0 point):", "",
-               md_table(["dataset", "protocol", "svd+distill - original",
-                         "svd - original", "within 1 pt"], gaps), ""]
+               md_table(["dataset", "protocol", f"{a.init}+distill - original",
+                         f"{a.init} - original", "within 1 pt"], gaps), ""]
     md += ["## Distillation", "",
            f"- data: {a.n_distill or a.distill_images} unlabeled images "
            f"({a.distill_parts or 'Fashion-MNIST train + MNIST-5k train'}; labels hidden), "
@@ -259,18 +269,24 @@ def main(argv=None) -> int:
     record(results, timings, "original", "original", teacher, sets, a, work)
     save_partial()
 
+    calib = {}
+    if a.init != "svd":  # unlabeled Fashion-MNIST train images, a draw of their own
+        calib = dict(init=a.init, calib_images=a.calib_images,
+                     calib=distill_data(2 * a.calib_images, tf, a.seed + 2).datasets[0])
     with Timer() as t:
-        student = tt.compress(teacher, ratio=a.ratio)
+        student = tt.compress(teacher, ratio=a.ratio, **calib)
     timings["compress"] = t.seconds
-    log(f"compressed c={a.ratio}: {params_m(teacher):.2f}M -> {params_m(student):.2f}M params "
-        f"in {t.seconds:.1f}s")
-    record(results, timings, "svd", "svd", student, sets, a, work)
+    log(f"compressed c={a.ratio} ({a.init}): {params_m(teacher):.2f}M -> "
+        f"{params_m(student):.2f}M params in {t.seconds:.1f}s")
+    init_tag = "" if a.init == "svd" else f"_{a.init}{a.calib_images}"
+    record(results, timings, a.init, "svd" if a.init == "svd" else init_tag[1:], student, sets,
+           a, work)
     save_partial()
 
     dstudent = copy.deepcopy(student)
     ckpt = work / "distilled"
     tag = (f"n{a.distill_images}_e{a.distill_epochs}_lr{a.lr}_b{a.block_weight}_"
-           f"f{a.final_weight}_{a.trainable}_wd{a.weight_decay}_w{a.warmup_steps}")
+           f"f{a.final_weight}_{a.trainable}_wd{a.weight_decay}_w{a.warmup_steps}{init_tag}")
     if (ckpt / tag / "trimtune.json").is_file():
         dstudent = tt.load_model(str(ckpt / tag))
         log("distilled student loaded from cache")
@@ -297,7 +313,7 @@ def main(argv=None) -> int:
                        if isinstance(v, (int, float))}
         log(f"distilled in {t.seconds:.0f}s: {distill_log}")
         tt.save_model(dstudent, ckpt / tag)
-    record(results, timings, "svd+distill", f"distill_{tag}", dstudent, sets, a, work)
+    record(results, timings, f"{a.init}+distill", f"distill_{tag}", dstudent, sets, a, work)
     save_partial(final=True)
     md, _ = report(a, info, results, timings, distill_log)
     print("\n" + md)
