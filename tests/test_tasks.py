@@ -186,12 +186,12 @@ def snella_run(tmp_path_factory):
     return r
 
 
-def assert_merge_exact(model: nn.Module, method: str | None = None) -> nn.Module:
+def assert_merge_exact(model: nn.Module) -> nn.Module:
     x, y = batch(model)
     ref = logits(model, x)
     acc = tt.evaluate_model(model, load_dataset("synthetic:classes=4,n=32,size=32", "test",
                             transform=build_transform(model)), progress=False).top1
-    merged = merge(copy.deepcopy(model), method)
+    merged = merge(copy.deepcopy(model))
     assert not hasattr(merged, "trimtune_adapter") and not hasattr(merged, "trimtune_method")
     names = [n for n, _ in merged.named_parameters()]
     assert not any(t in n for n in names for t in ("snell_", "lora_", ".base_layer."))
@@ -212,7 +212,7 @@ def test_merge_equals_unmerged_snella(snella_run):
 
 def test_merge_equals_unmerged_lora(tmp_path):
     r = finetune(tiny_backbone(), DATA, config("lora", tmp_path / "lora", epochs=1))
-    merged = assert_merge_exact(r.model, "lora")
+    merged = assert_merge_exact(r.model)
     n_plain = sum(p.numel() for p in tiny_backbone().parameters())
     assert sum(p.numel() for p in merged.parameters()) == n_plain
 

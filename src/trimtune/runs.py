@@ -266,7 +266,7 @@ def load_run(run_dir: str | Path) -> nn.Module:
     return model
 
 
-def merge(model: nn.Module, method: str | None = None) -> nn.Module:
+def merge(model: nn.Module) -> nn.Module:
     """Fold the fine-tuned update into the base weights: a plain model, no extra cost
     (:func:`trimtune.tuners.registry.merge`, for every method)."""
     return registry.merge(model)
