@@ -76,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--block-weight", type=float, default=1.0, help="per-block feature MSE")
     ap.add_argument("--final-weight", type=float, default=0.0,
                     help="final-feature (forward_features, normed) MSE; 0 = off")
+    ap.add_argument("--feature-norm", choices=("none", "layernorm"), default="none",
+                    help="token features compared raw (authors) or layer-normalised")
     ap.add_argument("--trainable", choices=("all", "factors"), default="all",
                     help="what the student trains: everything (authors) or the factors only")
     ap.add_argument("--weight-decay", type=float, default=0.05)
@@ -225,7 +227,8 @@ def report(a, info: dict, results: dict, timings: dict, distill_log: dict | None
            f"{'all student parameters' if a.trainable == 'all' else 'the low-rank factors'}",
            f"- loss: {a.block_weight} x per-block token MSE (all 12 blocks, prefix incl.) + "
            f"{a.final_weight} x final-feature MSE (`forward_features`, after the last norm: "
-           "the tokens the CLS feature comes from); no logits, CE or weight-perturbation term",
+           "the tokens the CLS feature comes from); no logits, CE or weight-perturbation term; "
+           f"token features {'raw' if a.feature_norm == 'none' else 'layer-normalised'}",
            ]
     if distill_log:
         md.append(f"- final losses: {distill_log}")
@@ -286,7 +289,8 @@ def main(argv=None) -> int:
     dstudent = copy.deepcopy(student)
     ckpt = work / "distilled"
     tag = (f"n{a.distill_images}_e{a.distill_epochs}_lr{a.lr}_b{a.block_weight}_"
-           f"f{a.final_weight}_{a.trainable}_wd{a.weight_decay}_w{a.warmup_steps}{init_tag}")
+           f"f{a.final_weight}_{a.trainable}_wd{a.weight_decay}_w{a.warmup_steps}{init_tag}"
+           + ("" if a.feature_norm == "none" else f"_{a.feature_norm}"))
     if (ckpt / tag / "trimtune.json").is_file():
         dstudent = tt.load_model(str(ckpt / tag))
         log("distilled student loaded from cache")
@@ -304,7 +308,7 @@ def main(argv=None) -> int:
                                  resume="auto", ckpt_every=50, log_every=10,
                                  num_workers=a.num_workers),
             block_weight=a.block_weight, final_weight=a.final_weight, ce_weight=0.0,
-            trainable=a.trainable)
+            feature_norm=a.feature_norm, trainable=a.trainable)
         log(f"distilling on {len(ddata)} unlabeled images x {a.distill_epochs} epoch(s)")
         with Timer() as t:
             res = tt.distill(dstudent, teacher, ddata, cfg)

@@ -229,6 +229,7 @@ def cmd_distill(a) -> int:
     teacher = load_model(a.teacher, weights=a.teacher_weights, img_size=input_size(student))
     cfg = DistillConfig(train=_train_config(a, a.out), block_weight=a.block_weight,
                         final_weight=a.final_weight, logits_weight=a.logits_weight,
+                        feature_norm=a.feature_norm,
                         ce_weight=a.ce_weight,
                         reg_weight=a.reg_weight, reg_eps=a.reg_eps, reg_form=a.reg_form,
                         trainable=a.trainable)
@@ -422,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the per-block feature MSE")
     s.add_argument("--final-weight", type=float, default=0.0,
                    help="weight of the final-feature MSE")
+    s.add_argument("--feature-norm", choices=["none", "layernorm"], default="none",
+                   help="compare token features raw (none, the authors' PELA; default) or each "
+                   "normalised over its channels first (layernorm: every block counts alike)")
     s.add_argument("--logits-weight", type=float, default=0.0, help="weight of the logits term")
     s.add_argument("--ce-weight", type=float, default=0.0,
                    help="weight of cross-entropy on the dataset's labels (needs a classifier "

@@ -49,6 +49,20 @@ def test_loss_is_zero_for_full_rank_student(x):
     assert logs["block"] > 1e-4 and logs["reg"] > 1e-4
 
 
+def test_layernorm_features_compare_each_token_up_to_its_scale_and_shift(x):
+    from trimtune.lowrank.distill import _mse
+    t = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1))
+    s = 3.0 * t + 0.5  # the same tokens, another scale and offset
+    assert _mse(s, t, None, "none") > 1.0
+    assert _mse(s, t, None, "layernorm") < 1e-6
+    teacher = teacher_vit()
+    obj = DistillObjective(teacher, final_weight=1.0, ce_weight=0.0, feature_norm="layernorm")
+    assert obj(full_rank(teacher), x)[0].item() < 1e-6  # the same function: still zero
+    raw = DistillObjective(teacher, final_weight=1.0, ce_weight=0.0)
+    student = compress(teacher, ratio=2.0)
+    assert obj(student, x)[1]["block"] != raw(student, x)[1]["block"]
+
+
 def test_full_token_sequence_and_one_student_forward(x):
     teacher = teacher_vit()
     student = compress(teacher, ratio=2.0)
@@ -131,6 +145,10 @@ def test_bad_settings_are_clear_errors():
         DistillObjective(teacher, logits_loss="l1")
     with pytest.raises(TrimtuneError, match="trainable"):
         DistillConfig(trainable="some")
+    with pytest.raises(TrimtuneError, match="feature_norm='l2'.*layernorm"):
+        DistillConfig(feature_norm="l2")
+    with pytest.raises(TrimtuneError, match="feature_norm"):
+        DistillObjective(teacher, feature_norm="batch")
     with pytest.raises(TrimtuneError, match="no factorised layer"):
         set_trainable(teacher_vit(), "factors")
     assert isinstance(factorised_layers(compress(teacher))["blocks.0.mlp.fc1"], LowRankLinear)

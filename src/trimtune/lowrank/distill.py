@@ -11,6 +11,9 @@ Loss (each term weighted, zero-weight terms are not computed)::
 
     block  = mean_b MSE(student block b tokens, teacher block b tokens)   (B, N, C), prefix incl.
     final  = MSE(student forward_features, teacher forward_features)       (B, N, C)
+    (feature_norm="layernorm": both sides' tokens normalised to zero mean and unit variance
+    over C first, so every block counts alike and the few large-norm tokens and channels of a
+    late ViT block do not dominate; the authors compare raw features, "none", the default)
     logits = MSE(z_s, z_t)  or  T^2 KL(softmax(z_t/T) || softmax(z_s/T))   (B, K)
     ce     = cross_entropy(z_s, y) over labelled samples (y >= 0)
     reg    = mean_l (max_ij |W2 W1 - W_teacher|_ij - eps)^2                (authors' form)
@@ -155,9 +158,16 @@ def _split_batch(batch):
     return batch, None
 
 
-def _mse(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """MSE of token features (B, N, C), over the tokens where ``mask`` (B, N) is set."""
+FEATURE_NORMS = ("none", "layernorm")
+
+
+def _mse(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None,
+         norm: str = "none") -> torch.Tensor:
+    """MSE of token features (B, N, C), over the tokens where ``mask`` (B, N) is set;
+    ``norm="layernorm"`` compares each token normalised over C (no affine) instead."""
     t = t.to(s.dtype)
+    if norm == "layernorm":
+        s, t = F.layer_norm(s, s.shape[-1:]), F.layer_norm(t, t.shape[-1:])
     if mask is None or s.dim() != 3 or mask.shape != s.shape[:2]:
         return F.mse_loss(s, t)
     keep = mask.bool()
@@ -200,6 +210,8 @@ class DistillObjective:
         ce_weight: weight of cross-entropy on labelled samples (``y >= 0``).
         reg_weight / reg_eps / reg_form / reg_p: the weight-perturbation regulariser.
         blocks: which blocks to distil (timm ``indices``: None = all, int = last n, or a list).
+        feature_norm: "none" (authors: raw token features) or "layernorm" (each token of
+            student and teacher normalised over its channels before the block / final MSE).
 
     A batch is ``x`` (B, 3, H, W), or ``(x, y)`` with ``y = -1`` for unlabelled images. For a
     transformers model ``x`` is its main input (``pixel_values`` / ``input_ids``) or a dict of
@@ -211,7 +223,11 @@ class DistillObjective:
                  logits_weight: float = 0.0, logits_loss: Literal["mse", "kl"] = "mse",
                  temperature: float = 1.0, ce_weight: float = 1.0, reg_weight: float = 0.0,
                  reg_eps: float = 0.0, reg_form: Literal["max", "smooth"] = "max",
-                 reg_p: float = 8.0, blocks: int | Sequence[int] | None = None) -> None:
+                 reg_p: float = 8.0, blocks: int | Sequence[int] | None = None,
+                 feature_norm: Literal["none", "layernorm"] = "none") -> None:
+        if feature_norm not in FEATURE_NORMS:
+            raise TrimtuneError(f"feature_norm={feature_norm!r}: use 'none' (the authors) or "
+                                "'layernorm'")
         if logits_loss not in ("mse", "kl"):
             raise TrimtuneError(f"logits_loss={logits_loss!r}: use 'mse' or 'kl'")
         if reg_form not in ("max", "smooth"):
@@ -224,7 +240,7 @@ class DistillObjective:
         self.logits_loss, self.temperature, self.ce_weight = logits_loss, temperature, ce_weight
         self.reg_weight, self.reg_eps, self.reg_form, self.reg_p = reg_weight, reg_eps, reg_form, \
             reg_p
-        self.blocks = blocks
+        self.blocks, self.feature_norm = blocks, feature_norm
         self._w_teacher: dict[str, torch.Tensor] | None = None
         # Without a logits/ce term the head never gets gradient: DDP must allow unused params.
         self.find_unused_parameters = not (logits_weight or ce_weight)
@@ -274,10 +290,10 @@ class DistillObjective:
             if len(s_blocks) != len(t_blocks):
                 raise TrimtuneError(f"student has {len(s_blocks)} blocks, teacher {len(t_blocks)}"
                                     f": distil from the model the student was compressed from")
-            logs["block"] = torch.stack([_mse(s, t, mask)
+            logs["block"] = torch.stack([_mse(s, t, mask, self.feature_norm)
                                          for s, t in zip(s_blocks, t_blocks)]).mean()
         if self.final_weight:
-            logs["final"] = _mse(s_final, t_final, mask)
+            logs["final"] = _mse(s_final, t_final, mask, self.feature_norm)
         if self.logits_weight:
             logs["logits"] = self._logits_term(s_logits, t_logits)
         if self.ce_weight and y is not None and (y >= 0).any():
@@ -342,11 +358,15 @@ class DistillConfig:
     reg_form: Literal["max", "smooth"] = "max"
     reg_p: float = 8.0
     blocks: int | list[int] | None = None
+    feature_norm: Literal["none", "layernorm"] = "none"
     trainable: Literal["all", "factors"] = "all"
 
     def __post_init__(self) -> None:
         if self.trainable not in ("all", "factors"):
             raise TrimtuneError(f"trainable={self.trainable!r}: use 'all' or 'factors'")
+        if self.feature_norm not in FEATURE_NORMS:
+            raise TrimtuneError(f"feature_norm={self.feature_norm!r}: use 'none' (the authors) "
+                                "or 'layernorm'")
 
     def objective(self, teacher: nn.Module) -> DistillObjective:
         kw = {f.name: getattr(self, f.name) for f in fields(self)
