@@ -78,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="final-feature (forward_features, normed) MSE; 0 = off")
     ap.add_argument("--feature-norm", choices=("none", "layernorm"), default="none",
                     help="token features compared raw (authors) or layer-normalised")
+    ap.add_argument("--augment", action="store_true",
+                    help="distil on augmented images (timm's training transform: random "
+                         "resized crop + flip, the fgvc protocol) instead of resized ones")
     ap.add_argument("--trainable", choices=("all", "factors"), default="all",
                     help="what the student trains: everything (authors) or the factors only")
     ap.add_argument("--weight-decay", type=float, default=0.05)
@@ -228,7 +231,8 @@ def report(a, info: dict, results: dict, timings: dict, distill_log: dict | None
            f"- loss: {a.block_weight} x per-block token MSE (all 12 blocks, prefix incl.) + "
            f"{a.final_weight} x final-feature MSE (`forward_features`, after the last norm: "
            "the tokens the CLS feature comes from); no logits, CE or weight-perturbation term; "
-           f"token features {'raw' if a.feature_norm == 'none' else 'layer-normalised'}",
+           f"token features {'raw' if a.feature_norm == 'none' else 'layer-normalised'}; "
+           f"images {'augmented (random resized crop + flip)' if a.augment else 'resized'}",
            ]
     if distill_log:
         md.append(f"- final losses: {distill_log}")
@@ -290,12 +294,14 @@ def main(argv=None) -> int:
     ckpt = work / "distilled"
     tag = (f"n{a.distill_images}_e{a.distill_epochs}_lr{a.lr}_b{a.block_weight}_"
            f"f{a.final_weight}_{a.trainable}_wd{a.weight_decay}_w{a.warmup_steps}{init_tag}"
-           + ("" if a.feature_norm == "none" else f"_{a.feature_norm}"))
+           + ("" if a.feature_norm == "none" else f"_{a.feature_norm}")
+           + ("_aug" if a.augment else ""))
     if (ckpt / tag / "trimtune.json").is_file():
         dstudent = tt.load_model(str(ckpt / tag))
         log("distilled student loaded from cache")
     else:
-        ddata = distill_data(a.distill_images, tf, a.seed + 1)
+        ddata = distill_data(a.distill_images, tt.build_transform(
+            teacher, train=True, protocol="fgvc") if a.augment else tf, a.seed + 1)
         a.n_distill = len(ddata)
         a.distill_parts = (f"{len(ddata.datasets[0])} Fashion-MNIST train + "
                            f"{len(ddata.datasets[1])} MNIST-5k train")
