@@ -70,6 +70,25 @@ def test_whitening_minimises_output_error(vit):
     assert err["white"] < err["svd"]
 
 
+@torch.no_grad()
+def test_whitened_factors_do_not_grow_with_the_calibration_set(vit):
+    """The same images twice (twice the tokens, twice the summed Gram matrix) give the same
+    factors, and .second's input keeps the scale of the original layer's input (the summed
+    Gram matrix made it shrink with the square root of the number of tokens)."""
+    calib = calib_images()
+    once = compress(vit, rank=6, init="whiten", calib=calib)
+    twice = compress(vit, rank=6, init="whiten", calib=torch.cat([calib, calib]))
+    layers = factorised_layers(once)
+    xs = layer_inputs(vit, layers, calib)
+    for name, m in layers.items():
+        t = factorised_layers(twice)[name]
+        torch.testing.assert_close(m.first.weight, t.first.weight, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(m.second.weight, t.second.weight, rtol=1e-4, atol=1e-6)
+        h = m.first(xs[name].float())  # what .second sees
+        ratio = float(h.pow(2).mean().sqrt() / xs[name].pow(2).mean().sqrt())
+        assert 0.2 < ratio < 5, (name, ratio)
+
+
 @pytest.mark.parametrize("init", ["whiten", "asvd"])
 @torch.no_grad()
 def test_full_rank_reproduces_outputs(vit, images, init):

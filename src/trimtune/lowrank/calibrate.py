@@ -39,6 +39,12 @@ class LayerStats:
             self.abs_sum = torch.zeros(self.in_features, dtype=torch.float64)
 
     @property
+    def second_moment(self) -> torch.Tensor:
+        """``X^T X / rows`` (in x in): the Gram matrix per input vector, so that what is built
+        from it does not grow with the size of the calibration set."""
+        return self.gram / max(self.rows, 1)
+
+    @property
     def abs_mean(self) -> torch.Tensor:
         """Mean ``|x|`` per input channel, shape (in,)."""
         return self.abs_sum / max(self.rows, 1)

@@ -19,7 +19,11 @@ Which factors (``init``):
 - ``"svd"``: PELA's truncated SVD of ``W``, the best rank-r weight (Eckart-Young);
 - ``"whiten"``: SVD-LLM's truncation-aware whitening: SVD of ``W S`` with ``S`` the Cholesky
   factor of the layer's calibration inputs' Gram matrix ``X^T X``, ``S^-1`` folded back into
-  the first factor: the best rank-r layer for the calibration outputs, min ``||(W - W_r) X^T||_F``;
+  the first factor: the best rank-r layer for the calibration outputs, min ``||(W - W_r) X^T||_F``.
+  The Gram matrix is taken per input vector (``X^T X / n``; SVD-LLM sums it): the same product
+  ``W2 W1``, but the singular values split between the factors no longer grow with the
+  calibration set, so the input of ``.second`` (what a tuner on a factorised layer adapts) keeps
+  the original layer's scale instead of shrinking 5-30x;
 - ``"asvd"``: ASVD's activation scaling: SVD of ``W diag(mean|x|^alpha)``, the scale folded back.
 
 The data-aware inits read a few hundred unlabeled ``calib`` images streamed through the original
@@ -278,7 +282,12 @@ def compress(
         target = lin.weight
         if stats is not None:  # the data-aware inits factorise W S (S invertible)
             if init == "whiten":
-                right, used = whitening_factor(stats[name].gram, damp)
+                # per-row Gram: the product W2 W1 is the same for any scale of S, but the
+                # split of the spectrum between the factors is not: with the summed Gram, S and
+                # the singular values grow as sqrt(calibration tokens), and .second's input
+                # (what an adapter on .second sees) shrinks by as much (DINOv2-S, 4,352 tokens:
+                # 5-30x below the original layer's input; per row: on the original's scale)
+                right, used = whitening_factor(stats[name].second_moment, damp)
                 if used > damp:
                     init_record["damped"][name] = used
             else:
