@@ -148,6 +148,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="PELA distillation epochs of the @c2 backbone on those images "
                     "(0: factorised only)")
     ap.add_argument("--distill-lr", type=float, default=1e-4, help="its lr")
+    ap.add_argument("--distill-feature-norm", choices=("none", "layernorm"), default="none",
+                    help="its token features: raw (authors) or layer-normalised")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -273,14 +275,16 @@ class Study:
             if a.distill_epochs:
                 out = Path(a.work) / task.replace(":", "_") / "distill"
                 shutil.rmtree(out, ignore_errors=True)
-                dc = tt.DistillConfig(ce_weight=0.0, train=tt.TrainConfig(
+                dc = tt.DistillConfig(ce_weight=0.0, feature_norm=a.distill_feature_norm,
+                                      train=tt.TrainConfig(
                     epochs=a.distill_epochs, lr=a.distill_lr, batch_size=a.batch_size,
                     warmup_epochs=0.5, seed=CALIB_SEED, out_dir=str(out), resume=False,
                     progress=False))
                 with Timer() as t:
                     tt.distill(student, self.base, calib, dc)
-                info.update(distill_epochs=a.distill_epochs, distill_lr=a.distill_lr,
-                            distill_s=t.seconds)
+                info.update(distill_images=len(calib), distill_epochs=a.distill_epochs,
+                            distill_lr=a.distill_lr,
+                            distill_feature_norm=a.distill_feature_norm, distill_s=t.seconds)
             log(f"compressed backbone for {task}: {info}")
             self.compressed[task] = student
             self.compressed_info[task] = info
@@ -416,12 +420,14 @@ class Study:
         n_runs = len(self.runs)
         wall = sum(r["train_wall_s"] + r["test_wall_s"] for r in self.runs.values())
         loads = [r["load_avg"] for r in self.runs.values() if "load_avg" in r]
+        grid_text = "; ".join(k + ": " + ", ".join(f"{x:g}" for x in v)
+                              for k, v in self.grids.items())
         md = [f"# Fine-tuning quality: {a.model} at {a.img_size}px, seeds {a.seed_list}"
               + ("" if final else " (PARTIAL: the run was still going or was stopped)"), "",
               f"Preset `{a.preset}`: {a.epochs} epochs per run on `@train800`, batch "
               f"{a.batch_size}, AdamW (wd 1e-4), 0.5-epoch warm-up then cosine to 1e-6; sparsity "
               f"{a.sparsity} for snell / snella (snella: target of its schedule, fast recipe). "
-              f"lr grid per method ({'; '.join(k + ': ' + ', '.join(f'{x:g}' for x in v) for k, v in self.grids.items())})"
+              f"lr grid per method ({grid_text})"
               f", selected on `@val` ({a.lr_select}); each run keeps its best-val epoch; merged "
               f"and tested once on "
               + (f"{a.test_images} stratified test images" if a.test_images else
@@ -438,8 +444,11 @@ class Study:
                    f"{info['params'] / 1e6:.2f}M of {info['original_params'] / 1e6:.2f}M "
                    "params, {:.0f} s)".format(info["compress_s"])
                    + (f", then distilled from the original for {info['distill_epochs']} epochs "
-                      f"on those images at lr {info['distill_lr']:g} "
-                      f"({info['distill_s']:.0f} s)" if info.get("distill_epochs") else
+                      f"on the {info.get('distill_images', 'same')} unlabeled images of that "
+                      f"draw at lr {info['distill_lr']:g}"
+                      + (f", {info['distill_feature_norm']} features"
+                         if info.get("distill_feature_norm", "none") != "none" else "")
+                      + f" ({info['distill_s']:.0f} s)" if info.get("distill_epochs") else
                       ", not distilled") + "; the same fine-tuning protocol as the rest.", ""]
         if abl_rows:
             md += [f"## SNELLA ablation ({tasks[0]}, r = 8, at snella-r8's selected lr)", "",
@@ -451,6 +460,9 @@ class Study:
                + (" (the machine was shared with other jobs: wall times are upper bounds)"
                   if max(loads, default=0) > (os.cpu_count() or 1) + 0.5 else "") + ".", "",
                "## Machine", "", machine_markdown(self.info), ""]
+        notes = RESULTS / f"quality_{a.tag}_notes.md"  # hand-written reading of the figures
+        if notes.is_file():
+            md += [notes.read_text().rstrip(), ""]
         return "\n".join(md), groups, errors
 
     def paired(self, task: str, x: str, y: str) -> list[float]:
