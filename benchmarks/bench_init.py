@@ -22,6 +22,7 @@ Writes benchmarks/results/init_<tag>.{md,json,png}; partial JSON after every mod
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from bench_distill import EVAL_SETS, record  # noqa: E402  (same protocol and he
 
 import trimtune as tt  # noqa: E402
 from trimtune.data import stratified_choice  # noqa: E402
+from trimtune.lowrank import factorised_layers  # noqa: E402
 from trimtune.measure.plots import plot_bars  # noqa: E402
 
 INITS = ("svd", "whiten", "asvd")
@@ -105,7 +107,6 @@ def report(a, info: dict, results: dict, timings: dict) -> tuple[str, dict]:
     return "\n".join(md), groups
 
 
-@torch.inference_mode()
 def fidelity(a) -> int:
     """Quick mode: feature fidelity of svd / whiten / asvd to the original on N test images."""
     teacher = tt.create_backbone(a.model, num_classes=10, img_size=a.img_size).eval()
@@ -114,12 +115,25 @@ def fidelity(a) -> int:
     te = te.subset(stratified_choice(te.targets, a.fidelity_only, a.seed))
     x = torch.stack([te[i][0] for i in range(len(te))])
 
+    @torch.no_grad()  # (not around compress: its forward-path probe needs gradients)
     def feats(m):
         return torch.cat([m.forward_head(m.forward_features(c), pre_logits=True)
                           for c in x.split(32)]).double()
 
+    def layer_input_rms(m, names):
+        """RMS of each named module's input on ``x``."""
+        got: dict[str, list] = {n: [] for n in names}
+        hs = [m.get_submodule(n).register_forward_hook(
+            lambda mod, i, o, n=n: got[n].append(i[0].double().pow(2).mean()))
+            for n in names]
+        feats(m)
+        for h in hs:
+            h.remove()
+        return {n: float(torch.stack(v).mean().sqrt()) for n, v in got.items()}
+
     ref = feats(teacher)
-    rows, data = [], {}
+    rows, scale_rows, data = [], [], {}
+    orig_rms: dict[str, float] = {}
     for init in a.inits:
         kw = {} if init == "svd" else dict(calib=a.calib, calib_images=a.calib_images)
         with Timer() as t:
@@ -130,16 +144,43 @@ def fidelity(a) -> int:
         data[init] = {"cosine": cos, "rel_error": rel, "compress_s": t.seconds,
                       "init": student.trimtune_lowrank["init"]}
         rows.append([init, f"{cos:.4f}", f"{rel:.4f}", f"{t.seconds:.0f}"])
+        # what an adapter on a factorised layer sees: .second's input vs the original input
+        layers = factorised_layers(student)
+        orig_rms = orig_rms or layer_input_rms(teacher, list(layers))
+        sec = layer_input_rms(student, [f"{n}.second" for n in layers])
+        ratio = torch.tensor([sec[f"{n}.second"] / orig_rms[n] for n in layers])
+        norms = torch.tensor([float(m.second.weight.norm() / m.first.weight.norm())
+                              for m in layers.values()])
+        data[init].update(second_input_rms_ratio=ratio.tolist(),
+                          second_first_norm_ratio=norms.tolist())
+        variants = [(init, 1.0)]
+        tokens = student.trimtune_lowrank["init"].get("calib_tokens")
+        if init == "whiten" and tokens:  # SVD-LLM's summed Gram: S and s grow as sqrt(tokens)
+            variants.append((f"whiten, summed Gram (SVD-LLM; {tokens} tokens)", tokens ** 0.25))
+        for label, k in variants:
+            r = ratio / k
+            scale_rows.append([label, f"{r.median():.3f}", f"{r.min():.3f} - {r.max():.3f}",
+                               f"{(norms * k * k).median():.2f}"])
         log(f"{init}: cosine {cos:.4f}, relative error {rel:.4f} ({t.seconds:.0f}s)")
     md = [f"# Factor init, feature fidelity: {a.model} at {a.img_size}px, c = {a.ratio}", "",
           f"Pre-logit CLS features of the compressed model vs the original on {len(x)} "
           "Fashion-MNIST test images (seeded stratified draw; disjoint from the calibration "
           f"images, {a.calib_images} unlabeled `{a.calib}` train images); no distillation. "
-          "A quick proxy run because the full kNN / probe run (`init_cpu.md`) did not fit the "
-          "shared machine's time; higher cosine / lower error = closer to the original.", "",
+          "A quick proxy of the kNN / probe comparison (`init_cpu.md`); "
+          "higher cosine / lower error = closer to the original.", "",
           md_table(["init", "mean cosine", "relative error", "compress + calibrate (s)"], rows),
-          "", "The 2 CPU cores were shared with other engineers' jobs (load average 15-20) "
-          "while this ran: wall times are indicative only.", "",
+          "", "What a tuner adapting a factorised layer (on `.second`) sees: the RMS of "
+          "`.second`'s input over the RMS of the original layer's input, on the same images, "
+          f"over the {len(orig_rms)} factorised layers; and the factors' "
+          "Frobenius-norm ratio. The summed-Gram row is exact arithmetic on the whiten row: "
+          "with `X^T X` summed over n tokens instead of averaged, `S` and the singular values "
+          "grow by sqrt(n), so `.second`'s input shrinks by n^(1/4) and the norm ratio grows "
+          "by n^(1/2); the product `W2 W1` is the same.", "",
+          md_table(["init", ".second input RMS / original input RMS (median)", "min - max",
+                    "median |second| / |first|"], scale_rows), "",
+          f"1-minute load average at the end: {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores (above 2: the machine was shared, wall times are upper "
+          "bounds).", "",
           "## Machine", "", machine_markdown(machine_info()), ""]
     write_results(f"init_fidelity_{a.tag}", "\n".join(md), {"args": vars(a), "results": data})
     print("\n".join(md))

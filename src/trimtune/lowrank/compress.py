@@ -23,7 +23,8 @@ Which factors (``init``):
   The Gram matrix is taken per input vector (``X^T X / n``; SVD-LLM sums it): the same product
   ``W2 W1``, but the singular values split between the factors no longer grow with the
   calibration set, so the input of ``.second`` (what a tuner on a factorised layer adapts) keeps
-  the original layer's scale instead of shrinking 5-30x;
+  the original layer's scale instead of shrinking 5-20x
+  (``benchmarks/results/init_fidelity_scale56_cpu.md``);
 - ``"asvd"``: ASVD's activation scaling: SVD of ``W diag(mean|x|^alpha)``, the scale folded back.
 
 The data-aware inits read a few hundred unlabeled ``calib`` images streamed through the original
@@ -285,8 +286,8 @@ def compress(
                 # per-row Gram: the product W2 W1 is the same for any scale of S, but the
                 # split of the spectrum between the factors is not: with the summed Gram, S and
                 # the singular values grow as sqrt(calibration tokens), and .second's input
-                # (what an adapter on .second sees) shrinks by as much (DINOv2-S, 4,352 tokens:
-                # 5-30x below the original layer's input; per row: on the original's scale)
+                # (what an adapter on .second sees) shrinks as n^(1/4) (DINOv2-S, 4,352 tokens:
+                # 5-20x below the original layer's input; per row: on the original's scale)
                 right, used = whitening_factor(stats[name].second_moment, damp)
                 if used > damp:
                     init_record["damped"][name] = used
