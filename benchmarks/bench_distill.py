@@ -215,7 +215,10 @@ def report(a, info: dict, results: dict, timings: dict, distill_log: dict | None
           "Frozen pre-logit CLS features; accuracy in %. kNN: k = "
           f"{a.knn_k}, cosine, majority vote. Probe: sklearn LogisticRegression (C = 0.5) on "
           "standardised features. Fashion-MNIST: 1k-shot train (`fashion-mnist:1k`, seed "
-          f"{a.seed}), full 10k test; digits: sklearn load_digits fixed 1,347 / 450 split.", "",
+          f"{a.seed}), "
+          + (f"{a.test_images} test images (stratified, seeded)" if a.test_images else
+             "full 10k test")
+          + "; digits: sklearn load_digits fixed 1,347 / 450 split.", "",
           md_table(header, rows), ""]
     if gaps:
         md += ["Gap to the original (points; goal: distilled within 1.0 point):", "",

@@ -148,6 +148,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="PELA distillation epochs of the @c2 backbone on those images "
                     "(0: factorised only)")
     ap.add_argument("--distill-lr", type=float, default=1e-4, help="its lr")
+    ap.add_argument("--distill-images", type=int, default=0,
+                    help="distil on this many unlabeled images of the task's whole train split "
+                    "(a seeded stratified draw; labels unused) instead of the calibration draw "
+                    "(0)")
     ap.add_argument("--distill-feature-norm", choices=("none", "layernorm"), default="none",
                     help="its token features: raw (authors) or layer-normalised")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -273,6 +277,15 @@ class Study:
                     "params": sum(p.numel() for p in student.parameters()),
                     "original_params": sum(p.numel() for p in self.base.parameters())}
             if a.distill_epochs:
+                dset, what = calib, "the same draw"
+                if a.distill_images:  # unlabeled images of the whole train split
+                    name = task.split(":")[0]
+                    full = tt.load_dataset(name, "train", seed=CALIB_SEED,
+                                           transform=tt.build_transform(self.base, train=False))
+                    if a.distill_images < len(full):
+                        full = full.subset(stratified_choice(full.targets, a.distill_images,
+                                                             CALIB_SEED))
+                    dset, what = Pretransformed(full), f"`{name}` train (a draw)"
                 out = Path(a.work) / task.replace(":", "_") / "distill"
                 shutil.rmtree(out, ignore_errors=True)
                 dc = tt.DistillConfig(ce_weight=0.0, feature_norm=a.distill_feature_norm,
@@ -281,8 +294,9 @@ class Study:
                     warmup_epochs=0.5, seed=CALIB_SEED, out_dir=str(out), resume=False,
                     progress=False))
                 with Timer() as t:
-                    tt.distill(student, self.base, calib, dc)
-                info.update(distill_images=len(calib), distill_epochs=a.distill_epochs,
+                    tt.distill(student, self.base, dset, dc)
+                info.update(distill_images=len(dset), distill_from=what,
+                            distill_epochs=a.distill_epochs,
                             distill_lr=a.distill_lr,
                             distill_feature_norm=a.distill_feature_norm, distill_s=t.seconds)
             log(f"compressed backbone for {task}: {info}")
@@ -444,8 +458,8 @@ class Study:
                    f"{info['params'] / 1e6:.2f}M of {info['original_params'] / 1e6:.2f}M "
                    "params, {:.0f} s)".format(info["compress_s"])
                    + (f", then distilled from the original for {info['distill_epochs']} epochs "
-                      f"on the {info.get('distill_images', 'same')} unlabeled images of that "
-                      f"draw at lr {info['distill_lr']:g}"
+                      f"on {info.get('distill_images', 'the same')} unlabeled images of "
+                      f"{info.get('distill_from', 'the same draw')} at lr {info['distill_lr']:g}"
                       + (f", {info['distill_feature_norm']} features"
                          if info.get("distill_feature_norm", "none") != "none" else "")
                       + f" ({info['distill_s']:.0f} s)" if info.get("distill_epochs") else
