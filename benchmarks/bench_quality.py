@@ -232,7 +232,10 @@ class Study:
         self.t0 = time.time()
         prev = RESULTS / f"quality_{a.tag}.json"
         if a.resume and prev.is_file():
-            self.runs = json.loads(prev.read_text()).get("runs", {})
+            old = json.loads(prev.read_text())
+            self.runs = old.get("runs", {})
+            # the backbones' record, for the report when every @c run is already done
+            self.compressed_info = old.get("compressed_backbones", {})
             log(f"resuming: {len(self.runs)} runs already done")
 
     # ------------------------------------------------------------------ data
