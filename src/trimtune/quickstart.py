@@ -211,8 +211,9 @@ def _markdown(table: list[dict], a, elapsed: float, n_test: int, test_spec: str)
     lines += ["", f"Test set: {n_test} images of {test_spec}. Fine-tuning: SNELLA r={a.rank}, "
               f"target sparsity {a.sparsity}, {a.epochs} epochs, lr {a.lr}, batch "
               f"{a.batch_size}. Compression: c = {a.ratio}, factor init "
-              f"{getattr(a, 'init', 'whiten')}. Distillation: {a.distill_images} unlabeled images x "
-              f"{a.distill_epochs} epoch(s). Training memory: peak RSS increase of one "
+              f"{getattr(a, 'init', 'whiten')}. Distillation: {a.distill_images} unlabeled "
+              f"images x {a.distill_epochs} epoch(s). CPU latency: batch 1, the best of "
+              f"{LATENCY_ROUNDS} rounds over the models. Training memory: peak RSS increase of one "
               f"training step at batch {a.batch_size} in a fresh process (CPU). "
               f"Total time {elapsed / 60:.1f} min on {torch.get_num_threads()} threads.", ""]
     gains = join_gains(table)
