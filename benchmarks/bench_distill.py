@@ -288,9 +288,9 @@ def main(argv=None) -> int:
     timings["compress"] = t.seconds
     log(f"compressed c={a.ratio} ({a.init}): {params_m(teacher):.2f}M -> "
         f"{params_m(student):.2f}M params in {t.seconds:.1f}s")
-    init_tag = "" if a.init == "svd" else f"_{a.init}{a.calib_images}"
-    record(results, timings, a.init, "svd" if a.init == "svd" else init_tag[1:], student, sets,
-           a, work)
+    label = "svd" if a.init == "svd" else f"{a.init}{a.calib_images}"  # feature cache name
+    init_tag = "" if a.init == "svd" else f"_{label}"
+    record(results, timings, a.init, label, student, sets, a, work)
     save_partial()
 
     dstudent = copy.deepcopy(student)

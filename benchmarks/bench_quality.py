@@ -63,6 +63,7 @@ from _common import (RESULTS, Timer, log, machine_info, machine_markdown, md_tab
 import trimtune as tt  # noqa: E402
 from trimtune.data import stratified_choice  # noqa: E402
 from trimtune.measure.plots import plot_bars  # noqa: E402
+from trimtune.tuners.targets import DEFAULT_TARGETS  # noqa: E402
 
 DEFAULT_LRS = {  # 2-value grids, the usual ranges of each method (AdamW, batch 32)
     "linear": (3e-3, 1e-2),
@@ -71,6 +72,9 @@ DEFAULT_LRS = {  # 2-value grids, the usual ranges of each method (AdamW, batch 
     "snella": (1e-3, 3e-3),
     "full": (3e-5, 1e-4),
 }
+
+#: the default target layers, both factors of each (a pattern naming a factor selects it)
+BOTH_FACTORS = DEFAULT_TARGETS + r"\.(first|second)"
 
 #: name -> FinetuneConfig fields (sparsity: the --sparsity flag unless set here)
 VARIANTS = {
@@ -86,11 +90,9 @@ VARIANTS = {
     "snella-r8@c2": dict(method="snella", rank=8, compressed=True),
     # which factor of a factorised layer (W = W2 W1) is adapted: .second (the default), or both
     "lora-r8@c2-both": dict(method="lora", rank=8, compressed=True,
-                            target_modules=r"(.*\.)?(qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
-                            r"\.(first|second)"),
+                            target_modules=BOTH_FACTORS),
     "snella-r8@c2-both": dict(method="snella", rank=8, compressed=True,
-                              target_modules=r"(.*\.)?(qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
-                              r"\.(first|second)"),
+                              target_modules=BOTH_FACTORS),
 }
 
 #: ablation name -> changes to snella-r8 (run at snella-r8's selected lr)

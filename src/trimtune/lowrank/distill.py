@@ -161,6 +161,11 @@ def _split_batch(batch):
 FEATURE_NORMS = ("none", "layernorm")
 
 
+def _check_feature_norm(norm: str) -> None:
+    if norm not in FEATURE_NORMS:
+        raise TrimtuneError(f"feature_norm={norm!r}: use 'none' (the authors) or 'layernorm'")
+
+
 def _mse(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None,
          norm: str = "none") -> torch.Tensor:
     """MSE of token features (B, N, C), over the tokens where ``mask`` (B, N) is set;
@@ -225,9 +230,7 @@ class DistillObjective:
                  reg_eps: float = 0.0, reg_form: Literal["max", "smooth"] = "max",
                  reg_p: float = 8.0, blocks: int | Sequence[int] | None = None,
                  feature_norm: Literal["none", "layernorm"] = "none") -> None:
-        if feature_norm not in FEATURE_NORMS:
-            raise TrimtuneError(f"feature_norm={feature_norm!r}: use 'none' (the authors) or "
-                                "'layernorm'")
+        _check_feature_norm(feature_norm)
         if logits_loss not in ("mse", "kl"):
             raise TrimtuneError(f"logits_loss={logits_loss!r}: use 'mse' or 'kl'")
         if reg_form not in ("max", "smooth"):
@@ -364,9 +367,7 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.trainable not in ("all", "factors"):
             raise TrimtuneError(f"trainable={self.trainable!r}: use 'all' or 'factors'")
-        if self.feature_norm not in FEATURE_NORMS:
-            raise TrimtuneError(f"feature_norm={self.feature_norm!r}: use 'none' (the authors) "
-                                "or 'layernorm'")
+        _check_feature_norm(self.feature_norm)
 
     def objective(self, teacher: nn.Module) -> DistillObjective:
         kw = {f.name: getattr(self, f.name) for f in fields(self)
