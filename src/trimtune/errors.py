@@ -12,8 +12,12 @@ class TrimtuneError(ValueError):
 
 class RunInterrupted(TrimtuneError):
     """Training stopped on SIGINT (Ctrl-C) or SIGTERM; the message says what was kept and how
-    to continue. ``signum`` is the signal number (the CLI exits with ``128 + signum``)."""
+    to continue. ``signum`` is the signal number (the CLI exits with ``128 + signum``);
+    ``step`` / ``total_steps``: where the loop stopped (None outside the loop)."""
 
-    def __init__(self, message: str, signum: int):
+    def __init__(self, message: str, signum: int, *, step: int | None = None,
+                 total_steps: int | None = None):
         super().__init__(message)
         self.signum = signum
+        self.step = step
+        self.total_steps = total_steps

@@ -117,7 +117,12 @@ def test_signal_writes_a_checkpoint_that_resumes_bit_identically(tmp_path, signu
         assert torch.equal(a, b)
 
 
-def test_signal_during_an_overwrite_keeps_the_previous_run(tmp_path):
+def test_signal_during_an_overwrite_keeps_the_previous_run_and_the_new_one_resumable(tmp_path):
+    """Issue 23: an interrupted --overwrite run leaves the old run intact AND the new one
+    resumable: --overwrite --resume continues it beside the old one and swaps it in when it
+    finishes, bit-identical to an uninterrupted run."""
+    ref = tiny_mlp()
+    fit(ref, tiny_data(), ce_objective, cfg(tmp_path / "ref", lr=5e-3))
     out = tmp_path / "run"
     fit(tiny_mlp(), tiny_data(), ce_objective, cfg(out))
     before = snapshot(out)
@@ -127,9 +132,45 @@ def test_signal_during_an_overwrite_keeps_the_previous_run(tmp_path):
             if state.step == 3:
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    with pytest.raises(RunInterrupted, match="previous run in .* is untouched"):
+    with pytest.raises(RunInterrupted, match=r"at optimizer step 3 of 16; the previous run in "
+                                             r".* is untouched and the new one is kept in "
+                                             r".*\.run\.staging: .*--overwrite --resume"):
+        fit(tiny_mlp(), tiny_data(), ce_objective, cfg(out, overwrite=True, lr=5e-3),
+            callbacks=[Kill()])
+    assert snapshot(out) == before
+    assert load_checkpoint(staging_path(out))["step"] == 3
+    # the next start in that folder (clean_stale) keeps it: it holds a checkpoint
+    assert staging_path(out) not in clean_stale(out) and staging_path(out).is_dir()
+    with pytest.raises(TrimtuneError, match="already holds a run"):  # the old rule still holds
+        fit(tiny_mlp(), tiny_data(), ce_objective, cfg(out, lr=5e-3))
+
+    torch.manual_seed(99)
+    resumed = tiny_mlp(seed=3)
+    res = fit(resumed, tiny_data(), ce_objective, cfg(out, overwrite=True, resume=True, lr=5e-3))
+    assert res.out_dir == out and res.checkpoint == out / "checkpoint" / "state.pt"
+    assert not staging_path(out).exists() and not replaced_path(out).exists()
+    assert load_checkpoint(out)["settings"]["lr"] == 5e-3 and load_checkpoint(out)["step"] == 16
+    for a, b in zip(ref.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(TrimtuneError, match="there is none"):  # nothing staged any more
+        fit(tiny_mlp(), tiny_data(), ce_objective, cfg(out, overwrite=True, resume=True))
+
+
+def test_overwrite_alone_starts_an_interrupted_overwrite_again(tmp_path):
+    out = tmp_path / "run"
+    fit(tiny_mlp(), tiny_data(), ce_objective, cfg(out))
+
+    class Kill:
+        def after_optimizer_step(self, state):
+            if state.step == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(RunInterrupted):
         fit(tiny_mlp(), tiny_data(), ce_objective, cfg(out, overwrite=True), callbacks=[Kill()])
-    assert snapshot(out) == before and not staging_path(out).exists()
+    assert staging_path(out).is_dir()
+    with pytest.warns(UserWarning, match="starts again: the interrupted --overwrite run kept"):
+        fit(tiny_mlp(), tiny_data(), ce_objective, cfg(out, overwrite=True, max_steps=4))
+    assert load_checkpoint(out)["step"] == 4 and not staging_path(out).exists()
 
 
 def test_stale_temporary_files_are_removed_on_the_next_start(tmp_path):

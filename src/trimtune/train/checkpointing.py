@@ -17,11 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import torch_save_atomic, write_json
+from ..checkpoint import CKPT_DIR, CKPT_FILE, torch_save_atomic, write_json
 from ..errors import TrimtuneError
-
-CKPT_DIR = "checkpoint"
-CKPT_FILE = "state.pt"
 
 
 def rng_state() -> dict[str, Any]:

@@ -70,9 +70,9 @@ class TrainConfig:
              f"max_steps={self.max_steps}: set it to 1 or more, or None")
         need(self.select_mode in ("max", "min"),
              f"select_mode={self.select_mode!r}: use 'max' or 'min'")
-        need(not (self.resume is True and self.overwrite),
-             "resume=True and overwrite=True contradict each other: resume continues the run "
-             "in out_dir, overwrite replaces it; choose one")
+        need(not (self.resume == "auto" and self.overwrite),
+             "resume='auto' with overwrite=True: use resume=True with overwrite=True to "
+             "continue an interrupted overwrite, or overwrite=True alone to start it again")
         self.out_dir = None if self.out_dir is None else Path(self.out_dir)
 
     #: fields that do not change what is learned (where, how often, how it is shown)

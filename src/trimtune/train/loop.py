@@ -85,17 +85,11 @@ def fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tra
     with run_folder(out, resume=bool(config.resume), overwrite=config.overwrite, main=main,
                     markers=FIT_MARKERS) as work:
         staged = work != out
-        try:
-            with _signals_stop() as flag:
-                result = _fit(model, train_data, objective, config, callbacks, eval_fn,
-                              work, dict(settings or {}), flag)
-        except RunInterrupted as e:
-            if staged:  # run_folder drops the new run: the previous one stays as it was
-                raise RunInterrupted(
-                    f"interrupted by {signal.Signals(e.signum).name}; the previous run in {out} "
-                    "is untouched and this new run was discarded: run the command again to "
-                    "replace it", e.signum) from None
-            raise
+        # an interrupt of an overwriting run: run_folder keeps its checkpoint beside ``out``
+        # (--overwrite --resume continues it) and says so
+        with _signals_stop() as flag:
+            result = _fit(model, train_data, objective, config, callbacks, eval_fn,
+                          work, dict(settings or {}), flag)
     if staged:  # the folder was swapped in: report final paths
         result = dataclasses.replace(result, out_dir=out, **{
             k: out / Path(v).relative_to(work) for k in ("checkpoint", "best", "metrics_file")
@@ -300,7 +294,8 @@ def _fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tr
                 raise RunInterrupted(
                     f"interrupted by {name} at optimizer step {state.step} of {total_steps}; "
                     f"checkpoint written to {ckpt_file}: run the same command with --resume "
-                    "(resume=True) to continue", signum)
+                    "(resume=True) to continue", signum, step=state.step,
+                    total_steps=total_steps)
             if stopped:
                 break
     bar.close()
