@@ -21,3 +21,8 @@ class RunInterrupted(TrimtuneError):
         self.signum = signum
         self.step = step
         self.total_steps = total_steps
+
+
+class TrainingCollapseWarning(UserWarning):
+    """A run that fell to chance or whose loss rose far above its start: the message (one line)
+    says where, what was kept, and the fix (usually a lower learning rate)."""

@@ -59,4 +59,99 @@ class BestEpoch:
         self.value, self.state = d["value"], d["state"]
 
 
-__all__ = ["BestEpoch", "trainable_state"]
+
+
+# ---- collapse: say so, in one line, with the fix ---------------------------------------------
+def _warn(state: Any, message: str) -> None:
+    import warnings
+
+    from ..errors import TrainingCollapseWarning
+
+    state.warnings.append(message)
+    if state.accelerator is None or state.accelerator.is_main_process:
+        warnings.warn(message, TrainingCollapseWarning, stacklevel=3)
+
+
+def _lower_lr(lr: float) -> str:
+    return f"run again with a lower lr (now {lr:g}; e.g. {lr / 3:.2g})"
+
+
+class LossWatch:
+    """Warns once when the logged training loss rises far above where it started: above
+    ``factor`` x the first logged value and at least ``margin`` above it (a diverging run; a
+    NaN is stopped by the loop itself). Added by the loop to every run."""
+
+    def __init__(self, factor: float = 2.0, margin: float = 0.5) -> None:
+        self.factor, self.margin = factor, margin
+        self.start: float | None = None
+        self.warned = False
+
+    def on_log(self, state: Any) -> None:
+        loss = state.logs.get("loss")
+        if loss is None or self.warned:
+            return
+        if self.start is None:
+            self.start = float(loss)
+            return
+        if loss > self.factor * self.start and loss > self.start + self.margin:
+            self.warned = True
+            _warn(state, f"training loss rose from {self.start:.3g} (first steps) to {loss:.3g} "
+                         f"at step {state.step} of {state.total_steps}: the run is diverging; "
+                         f"{_lower_lr(state.config.lr)}")
+
+    def state_dict(self) -> dict:
+        return {"start": self.start, "warned": self.warned}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.start, self.warned = d["start"], d["warned"]
+
+
+class CollapseWatch:
+    """Warns once when the validation ``metric`` (an accuracy) is near ``chance``: within
+    ``margin`` x (1 - chance) of it, after having been clearly above it (collapsed) or at the
+    last evaluation (never learned). Best-epoch selection still keeps the best epoch.
+
+    Args:
+        metric: the ``eval_fn`` result to watch, e.g. ``"val_acc"``.
+        chance: the accuracy of guessing, e.g. ``1 / num_classes``.
+    """
+
+    def __init__(self, metric: str = "val_acc", chance: float = 0.1, margin: float = 0.15
+                 ) -> None:
+        self.metric, self.chance, self.margin = metric, chance, margin
+        self.best: tuple[float, int] | None = None  # (value, epoch)
+        self.warned = False
+
+    def near_chance(self, value: float) -> bool:
+        return value - self.chance < self.margin * (1.0 - self.chance)
+
+    def on_evaluate(self, state: Any) -> None:
+        v = state.logs.get(self.metric)
+        if v is None:
+            return
+        v, epoch = float(v), state.epoch
+        last = state.step >= state.total_steps
+        best = self.best
+        if best is None or v > best[0]:
+            self.best = (v, epoch)
+        if self.warned or not self.near_chance(v):
+            return
+        fix = _lower_lr(state.config.lr)
+        if best is not None and not self.near_chance(best[0]):
+            self.warned = True
+            _warn(state, f"the run collapsed: {self.metric} fell to {v:.3f} at epoch {epoch} "
+                         f"(chance {self.chance:.3f}) after {best[0]:.3f} at epoch {best[1]}, "
+                         f"which best-epoch selection keeps; {fix}")
+        elif last:
+            self.warned = True
+            _warn(state, f"the run never left chance: {self.metric} {v:.3f} at the end (chance "
+                         f"{self.chance:.3f}); {fix}, or train longer")
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "warned": self.warned}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.best, self.warned = d["best"], d["warned"]
+
+
+__all__ = ["BestEpoch", "CollapseWatch", "LossWatch", "trainable_state"]

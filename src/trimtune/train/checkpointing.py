@@ -62,3 +62,33 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises several types for damaged files
         raise TrimtuneError(f"{path} is damaged ({e}); delete it and set resume=False") from e
+
+
+def numerics(device: torch.device | str | None = None) -> dict[str, Any]:
+    """What, besides the seed and the settings, decides a run's bits: torch's version, the
+    device, torch's CPU thread count and the ``TRIMTUNE_COMPILE`` setting (the compiled and
+    eager SNELL paths sum in different orders). Stored in every checkpoint and in run.json."""
+    import os
+
+    return {"torch": torch.__version__, "device": str(device or "cpu"),
+            "threads": torch.get_num_threads(),
+            "compile": os.environ.get("TRIMTUNE_COMPILE", "auto")}
+
+
+def numerics_note(saved: dict[str, Any] | None, now: dict[str, Any]) -> str | None:
+    """One line when a resumed run computes under other numerics than its checkpoint (it then
+    continues correctly but not bit for bit as the uninterrupted run would), else None."""
+    if not saved:
+        return None
+    diff = [f"{k} {now.get(k)!r} (checkpoint: {saved.get(k)!r})" for k in sorted(saved)
+            if saved.get(k) != now.get(k)]
+    if not diff:
+        return None
+    fix = []
+    if saved.get("threads") != now.get("threads"):
+        fix.append(f"--threads {saved['threads']} (TrainConfig(threads={saved['threads']}))")
+    if saved.get("compile") != now.get("compile"):
+        fix.append(f"TRIMTUNE_COMPILE={saved['compile']}")
+    return ("resuming under other numerics: " + ", ".join(diff) + "; the run continues but "
+            "will not be bit-identical to an uninterrupted one" +
+            (f": resume with {' and '.join(fix)} to replay it exactly" if fix else ""))

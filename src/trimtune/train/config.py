@@ -26,6 +26,12 @@ class TrainConfig:
     equal the checkpoint's, see :meth:`result_settings`) or ``overwrite=True`` (replace it;
     the new run is written beside it and swapped in only once it finished). ``resume="auto"``
     resumes when a checkpoint exists and starts fresh otherwise; it is never the default.
+
+    Same ``seed``, same bits — on the same torch version, device, ``TRIMTUNE_COMPILE`` path and
+    number of CPU ``threads``: the thread count changes the order of floating-point sums, and
+    SNELLA's mask competition turns last-bit differences into other masks (1 vs 2 threads:
+    393 of 507 adapter tensors differ after 8 steps). The run records these in its checkpoint
+    (:func:`trimtune.train.checkpointing.numerics`); a resume under other ones warns.
     """
 
     epochs: int = 1
@@ -44,6 +50,7 @@ class TrainConfig:
     ckpt_every: int | None = None  # optimizer steps between checkpoints; None = final only
     log_every: int = 10
     num_workers: int = 0
+    threads: int | None = None  # CPU threads of torch for the run; None: torch's default
     max_steps: int | None = None
     resume: bool | Literal["auto"] = False
     overwrite: bool = False
@@ -68,6 +75,8 @@ class TrainConfig:
              f"ema={self.ema}: give an EMA decay in (0, 1), e.g. 0.9998, or None")
         need(self.max_steps is None or self.max_steps >= 1,
              f"max_steps={self.max_steps}: set it to 1 or more, or None")
+        need(self.threads is None or (isinstance(self.threads, int) and self.threads >= 1),
+             f"threads={self.threads!r}: give a positive number of CPU threads, e.g. 2, or None")
         need(self.select_mode in ("max", "min"),
              f"select_mode={self.select_mode!r}: use 'max' or 'min'")
         need(not (self.resume == "auto" and self.overwrite),
@@ -76,8 +85,8 @@ class TrainConfig:
         self.out_dir = None if self.out_dir is None else Path(self.out_dir)
 
     #: fields that do not change what is learned (where, how often, how it is shown)
-    NOT_RESULT = ("out_dir", "ckpt_every", "log_every", "num_workers", "max_steps", "resume",
-                  "overwrite", "progress")
+    NOT_RESULT = ("out_dir", "ckpt_every", "log_every", "num_workers", "threads", "max_steps",
+                  "resume", "overwrite", "progress")
 
     def result_settings(self) -> dict[str, Any]:
         """The settings that change the trained weights (lr, epochs, batch size, seed...):
@@ -101,6 +110,7 @@ class TrainState:
     epoch: int = 0
     logs: dict[str, float] = field(default_factory=dict)
     should_stop: bool = False  # a callback may set it: the loop checkpoints and returns
+    warnings: list[str] = field(default_factory=list)  # collapse notes (one line each)
 
 
 @dataclass
@@ -117,3 +127,4 @@ class TrainResult:
     metrics_file: Path | None = None
     stopped_early: bool = False
     ema: nn.Module | None = None  # the timm ModelEmaV3 (``.module`` is the averaged model)
+    warnings: list[str] = field(default_factory=list)  # e.g. the loss rose / fell to chance

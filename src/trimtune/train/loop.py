@@ -4,7 +4,8 @@ Method-agnostic: a method plugs in an *objective* ``objective(model, batch) -> (
 (optional: ``setup(accelerator)``; ``find_unused_parameters = True`` when some trainable
 parameters get no gradient, e.g. the head in label-free distillation) and *callbacks*
 (``on_train_start``, ``on_step_start`` — before the first forward of each optimizer step —,
-``after_optimizer_step``, ``on_epoch_end``, ``on_evaluate`` — after ``eval_fn``, its metrics in
+``after_optimizer_step``, ``on_log`` — after each logged record, its values in ``state.logs`` —,
+``on_epoch_end``, ``on_evaluate`` — after ``eval_fn``, its metrics in
 ``state.logs``, the model still holding what was evaluated (the EMA average with ``ema``) —,
 ``state_dict``, ``load_state_dict``; see :mod:`trimtune.train.callbacks`). Runs on CPU, one GPU,
 or several processes under ``accelerate launch`` / ``torchrun`` (DDP; gloo on CPU). Writes
@@ -41,8 +42,9 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_path, new_run_dir, run_folder, write_json, write_safetensors
 from ..errors import RunInterrupted, TrimtuneError
-from .checkpointing import (checkpoint_path, load_checkpoint, rng_state, save_checkpoint,
-                            set_rng_state)
+from .checkpointing import (checkpoint_path, load_checkpoint, numerics, numerics_note, rng_state,
+                            save_checkpoint, set_rng_state)
+from .callbacks import LossWatch
 from .config import TrainConfig, TrainResult, TrainState
 from .sampler import EpochSampler
 
@@ -87,7 +89,7 @@ def fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tra
         staged = work != out
         # an interrupt of an overwriting run: run_folder keeps its checkpoint beside ``out``
         # (--overwrite --resume continues it) and says so
-        with _signals_stop() as flag:
+        with _signals_stop() as flag, _threads(config.threads):
             result = _fit(model, train_data, objective, config, callbacks, eval_fn,
                           work, dict(settings or {}), flag)
     if staged:  # the folder was swapped in: report final paths
@@ -98,6 +100,18 @@ def fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tra
 
 
 FIT_MARKERS = ("checkpoint", "metrics.jsonl", "best")
+
+
+@contextmanager
+def _threads(n: int | None):
+    """torch's CPU thread count set to ``n`` for the run (None: unchanged), restored after."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextmanager
@@ -160,6 +174,7 @@ def _fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tr
         objective.setup(accelerator)  # e.g. move a frozen teacher to the device (never prepared)
     state = TrainState(model=raw, accelerator=accelerator, optimizer=optimizer, config=cfg,
                        out_dir=out, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    callbacks = [*callbacks, LossWatch()]  # every run: a loss far above its start is said
 
     # ---- resume -------------------------------------------------------------------------------
     ckpt_file, best_value = checkpoint_path(out), None
@@ -182,6 +197,9 @@ def _fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tr
                 cb.load_state_dict(ck["callbacks"][f"{i}"])
         set_rng_state(ck["rng"])
         state.step, best_value = ck["step"], ck.get("best_value")
+        note = numerics_note(ck.get("numerics"), numerics(accelerator.device))
+        if note and main:
+            warnings.warn(note, stacklevel=3)
     scheduler.step_update(num_updates=state.step)
     state.epoch = state.step // steps_per_epoch
 
@@ -198,7 +216,8 @@ def _fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tr
                 "rng": rng_state(), "step": state.step, "epoch": state.epoch,
                 "batch": (state.step % steps_per_epoch) * cfg.grad_accum,
                 "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-                "best_value": best_value, "settings": settings})
+                "best_value": best_value, "settings": settings,
+                "numerics": numerics(accelerator.device)})
         accelerator.wait_for_everyone()
         return ckpt_file
 
@@ -265,6 +284,7 @@ def _fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tr
                 state.logs = {k: v / n_logged for k, v in running.items()}
                 lr = optimizer.param_groups[0]["lr"]
                 log({"step": state.step, "epoch": epoch, **state.logs, "lr": lr, "img_per_s": rate})
+                _call(callbacks, "on_log", state)
                 bar.set_postfix(loss=f"{state.logs['loss']:.4g}", lr=f"{lr:.2e}",
                                 img_s=f"{rate:.0f}")
                 running, n_logged, t0, seen = {}, 0, time.perf_counter(), 0
@@ -307,7 +327,8 @@ def _fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tr
     best = out / "best" if cfg.select_metric and (out / "best").is_dir() else None
     return TrainResult(metrics=dict(state.logs), history=history, step=state.step,
                        epoch=state.epoch, out_dir=out, checkpoint=final, best=best,
-                       metrics_file=metrics_file, stopped_early=state.step < total_steps, ema=ema)
+                       metrics_file=metrics_file, stopped_early=state.step < total_steps, ema=ema,
+                       warnings=list(state.warnings))
 
 
 # ---- helpers ------------------------------------------------------------------------------------
