@@ -282,20 +282,28 @@ def cmd_finetune(a) -> int:
                          branch_drop_path=a.branch_drop_path, drop_path_rate=a.drop_path,
                          schedule_unit=a.schedule_unit, alloc_interval=a.alloc_interval,
                          t_init=a.t_init, t_final=a.t_final, train=_train_config(a, a.out),
-                         target_modules=target_modules_arg(a.target_modules))
+                         target_modules=target_modules_arg(a.target_modules), task=a.task,
+                         task_options={"head": a.seg_head, "reduce_zero_label":
+                                       a.reduce_zero_label} if a.task == "segmentation" else {})
     from .data import load_dataset, split_spec
     from .runs import load_model
-    ds = load_dataset(*split_spec(a.data, "train"), seed=a.seed)
+    seg = a.task == "segmentation"  # the backbone without a head; trimtune.segment adds one
+    k = 0 if seg else load_dataset(*split_spec(a.data, "train"), seed=a.seed).num_classes
     model = load_model(a.model, weights=a.weights, img_size=a.img_size,
-                       num_classes=ds.num_classes, seed=a.seed)  # a new head: seeded too
+                       num_classes=k, seed=a.seed)  # a new head: seeded too
     base_spec = {"model": str(Path(a.model).resolve()) if Path(a.model).is_dir() else a.model,
-                 "num_classes": ds.num_classes, "img_size": a.img_size,
+                 "num_classes": k, "img_size": a.img_size,
                  "weights": str(Path(a.weights).resolve()) if a.weights else None}
     r = finetune(model, a.data, cfg, eval_data=a.val_data, test_data=a.test_data,
                  base_spec=base_spec)
     if r.best and r.best.get("val_acc") is not None:
         print(f"best validation top-1: {r.best['val_acc']:.4f}")
-    if r.test:
+    if r.best and r.best.get("val_miou") is not None:
+        print(f"best validation mIoU: {r.best['val_miou']:.4f}")
+    if r.test and seg:
+        print(f"test mIoU: {r.test['miou']:.4f}, pixel accuracy {r.test['pixel_acc']:.4f}  "
+              f"({r.test['num_images']} images)")
+    elif r.test:
         print(f"test top-1: {r.test['top1']:.4f}  ({r.test['num_images']} images)")
     print(f"run folder: {r.out_dir}/")
     return 0
@@ -441,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(s, epochs=1, lr=5e-5, batch=32, warmup=0.2)
     s.set_defaults(func=cmd_distill)
 
-    from .names import KERNELS, METHOD_SUMMARIES, METHODS
+    from .names import KERNELS, METHOD_SUMMARIES, METHODS, SEG_HEADS, TASKS
     s = _command(sub, "finetune", help="fine-tune with SNELLA, SNELL, LoRA or a baseline",
                  allow_abbrev=False)  # --recipe needs to see which flags were given
     _model_args(s)
@@ -475,6 +483,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--protocol", choices=["vtab", "fgvc"], default="vtab",
                    help="vtab: resize, no augmentation; fgvc: random-resized crop + flip")
     s.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing")
+    s.add_argument("--task", choices=TASKS, default="classification",
+                   help="classification (the backbone's head), or segmentation: a decode head on "
+                        "the patch tokens, per-pixel loss, mIoU; data seg:PATH (ADE20K layout: "
+                        "PATH/images/training + PATH/annotations/training, ...)")
+    s.add_argument("--seg-head", choices=list(SEG_HEADS), default="linear",
+                   help="segmentation: linear (last block, BN + 1x1 conv) or linear4 (last 4 "
+                        "blocks concatenated)")
+    s.add_argument("--reduce-zero-label", action="store_true",
+                   help="segmentation: label 0 is 'other' and ignored, k becomes k - 1 (ADE20K, "
+                        "as mmseg)")
     s.add_argument("--out", required=True, metavar="DIR", help="run folder")
     _add_train_args(s, epochs=10, lr=1e-3, batch=32)
     from .recipes import FAST, RECIPES

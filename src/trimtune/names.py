@@ -19,4 +19,8 @@ METHOD_SUMMARIES = {
 }
 METHODS = tuple(METHOD_SUMMARIES)
 SNELL_METHODS = ("snella", "snell")
+#: what is learned (classification; segmentation: trimtune.segment): the CLI's --task choices
+TASKS = ("classification", "segmentation")
+#: segmentation decode heads (trimtune.heads): DINOv2's linear (last block) and linear4
+SEG_HEADS = ("linear", "linear4")
 KERNELS = ("piecewise", "mixture", "inner", "rbf", "sigmoid")

@@ -242,6 +242,9 @@ def load_run(run_dir: str | Path) -> nn.Module:
         check_identity(base, run_dir)
         model = load_model(spec, num_classes=base.get("num_classes"),
                            img_size=base.get("img_size"), weights=base.get("weights"))
+        if base.get("segmenter"):  # a segmentation run on a named backbone: its decode head
+            from .heads import segmenter
+            model = segmenter(model, **base["segmenter"])
     else:
         model = build_from_arch(base["arch"])
         if base.get("compressed"):

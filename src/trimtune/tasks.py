@@ -108,8 +108,14 @@ class FinetuneConfig:
     t_final: float = 0  # snella: final phase with the allocation fixed
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, epochs=10))
     method_kwargs: dict[str, Any] = field(default_factory=dict)
+    # what is learned: "classification" or "segmentation" (trimtune.segment: decode head,
+    # per-pixel loss, mIoU; options head="linear"|"linear4", reduce_zero_label)
+    task: str = "classification"
+    task_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        from .segment import check_options
+        self.task_options = check_options(self.task, dict(self.task_options or {}))
         if self.method not in METHODS:
             raise TrimtuneError(f"unknown method {self.method!r}; choose one of "
                                 f"{', '.join(METHODS)}")
@@ -241,6 +247,9 @@ def finetune(model: nn.Module | str, data: Dataset | str,
     out = Path(tc.out_dir) if tc.out_dir is not None else new_run_dir()
     if isinstance(data, str) and isinstance(eval_data, str):
         data = disjoint_train(data, eval_data)
+    if cfg.task == "segmentation":  # its head, objective and metric: trimtune.segment
+        from .segment import finetune_segmentation
+        return finetune_segmentation(model, data, cfg, eval_data, test_data, base_spec, out, main)
     with run_folder(out, resume=bool(tc.resume), overwrite=tc.overwrite, main=main) as work:
         return _finetune(model, data, cfg, eval_data, test_data, base_spec, work if main else None,
                          final=out)

@@ -9,7 +9,9 @@ Accepted specs:
   convention);
 * ``imagefolder:PATH`` or a folder ``PATH`` (a plain folder holding ``train800val200.txt`` is
   read as VTAB-1k, one holding ``train.json`` as FGVC);
-* ``vtab:ROOT`` (VTAB-1k list files) and ``fgvc:ROOT`` (VPT FGVC JSON).
+* ``vtab:ROOT`` (VTAB-1k list files) and ``fgvc:ROOT`` (VPT FGVC JSON);
+* ``seg:PATH``: semantic segmentation, the ADE20K / mmseg layout (image / mask pairs, see
+  :mod:`trimtune.data.segmentation`).
 
 Splits:
 
@@ -41,13 +43,15 @@ from ..errors import TrimtuneError
 from .builtin import BUILTIN_INFO, builtin_split
 from .datasets import FileDataset, LabeledDataset, Transform, stratified_choice, stratified_split
 from .formats import fgvc_splits, imagefolder_splits, vtab_splits
+from .segmentation import SegDataset, read_classes, seg_splits
 
 VAL_FRACTION = 0.1  # held-out fraction of "train" for split "val" when there is no official val
 FEWSHOT_VAL_FRACTION = 0.2  # train800 / val200 of a K-shot set
-PREFIXES = ("imagefolder", "vtab", "fgvc")
+PREFIXES = ("imagefolder", "vtab", "fgvc", "seg")
 FEWSHOT_RE = re.compile(r"^(\d+)([kK]?)$")
 FORMS = ("digits, fashion-mnist, mnist-5k, synthetic; few-shot NAME:1k / NAME:500; "
-         "synthetic:classes=4,n=64,size=32; imagefolder:PATH or a folder; vtab:ROOT; fgvc:ROOT")
+         "synthetic:classes=4,n=64,size=32; imagefolder:PATH or a folder; vtab:ROOT; fgvc:ROOT; "
+         "seg:PATH")
 
 FEWSHOT_SPLITS = {"train": "train", "trainval": "train", "train800val200": "train",
                   "train800": "train800", "train80": "train800",
@@ -109,7 +113,8 @@ def _official_splits(kind: str, arg: str, seed: int, spec: str
     if kind in BUILTIN_INFO:
         return {s: (lambda s=s: builtin_split(kind, s, seed=seed, options=arg))
                 for s in ("train", "test")}
-    readers = {"imagefolder": imagefolder_splits, "vtab": vtab_splits, "fgvc": fgvc_splits}
+    readers = {"imagefolder": imagefolder_splits, "vtab": vtab_splits, "fgvc": fgvc_splits,
+               "seg": seg_splits}
     return readers[kind](arg, spec=spec)
 
 
@@ -119,6 +124,9 @@ def _no_split(spec: str, split: str, accepted: list[str]) -> TrimtuneError:
 
 
 def _concat(a: LabeledDataset, b: LabeledDataset, split: str) -> LabeledDataset:
+    if isinstance(a, SegDataset):
+        return SegDataset(a.samples + b.samples, a.root, read_classes(a.root), spec=a.spec,
+                          split=split)
     assert isinstance(a, FileDataset) and isinstance(b, FileDataset)
     return FileDataset(a.samples + b.samples, a.classes, spec=a.spec, split=split, loader=a.loader)
 

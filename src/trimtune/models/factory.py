@@ -145,6 +145,10 @@ def build_from_arch(arch: dict) -> nn.Module:
     """
     if isinstance(arch, dict) and arch.get("library") == TRANSFORMERS:
         return _build_transformers(arch)
+    if isinstance(arch, dict) and arch.get("arch") == "trimtune.segmenter":
+        from ..heads.segmentation import build_segmenter  # backbone + decode head
+
+        return build_segmenter(arch)
     if not isinstance(arch, dict) or not isinstance(arch.get("arch"), str):
         raise TrimtuneError(f"architecture record must be {{'arch': name, 'kwargs': {{...}}}}, "
                             f"got {arch!r}; re-save the model with this trimtune version")
