@@ -163,7 +163,8 @@ def _fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tr
     if not any(p.requires_grad for p in model.parameters()):
         raise TrimtuneError("the model has no trainable parameters: unfreeze some, or attach "
                             "a tuner")
-    optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    param_group_fn=_param_groups(cfg.weight_decay))
     scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup),
                                   lr_min=cfg.min_lr, warmup_t=warmup, warmup_lr_init=cfg.min_lr,
                                   warmup_prefix=True, t_in_epochs=False)
@@ -279,7 +280,8 @@ def _fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tr
                 ema.update(raw, step=state.step)
             n_logged += 1
             last = state.step >= min(total_steps, cfg.max_steps or total_steps)
-            if last or state.step % cfg.log_every == 0 or state.step % steps_per_epoch == 0:
+            if (last or state.step == 1 or state.step % cfg.log_every == 0
+                    or state.step % steps_per_epoch == 0):
                 rate = seen / max(time.perf_counter() - t0, 1e-9)
                 state.logs = {k: v / n_logged for k, v in running.items()}
                 lr = optimizer.param_groups[0]["lr"]
@@ -361,6 +363,29 @@ def _make_accelerator(cfg: TrainConfig, find_unused: bool) -> Accelerator:
     cpu_ddp = not cuda and world > 1
     return Accelerator(mixed_precision=mp, gradient_accumulation_plugin=plugin,
                        kwargs_handlers=[ddp], cpu=cpu_ddp)
+
+
+def _param_groups(weight_decay: float) -> Callable[[nn.Module], list[dict]]:
+    """timm's AdamW groups (no decay on 1-D parameters and ``no_weight_decay()`` names), each
+    split by learning-rate multiplier: a module may map its own parameter names to one in an
+    ``lr_scales`` dict (e.g. SNELL's ``b_lr_scale``); timm's scheduler applies a group's
+    ``lr_scale``. Without any, the groups are exactly timm's."""
+    from timm.optim._param_groups import param_groups_weight_decay
+
+    def groups(model: nn.Module) -> list[dict]:
+        skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+        scale = {id(p): float(v) for m in model.modules()
+                 for n, v in (getattr(m, "lr_scales", None) or {}).items()
+                 for p in [getattr(m, n, None)] if isinstance(p, nn.Parameter)}
+        out = []
+        for g in param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip):
+            by: dict[float, list] = {}
+            for p in g["params"]:
+                by.setdefault(scale.get(id(p), 1.0), []).append(p)
+            for s, ps in by.items():
+                out.append({**g, "params": ps, **({"lr_scale": s} if s != 1.0 else {})})
+        return out
+    return groups
 
 
 def _trim_log(path: Path, step: int) -> None:

@@ -54,6 +54,17 @@ class SnellConfig(PeftConfig):
         fused: when the branch has no dropout / drop-path (and always in eval mode), compute
             ``x @ (W + dW_s^T)^T + b`` as one matmul with a temporary merged weight: 3
             full-size matmuls per layer and step instead of 5, same result and gradients.
+
+    Options beyond the authors (each 1.0 = the authors' behaviour; measured in
+    ``benchmarks/results/snella_options_cpu.md``):
+        kernel_lr_scale: learning-rate multiplier of the kernel's own parameters (SNELLA's
+            scalars ``alpha``, ``gamma``, ``beta``; learnable coefficients). Adam moves a scalar
+            by about lr per step whatever its gradient, and ``beta`` shifts every one of the
+            d_in x d_out update entries at once: at lr >= 1e-2 it reaches +-0.2 in ten steps
+            and the run can collapse to chance. ``0.01`` keeps them near their init.
+        b_lr_scale: learning-rate multiplier of ``snell_B`` (the LoRA+ idea: the factor on the
+            output side learns faster, e.g. 4).
+        init_scale: multiplier of the factors' kaiming-uniform init (a smaller first update).
     """
 
     r: int = 8
@@ -71,6 +82,9 @@ class SnellConfig(PeftConfig):
     drop_path: float = 0.0
     recompute: bool = True
     fused: bool = True
+    kernel_lr_scale: float = 1.0
+    b_lr_scale: float = 1.0
+    init_scale: float = 1.0
 
     method = "snell"
     _peft_type = PeftType.SNELL
@@ -91,6 +105,12 @@ class SnellConfig(PeftConfig):
             raise TrimtuneError(f"r={self.r} is not divisible by segments={self.segments}:"
                                 " choose a rank that is a multiple of segments")
         check_sparsity(self.sparsity)
+        for name in ("kernel_lr_scale", "b_lr_scale", "init_scale"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise TrimtuneError(f"{name}={v!r}: give a positive multiplier (1.0 = the "
+                                    "authors' behaviour, e.g. 0.01 or 4)")
+            setattr(self, name, float(v))
         for name in ("dropout", "drop_path"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:

@@ -614,7 +614,8 @@ class SparseDelta(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, kernel: Kernel,
-                 sparsity: float = 0.0, sparsify: str = "code", recompute: bool = True) -> None:
+                 sparsity: float = 0.0, sparsify: str = "code", recompute: bool = True,
+                 init_scale: float = 1.0) -> None:
         super().__init__()
         if sparsify not in SPARSIFY:
             raise TrimtuneError(f"unknown sparsify mode {sparsify!r}: use one of "
@@ -626,6 +627,7 @@ class SparseDelta(nn.Module):
         self.kernel = kernel
         self.sparsify_mode = sparsify
         self.recompute = recompute
+        self.init_scale = float(init_scale)
         # k = entries zeroed, a buffer: saved with the adapter (state dict, PEFT), never cast to
         # a float dtype; `sparsity` is its float view k / (d_in d_out) (the allocator sets it)
         self.register_buffer("zeroed", torch.zeros((), dtype=torch.long))
@@ -657,13 +659,24 @@ class SparseDelta(nn.Module):
         return self.in_features * self.out_features
 
     def reset_parameters(self) -> None:
-        """``kaiming_uniform_(a=sqrt(5))`` on the 3-D (P, d, r/P) view, as the authors."""
+        """``kaiming_uniform_(a=sqrt(5))`` on the 3-D (P, d, r/P) view, as the authors (times
+        ``init_scale``, 1 by default)."""
         p = max(1, self.kernel.segments)
         for f in (self.snell_A, self.snell_B):
             f3 = torch.empty(p, f.shape[0], self.rank // p)
             nn.init.kaiming_uniform_(f3, a=math.sqrt(5))
             with torch.no_grad():
                 f.copy_(f3.transpose(0, 1).reshape(f.shape))
+                if self.init_scale != 1.0:
+                    f.mul_(self.init_scale)
+
+    def set_lr_scales(self, b: float = 1.0, kernel: float = 1.0) -> None:
+        """Learning-rate multipliers of ``snell_B`` and of the kernel's parameters, as
+        ``lr_scales`` dicts on the owning modules (the loop's protocol: a module's
+        ``lr_scales`` maps its own parameter names to multipliers; 1 = the run's lr)."""
+        self.lr_scales = {"snell_B": float(b)} if b != 1.0 else {}
+        ks = {n: float(kernel) for n, _ in self.kernel.named_parameters(recurse=False)}
+        self.kernel.lr_scales = ks if kernel != 1.0 else {}
 
     def factor_parameters(self) -> tuple[nn.Parameter, nn.Parameter]:
         """``(snell_A, snell_B)``: the parameters the SNELLA importance scores use."""

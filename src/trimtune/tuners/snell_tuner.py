@@ -88,7 +88,10 @@ class SnellLayer(BaseTunerLayer):
                              create_kernel(config.kernel, config.segments,
                                            config.learnable_coeffs),
                              sparsity=config.initial_sparsity, sparsify=config.unit_sparsify,
-                             recompute=config.recompute) for _ in range(n)]
+                             recompute=config.recompute, init_scale=config.init_scale)
+                 for _ in range(n)]
+        for u in units:  # per-parameter lr multipliers, read by the training loop
+            u.set_lr_scales(b=config.b_lr_scale, kernel=config.kernel_lr_scale)
         dropout = 0.0 if re.search(r"(^|\.)attn\.proj(\.|$)", name) else config.dropout
         self.add_units(adapter_name, units, dropout, config.drop_path, config.fused,
                        inference_mode)
