@@ -65,6 +65,17 @@ def _full_disk():
         os.replace = real
 
 
+@contextlib.contextmanager
+def _small_disk():
+    """The file system reports 1 KiB free (trimtune checks before a large write)."""
+    real = shutil.disk_usage
+    shutil.disk_usage = lambda path: real(path)._replace(free=1024)
+    try:
+        yield
+    finally:
+        shutil.disk_usage = real
+
+
 CASES = [
     Case("unreadable image (not an image)",
          ["finetune", "--model", "{base}", "--data", "{img_bad}", "--epochs", "1", *FAST,
@@ -124,6 +135,29 @@ CASES = [
     Case("--lr 1e30 (loss becomes NaN)",
          ["finetune", "--model", "{base}", "--data", DATA, "--method", "full", "--lr", "1e30",
           "--epochs", "3", *FAST, "--out", "{out}"], "non-finite loss"),
+    Case("compress --out holds a model (no --overwrite)",
+         ["compress", "--model", "{base}", "--out", "{student}"], "already holds a model",
+         keep="student"),
+    Case("compress --out holds the user's own files",
+         ["compress", "--model", "{base}", "--out", "{my_files}"], "is not empty",
+         keep="my_files"),
+    Case("merge --out onto an existing model folder",
+         ["merge", "{run_done}", "--out", "{base_wide}"], "already holds a model",
+         keep="base_wide"),
+    Case("export --out into a non-empty folder",
+         ["export", "{base}", "--out", "{my_files}"], "is not empty", keep="my_files"),
+    Case("distill --out holds the user's own files",
+         ["distill", "--student", "{student}", "--teacher", "{base}", "--data", DATA,
+          "--epochs", "1", *FAST, "--out", "{my_files}"], "is not empty", keep="my_files"),
+    Case("finetune --out holds the user's own files",
+         ["finetune", "--model", "{base}", "--data", DATA, *FAST, "--out", "{my_files}"],
+         "is not empty", keep="my_files"),
+    Case("--overwrite --resume with no interrupted --overwrite run",
+         ["finetune", "--model", "{base}", "--data", DATA, "--epochs", "1", *FAST,
+          "--overwrite", "--resume", "--out", "{run_done}"], "there is none", keep="run_done"),
+    Case("not enough free space (simulated: 1 KiB free)",
+         ["compress", "--model", "{base}", "--out", "{out}"], "not enough free space",
+         patch=_small_disk),
     Case("--val-data held out of --data (not an error: a note, exit 0)",
          ["finetune", "--model", "{base}", "--data", "synthetic:20", "--val-data",
           "synthetic:20@val", "--method", "linear", "--epochs", "1", *FAST, "--out", "{out}"],
@@ -163,6 +197,9 @@ def build_fixtures(tmp: Path) -> dict[str, str]:
     f["img_trunc"] = _images(tmp / "img_trunc", ["a", "b"], bad="truncated")
     f["one_class"] = _images(tmp / "one_class", ["only"])
     (tmp / "a_file").write_text("not a folder")
+    (tmp / "my_files").mkdir()
+    (tmp / "my_files" / "notes.txt").write_text("the user's own file, not trimtune's")
+    f["my_files"] = str(tmp / "my_files")
     f["a_file"] = str(tmp / "a_file")
     if os.geteuid() == 0:  # root writes into any folder: use one the kernel refuses
         f["read_only"] = "/sys/trimtune-bad-input"

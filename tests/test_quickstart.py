@@ -22,10 +22,12 @@ def test_quickstart_tests_on_the_data_own_test_split(tmp_path, capsys):
     argv = ["quickstart", "--model", "vit_tiny_patch16_224", "--weights",
             str(tmp_path / "w.safetensors"), "--img-size", "32", "--data", "digits:40",
             "--distill-images", "16", "--test-images", "50", "--epochs", "1",
-            "--batch-size", "8", "--rank", "2", "--no-memory", "--out", str(tmp_path / "qs")]
+            "--batch-size", "8", "--rank", "2", "--no-memory", "--no-progress",
+            "--out", str(tmp_path / "qs")]
     code = main(argv)
     out, err = capsys.readouterr()
     assert code == 0, err[-2000:]
+    assert "%|" not in err and "it/s" not in err, err[-2000:]  # --no-progress: no bar at all
     summary = (tmp_path / "qs" / "summary.md").read_text()
     assert "images of digits:40@test" in summary and "fashion" not in summary.lower()
     assert "## What the join gains" in summary and "fewer parameters" in summary

@@ -335,6 +335,25 @@ def refuse_existing(out: str | os.PathLike, what: str = "run", *, resume: bool =
                          "another output folder")
 
 
+def check_output(out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
+                 markers: tuple[str, ...] | None = None, what: str = "run",
+                 can_resume: bool = True) -> Path:
+    """The one rule of every command that writes a model or a run folder, checked before
+    anything slow (loading a model or data) and again by :func:`run_folder`: ``out`` is a
+    writable folder path; a non-empty ``out`` needs ``overwrite`` (or ``resume``); ``overwrite``
+    with ``resume`` needs an interrupted overwrite kept beside ``out``. Raises one line."""
+    out = Path(out)
+    if holds_run(out, markers) and not (resume or overwrite):
+        raise refuse_existing(out, what, resume=can_resume)
+    check_writable(out)
+    if overwrite and resume and not resumable(staging_path(out)):
+        raise TrimtuneError(
+            f"--overwrite --resume (overwrite=True, resume=True) continues an interrupted "
+            f"--overwrite run kept in {staging_path(out)}, and there is none: drop --resume to "
+            f"start the overwrite again, or drop --overwrite to continue the run in {out}")
+    return out
+
+
 def _swap(stage: Path, out: Path) -> None:
     """Put the finished ``stage`` in place of ``out`` (rename, rename, delete)."""
     if not out.exists():
@@ -359,7 +378,7 @@ def _staged_interrupt(e: RunInterrupted, out: Path, stage: Path, kept: bool,
                "finishes), or with --overwrite alone to start it again")
     else:
         msg = (f"interrupted by {name}{at}; the previous {what} in {out} is untouched and the new "
-               "one was discarded (no checkpoint yet): run the command again")
+               "one was discarded (nothing to resume from): run the command again")
     return RunInterrupted(msg, e.signum, step=step, total_steps=getattr(e, "total_steps", None))
 
 
@@ -397,18 +416,14 @@ def run_folder(out: str | os.PathLike, *, resume: bool = False, overwrite: bool 
         return
     check_writable(out)
     clean_stale(out)
+    check_output(out, resume=resume, overwrite=overwrite, markers=markers, what=what,
+                 can_resume=not whole)
     if overwrite and resume:
-        if not resumable(stage):
-            raise TrimtuneError(
-                f"--overwrite --resume (overwrite=True, resume=True) continues an interrupted "
-                f"--overwrite run kept in {stage}, and there is none: drop --resume to start "
-                f"the overwrite again, or drop --overwrite to continue the run in {out}")
+        pass  # the staging folder holds the run to continue (check_output made sure)
     elif resume or not (whole or holds_run(out, markers)):
         out.mkdir(parents=True, exist_ok=True)
         yield out
         return
-    elif holds_run(out, markers) and not overwrite:
-        raise refuse_existing(out, what, resume=not whole)
     else:
         if stage.exists():  # an interrupted overwrite kept for --resume: started again instead
             if resumable(stage):

@@ -96,7 +96,10 @@ def _add_quickstart_args(p: argparse.ArgumentParser) -> None:
                    help="skip the training-memory column (saves ~1 minute)")
     p.add_argument("--out", default="runs/quickstart", metavar="DIR", help="run folder")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the runs of an earlier quickstart in --out (refused otherwise)")
+                   help="replace what --out holds, e.g. an earlier quickstart (a non-empty --out "
+                        "is refused otherwise); written beside it, swapped in once finished")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (distillation, fine-tuning, evaluation)")
 
 
 def _add_train_args(p: argparse.ArgumentParser, *, epochs: int, lr: float, batch: int,
@@ -126,11 +129,15 @@ def _add_train_args(p: argparse.ArgumentParser, *, epochs: int, lr: float, batch
                    help="checkpoint every N optimizer steps (and at the end)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (same schedule, same "
-                        "order); every setting that changes the result must be the same")
+                        "order); every setting that changes the result must be the same. With "
+                        "--overwrite: continue an interrupted --overwrite run (kept beside --out "
+                        "as .NAME.staging) and swap it in when it finishes")
     g.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --out (refused otherwise); the new run is "
-                        "written beside it and swapped in only once it finished")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   help="replace what --out holds (a run, or any file: a non-empty --out is "
+                        "refused otherwise); the new run is written beside it and swapped in only "
+                        "once it finished; interrupted, it is kept for --overwrite --resume")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (training, evaluation)")
 
 
 def _train_config(a: argparse.Namespace, out: str):
@@ -143,14 +150,24 @@ def _train_config(a: argparse.Namespace, out: str):
                        overwrite=a.overwrite, progress=not a.no_progress, out_dir=out)
 
 
-def _check_out(a: argparse.Namespace, *, run: bool = True) -> None:
-    """Before anything slow: the output folder is writable and, for a training run, holds no
-    run unless --resume or --overwrite."""
-    from .checkpoint import check_writable, holds_run, refuse_existing
-    out = Path(a.out)
-    if run and holds_run(out) and not (a.resume or a.overwrite):
-        raise refuse_existing(out)
-    check_writable(out)
+def _check_out(a: argparse.Namespace, what: str = "run", *, guard: bool = True) -> None:
+    """Before anything slow (loading a model or data): the output folder is writable and, with
+    ``guard`` (every command that writes a model or a run folder), empty unless --overwrite (or
+    --resume, for a training run). The writes themselves go through
+    :func:`trimtune.checkpoint.run_folder`."""
+    from .checkpoint import check_output, check_writable
+    if not guard:
+        check_writable(a.out)
+        return
+    resume = getattr(a, "resume", None)  # only training commands have --resume
+    check_output(a.out, resume=bool(resume), overwrite=a.overwrite, what=what,
+                 can_resume=resume is not None)
+
+
+def _overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace what --out holds (a non-empty --out is refused otherwise); the "
+                        f"new {what} is written beside it and swapped in only once complete")
 
 
 def _model_args(p: argparse.ArgumentParser, flag: str = "--model", required: bool = True) -> None:
@@ -197,8 +214,9 @@ def cmd_datasets(a) -> int:
 
 def cmd_compress(a) -> int:
     from . import lowrank
+    from .checkpoint import run_folder
     from .runs import load_model
-    _check_out(a, run=False)
+    _check_out(a, "model")
     model = load_model(a.model, weights=a.weights, img_size=a.img_size)
     policy = sum(x is not None for x in (a.energy, a.rank))
     if policy > 1:
@@ -212,31 +230,47 @@ def cmd_compress(a) -> int:
                                calib=a.calib, calib_images=a.calib_images)
     desc = lowrank.describe(student)
     print(desc)
-    lowrank.save_compressed(student, out)
+    with run_folder(out, overwrite=a.overwrite, whole=True, what="model") as work:
+        lowrank.save_compressed(student, work)
+        if not a.no_plot:
+            lowrank.plot_spectra(student, work / "spectra.png")
     if not a.no_plot:
-        lowrank.plot_spectra(student, out / "spectra.png")
         print(f"spectra plot: {out / 'spectra.png'}")
     print(f"saved compressed model to {out}/ (load with trimtune.load_model('{out}'))")
     return 0
 
 
 def cmd_distill(a) -> int:
-    from .lowrank import DistillConfig
-    from .runs import input_size, load_model, save_model
-    from .tasks import distill
+    import dataclasses
+
+    from .checkpoint import run_folder
+    from .runs import input_size, load_model
     _check_out(a)
     student = load_model(a.student)
     teacher = load_model(a.teacher, weights=a.teacher_weights, img_size=input_size(student))
-    cfg = DistillConfig(train=_train_config(a, a.out), block_weight=a.block_weight,
+    main = int(os.environ.get("RANK", "0")) == 0  # under DDP only rank 0 writes
+    # the run and its model/ are one folder: an --overwrite is swapped in with both
+    with run_folder(a.out, resume=a.resume, overwrite=a.overwrite, main=main) as work:
+        _distill(a, student, teacher, dataclasses.replace(_train_config(a, a.out), out_dir=work,
+                                                          overwrite=False), main)
+    print(f"distilled student saved to {Path(a.out) / 'model'}/")
+    return 0
+
+
+def _distill(a, student, teacher, train_config, main: bool) -> None:
+    from .lowrank import DistillConfig
+    from .runs import save_model
+    from .tasks import distill
+    work = train_config.out_dir
+    cfg = DistillConfig(train=train_config, block_weight=a.block_weight,
                         final_weight=a.final_weight, logits_weight=a.logits_weight,
                         feature_norm=a.feature_norm,
                         ce_weight=a.ce_weight,
                         reg_weight=a.reg_weight, reg_eps=a.reg_eps, reg_form=a.reg_form,
                         trainable=a.trainable)
     distill(student, teacher, a.data, cfg, max_images=a.max_images)
-    save_model(student, Path(a.out) / "model")
-    print(f"distilled student saved to {Path(a.out) / 'model'}/")
-    return 0
+    if main:
+        save_model(student, work / "model")
 
 
 def _apply_recipe(a: argparse.Namespace) -> None:
@@ -314,8 +348,8 @@ def cmd_evaluate(a) -> int:
     from .measure import evaluate_model
     from .measure.plots import plot_confusion
     from .runs import load_model
-    if a.out:
-        _check_out(a, run=False)
+    if a.out:  # writes eval_SPLIT.json and a plot beside what is there (the model folder)
+        _check_out(a, guard=False)
     model = load_model(a.model, weights=a.weights, img_size=a.img_size)
     ds = load_dataset(a.data, a.split, transform=build_transform(model, train=False),
                       seed=a.seed)
@@ -336,17 +370,23 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_merge(a) -> int:
+    from .checkpoint import run_folder
     from .runs import load_model, merge, save_model
-    _check_out(a, run=False)
+    _check_out(a, "model")
     model = merge(load_model(a.run))
-    save_model(model, a.out)
+    with run_folder(a.out, overwrite=a.overwrite, whole=True, what="model") as work:
+        save_model(model, work)
     print(f"merged model saved to {a.out}/ (model.safetensors + trimtune.json)")
     return 0
 
 
 def cmd_export(a) -> int:
+    from .checkpoint import run_folder
     from .export import export
-    out = export(a.source, a.out, a.format, opset=a.opset)
+    _check_out(a, "model")
+    with run_folder(a.out, overwrite=a.overwrite, whole=True, what="model") as work:
+        export(a.source, work, a.format, opset=a.opset)
+    out = Path(a.out)
     how = ("timm.create_model('local-dir:%s', pretrained=True)" % out if a.format == "timm"
            else "onnxruntime.InferenceSession('%s/model.onnx')" % out)
     print(f"exported ({a.format}, merged, checked) to {out}/: read it with {how}")
@@ -414,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how many calibration images to stream through the model (default 256)")
     s.add_argument("--no-plot", action="store_true", help="skip the singular-value plot")
     s.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    _overwrite_arg(s, "model")
     s.set_defaults(func=cmd_compress)
 
     s = _command(sub, "distill", help="PELA step 2: intermediate pre-training of a "
@@ -539,6 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = _command(sub, "merge", help="fold a fine-tuned update into the weights")
     s.add_argument("run", metavar="RUN_DIR", help="a `trimtune finetune` run folder")
     s.add_argument("--out", required=True, metavar="DIR", help="output model folder")
+    _overwrite_arg(s, "model")
     s.set_defaults(func=cmd_merge)
 
     s = _command(sub, "export", help="write a merged model for stock timm or ONNX Runtime",
@@ -551,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["timm", "onnx"], default="timm", help="file format")
     s.add_argument("--out", required=True, metavar="DIR", help="output folder")
     s.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    _overwrite_arg(s, "export")
     s.set_defaults(func=cmd_export)
 
     s = _command(sub, "quickstart", help="the whole pipeline on the built-in default",
@@ -614,10 +657,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _interrupted(a: argparse.Namespace) -> str:
     """What an interrupt outside the training loop leaves (the loop says it itself)."""
+    from .checkpoint import resumable, staging_path
     out = getattr(a, "out", None)
     ckpt = Path(out) / "checkpoint" / "state.pt" if out else None
     if getattr(a, "overwrite", False):
-        return (f"interrupted; the previous run in {out} is untouched and the new one was "
+        stage = staging_path(out)
+        if hasattr(a, "resume") and resumable(stage):
+            return (f"interrupted; what {out} holds is untouched and the new run is kept in "
+                    f"{stage}: run the same command with --overwrite --resume to continue it "
+                    f"(it replaces {out} when it finishes)")
+        return (f"interrupted; what {out} holds is untouched and the new output was "
                 "discarded: run the command again")
     if ckpt is not None and ckpt.is_file():
         return (f"interrupted; the checkpoint {ckpt} is kept: run the same command with "

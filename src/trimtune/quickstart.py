@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import argparse
 import copy
+import signal
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import atomic_path, check_writable, holds_run, write_json
+from .checkpoint import (atomic_path, check_writable, holds_run, refuse_existing, run_folder,
+                         write_json)
 from .data import build_transform, load_dataset
-from .errors import TrimtuneError
+from .errors import RunInterrupted, TrimtuneError
 from .lowrank import DistillConfig, compress
 from .measure import count_flops, count_parameters, evaluate_model, latency
 from .measure.memory import measure_subprocess
@@ -32,6 +34,8 @@ from .train import TrainConfig
 
 #: the two fine-tuning runs, by row label -> their sub-folder of --out
 RUNS = {"original + snella": "original_snella", "compressed + snella": "compressed_snella"}
+#: what an earlier quickstart leaves in --out
+MARKERS = ("distill", "distilled", *RUNS.values(), "summary.json", "summary.md")
 
 
 def _subset(ds, n: int, seed: int):
@@ -77,15 +81,30 @@ def linear_probe(model, train_ds, seed: int = 0):
 
 
 def quickstart(a: argparse.Namespace) -> dict:
+    """The pipeline of the module docstring into ``a.out``: a non-empty ``--out`` is refused
+    before anything loads unless ``--overwrite``, which writes beside it and swaps in only
+    once the whole quickstart finished (:func:`trimtune.checkpoint.run_folder`)."""
     t_start = time.time()
     out = Path(a.out)
-    runs = [out / "distill", *(out / r for r in RUNS)]
-    done = [r for r in runs if holds_run(r)]
-    if done and not a.overwrite:
-        raise TrimtuneError(
-            f"{out} already holds a quickstart ({done[0].name}/): pass --overwrite to replace "
-            "it, or choose another --out")
+    if holds_run(out) and not a.overwrite:
+        raise refuse_existing(out, "quickstart", resume=False, markers=MARKERS)
     check_writable(out)
+    try:
+        with run_folder(out, overwrite=a.overwrite, what="quickstart") as work:
+            result = _pipeline(a, work, t_start)
+    except RunInterrupted as e:
+        if a.overwrite:  # run_folder said it: the previous quickstart is untouched
+            raise
+        raise RunInterrupted(f"interrupted by {signal.Signals(e.signum).name}; the quickstart "
+                             f"in {out} is incomplete (quickstart has no --resume): run it again "
+                             "with --overwrite", e.signum) from None
+    print(f"summary, plots and runs in {out}/")
+    return result
+
+
+def _pipeline(a: argparse.Namespace, out: Path, t_start: float) -> dict:
+    """The quickstart, written into ``out`` (``--out`` itself or its staging sibling)."""
+    progress = not getattr(a, "no_progress", False)
     torch.manual_seed(a.seed)
     data_name, _ = split_spec(a.data, "train")
     test_spec = a.test_data or f"{data_name}@test"  # a K-shot set's test = the official one
@@ -107,7 +126,8 @@ def quickstart(a: argparse.Namespace) -> dict:
 
     stage("1/5 linear probe on the original backbone")
     lp = linear_probe(copy.deepcopy(teacher), train_ds, a.seed)
-    rows["original + linear probe"] = {"model": lp, "acc": evaluate_model(lp, test_ds).top1,
+    rows["original + linear probe"] = {"model": lp,
+                                       "acc": evaluate_model(lp, test_ds, progress=progress).top1,
                                        "method": "linear"}
 
     init = getattr(a, "init", "whiten")
@@ -124,7 +144,7 @@ def quickstart(a: argparse.Namespace) -> dict:
                                            warmup_epochs=0.2,
                                            batch_size=a.batch_size, weight_decay=0.05,
                                            seed=a.seed, out_dir=str(out / "distill"),
-                                           resume=False, overwrite=a.overwrite),
+                                           resume=False, progress=progress),
                          ce_weight=0.0)  # unlabeled: only the 1k-shot labels are ever used
     distill(student, teacher, distill_ds, dcfg)
     save_model(student, out / "distilled")
@@ -138,7 +158,7 @@ def quickstart(a: argparse.Namespace) -> dict:
             linear_probe(base, train_ds, a.seed)
         tc = TrainConfig(epochs=a.epochs, lr=a.lr, min_lr=1e-5, batch_size=a.batch_size,
                          warmup_epochs=0.5, weight_decay=1e-4, seed=a.seed, out_dir=str(run),
-                         resume=False, overwrite=a.overwrite)
+                         resume=False, progress=progress)
         r = finetune(base, train_ds, FinetuneConfig(**ft, train=tc),
                      base_spec={"model": a.model, "num_classes": nc, "img_size": a.img_size}
                      if "original" in label else None)
@@ -152,7 +172,7 @@ def quickstart(a: argparse.Namespace) -> dict:
             raise TrimtuneError(f"merged logits differ from the adapted model's by {gap:.2e}: "
                                 "please report this bug")
         stage(f"merged (max logit change {gap:.1e}); evaluating on {len(test_ds)} test images")
-        acc_merged = evaluate_model(merged, test_ds).top1
+        acc_merged = evaluate_model(merged, test_ds, progress=progress).top1
         save_model(merged, run / "merged")
         rows[label] = {"model": merged, "acc": acc_merged, "method": "snella"}
 
@@ -183,12 +203,12 @@ def quickstart(a: argparse.Namespace) -> dict:
     print("\n" + md)
     with atomic_path(out / "summary.md") as tmp:
         tmp.write_text(md)
-    write_json(out / "summary.json", {"rows": table, "args": vars(a), "seconds": elapsed})
+    args = {k: v for k, v in vars(a).items() if k != "func"}  # a function prints its address
+    write_json(out / "summary.json", {"rows": table, "args": args, "seconds": elapsed})
     plot_bars({"test top-1 (%)": {r["configuration"]: 100 * r["test_top1"] for r in table},
                "params (M)": {r["configuration"]: r["params_M"] for r in table},
                "GFLOPs x10": {r["configuration"]: 10 * r["gflops"] for r in table}},
               out / "summary.png", ylabel="value", title="trimtune quickstart")
-    print(f"summary, plots and runs in {out}/")
     return {"rows": table, "seconds": elapsed}
 
 

@@ -251,8 +251,10 @@ def finetune(model: nn.Module | str, data: Dataset | str,
         from .segment import finetune_segmentation
         return finetune_segmentation(model, data, cfg, eval_data, test_data, base_spec, out, main)
     with run_folder(out, resume=bool(tc.resume), overwrite=tc.overwrite, main=main) as work:
+        # other DDP processes write nothing but read what main writes (e.g. a staged run's
+        # checkpoint on --overwrite --resume): they train "into" the same folder
         return _finetune(model, data, cfg, eval_data, test_data, base_spec, work if main else None,
-                         final=out)
+                         final=out if main else work)
 
 
 def _finetune(model, data, cfg: FinetuneConfig, eval_data, test_data, spec, out: Path | None,
@@ -315,7 +317,8 @@ def _finetune(model, data, cfg: FinetuneConfig, eval_data, test_data, spec, out:
         write_json(out / "run.json", run_json)
     test = None
     if test_ds is not None:
-        r = evaluate_model(model, test_ds, batch_size=max(64, tc.batch_size))
+        r = evaluate_model(model, test_ds, batch_size=max(64, tc.batch_size),
+                           progress=tc.progress)
         test = r.to_dict()
         if out:
             plot_confusion(r.confusion, r.classes, out / "confusion.png",

@@ -83,7 +83,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
 
     meta = {"format": "pt", "trimtune_version": __version__,
             "trimtune_format": str(FORMAT_VERSION),
-            "trimtune_base": json.dumps(base_fingerprint(base))}
+            "trimtune_base": json.dumps(base_fingerprint(base), sort_keys=True)}
     write_safetensors(path / WEIGHTS_NAME, state, metadata=meta)
     d = cfg.to_dict()
     d["peft_type"] = cfg.peft_type.value
