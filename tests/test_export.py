@@ -105,3 +105,14 @@ def test_transformers_from_pretrained_reads_the_merged_model(tmp_path, one_threa
         torch.testing.assert_close(back(pixel_values=x).logits, want, atol=1e-5, rtol=0)
     with pytest.raises(TrimtuneError, match="re-initialise its factors"):
         export(compress(back, ratio=2.0), tmp_path / "hf2", "transformers")
+
+
+def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch, one_thread):
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1024))
+    with pytest.raises(TrimtuneError, match=r"not enough free space in .*: it needs about .* "
+                                            r"bytes\), 1.0 KiB are free; free some space"):
+        export(tiny_vit(), tmp_path / "x", "timm")
+    assert not list(tmp_path.iterdir())

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import write_json
+from .checkpoint import check_space, tensor_bytes, write_json
 from .errors import TrimtuneError
 from .lowrank import is_compressed
 from .models import arch_of
@@ -70,6 +70,8 @@ def export(source: str | os.PathLike | nn.Module, out_dir: str | os.PathLike,
         want = model(**x) if isinstance(x, dict) else model(x)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # the stock writers write the weights themselves: room for them is checked first
+    check_space(out / "model", tensor_bytes(model.state_dict()) + 1024 * 1024)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         if format == "timm":
