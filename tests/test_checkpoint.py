@@ -66,6 +66,10 @@ def test_a_write_too_large_for_the_free_space_is_refused_in_one_line(tmp_path, t
     assert not list(target.parent.iterdir())  # nothing written, not even a temporary file
     with pytest.raises(TrimtuneError, match="state.pt: it needs about"):
         torch_save_atomic({"model": {"w": torch.zeros(10)}}, tmp_path / "ckpt" / "state.pt")
+    with pytest.raises(TrimtuneError, match=rf"space in {tmp_path / 'm'} to write"):
+        with run_folder(tmp_path / "m", whole=True) as work:  # the folder, not its staging
+            write_safetensors(work / "model.safetensors", {"w": torch.zeros(1000)})
+    assert not (tmp_path / "m").exists() and not staging_path(tmp_path / "m").exists()
 
 
 # ----------------------------------------------------------------------------- output folders

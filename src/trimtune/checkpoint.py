@@ -170,6 +170,9 @@ def check_space(path: str | os.PathLike, need: int) -> None:
     except OSError:  # no statistics for this file system: let the write itself tell
         return
     if need > free:
+        # name the folder the user chose, not its hidden staging sibling (same file system)
+        folder = Path(*[p[1:-len(STAGING_SUFFIX)] if p.startswith(".") and
+                        p.endswith(STAGING_SUFFIX) else p for p in folder.parts])
         raise TrimtuneError(
             f"not enough free space in {folder} to write {Path(path).name}: it needs about "
             f"{_size(need)} ({need:,} bytes), {_size(free)} are free; free some space or "
