@@ -93,6 +93,15 @@ VARIANTS = {
                             target_modules=BOTH_FACTORS),
     "snella-r8@c2-both": dict(method="snella", rank=8, compressed=True,
                               target_modules=BOTH_FACTORS),
+    # options beyond the authors (issue 22), each one named change to snella-r8
+    "snella-r8+klr": dict(method="snella", rank=8, method_kwargs={"kernel_lr_scale": 0.01}),
+    "snella-r8+b4": dict(method="snella", rank=8, method_kwargs={"b_lr_scale": 4.0}),
+    "snella-r8+klr+b4": dict(method="snella", rank=8,
+                             method_kwargs={"kernel_lr_scale": 0.01, "b_lr_scale": 4.0}),
+    "snella-r8+init0.25": dict(method="snella", rank=8, method_kwargs={"init_scale": 0.25}),
+    "snella-r8+soft": dict(method="snella", rank=8, method_kwargs={"sparsify": "soft"}),
+    "snella-r8+klr+soft": dict(method="snella", rank=8, method_kwargs={
+        "kernel_lr_scale": 0.01, "sparsify": "soft"}),
 }
 
 #: ablation name -> changes to snella-r8 (run at snella-r8's selected lr)
@@ -138,6 +147,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lr-select", choices=("first-seed", "every-seed"), default="first-seed",
                     help="search the lr grid on the first seed only, or on every seed")
     ap.add_argument("--lrs", default="", help='override grids, JSON: {"lora": [1e-3, 3e-3]}')
+    ap.add_argument("--widen", type=int, default=3,
+                    help="when the lr selected on val is at an edge of the grid, add the next "
+                         "value beyond it (the grid's own step) and search again, up to this "
+                         "many times per (task, variant); 0: the grid as given")
     ap.add_argument("--sparsity", type=float, default=0.7, help="snell / snella sparsity")
     ap.add_argument("--compress-ratio", type=float, default=2.0,
                     help="PELA ratio c of the @c2 variants' backbone")
@@ -170,6 +183,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.seed_list = [int(s) for s in str(a.seeds).split(",") if s.strip()]
     a.task_list = [t.strip() for t in a.tasks.split(",") if t.strip()]
     a.variant_list = [v.strip() for v in a.variants.split(",") if v.strip()]
+    if a.lrs:
+        try:
+            grids = json.loads(a.lrs)
+        except json.JSONDecodeError as e:
+            ap.error(f"--lrs is not JSON ({e.msg}): give e.g. '{{\"lora\": [0.001, 0.003]}}'")
+        if not isinstance(grids, dict) or not all(
+                isinstance(v, list) and v and all(isinstance(x, (int, float)) and
+                                                  not isinstance(x, bool) and x > 0 for x in v)
+                for v in grids.values()):
+            ap.error("--lrs: every method needs a non-empty list of positive numbers, e.g. "
+                     "'{\"lora\": [0.001, 0.003]}'")
+        unknown = sorted(set(grids) - set(DEFAULT_LRS))
+        if unknown:
+            ap.error(f"--lrs names unknown method(s) {unknown}: use {sorted(DEFAULT_LRS)}")
+    if a.widen < 0:
+        ap.error(f"--widen {a.widen}: give 0 (no widening) or more")
     a.ablation_list = [v.strip() for v in a.ablations.split(",") if v.strip()] \
         if a.ablation else []
     bad = [v for v in a.variant_list if v not in VARIANTS] + [
@@ -230,7 +259,9 @@ class Study:
         self.tests: dict[str, Pretransformed] = {}
         self.compressed: dict[str, torch.nn.Module] = {}
         self.compressed_info: dict[str, dict] = {}
+        self.models: dict[str, torch.nn.Module] = {}  # merged models awaiting selection
         self.grids: dict[str, tuple] = dict(DEFAULT_LRS)  # main() sets the run's grids
+        self.searched: dict[tuple[str, str], list[float]] = {}  # (task, variant) -> grid run
         self.t0 = time.time()
         prev = RESULTS / f"quality_{a.tag}.json"
         if a.resume and prev.is_file():
@@ -310,10 +341,17 @@ class Study:
         return self.compressed[task]
 
     # ------------------------------------------------------------------ one run
-    def run(self, task: str, variant: str, seed: int, lr: float) -> dict:
+    def run(self, task: str, variant: str, seed: int, lr: float, test: bool = False) -> dict:
         key = f"{task}|{variant}|{seed}|{lr:g}"
-        if key in self.runs:
-            return self.runs[key]
+        if key in self.runs and (not test or "test_top1" in self.runs[key]
+                                 or key in self.models):
+            return self.test(key) if test else self.runs[key]
+        if key in self.runs:  # a grid run selected later, its model not kept: train it again
+            log(f"  {key}: trained again to test it (its model was not kept)")
+        row = self._train(task, variant, seed, lr, key)
+        return self.test(key) if test else row
+
+    def _train(self, task: str, variant: str, seed: int, lr: float, key: str) -> dict:
         a = self.a
         train, val = self.split(task, seed)
         out = Path(a.work) / task.replace(":", "_") / variant.replace(":", "_") / f"s{seed}_{lr:g}"
@@ -330,35 +368,63 @@ class Study:
                "best_val_acc": r.best["val_acc"], "val_curve": curve, "train_wall_s": t.seconds,
                "trainable_params": int(sum(p.numel() for p in r.model.parameters()
                                            if p.requires_grad))}
-        with Timer() as t:
-            merged = tt.merge(r.model)
-            row["test_top1"] = tt.evaluate_model(merged, self.test_set(task),
-                                                 progress=False).top1
-        row["test_wall_s"] = t.seconds
+        row["warnings"] = list(r.warnings)  # collapse notes (train/callbacks.py)
         row["load_avg"] = os.getloadavg()[0]
         self.runs[key] = row
+        self.models[key] = tt.merge(r.model)
         log(f"  {key}: val {row['best_val_acc']:.4f} (curve "
-            f"{[round(v, 3) for v in curve]}), test {row['test_top1']:.4f}, "
-            f"{row['train_wall_s']:.0f}s, load {row['load_avg']:.1f}")
+            f"{[round(v, 3) for v in curve]}), {row['train_wall_s']:.0f}s, load "
+            f"{row['load_avg']:.1f}" + (f"; WARNED: {row['warnings'][0]}" if row["warnings"]
+                                          else ""))
         self.save(final=False)
         return row
 
+    def test(self, key: str) -> dict:
+        """The test figure of run ``key`` (a selected run: the test split is read once per
+        selected run, never for a choice)."""
+        row = self.runs[key]
+        if "test_top1" not in row:
+            task = row["task"]
+            with Timer() as t:
+                row["test_top1"] = tt.evaluate_model(self.models.pop(key), self.test_set(task),
+                                                     progress=False).top1
+            row["test_wall_s"] = t.seconds
+            log(f"  {key}: test {row['test_top1']:.4f}")
+            self.save(final=False)
+        self.models.pop(key, None)
+        return row
+
     def select_lr(self, task: str, variant: str, seed: int, grids: dict) -> float:
-        """Best-val lr of the grid for (task, variant), searched on ``seed``."""
-        rows = [self.run(task, variant, seed, lr) for lr in lr_grid(variant, grids)]
-        return max(rows, key=lambda r: (r["best_val_acc"], -r["lr"]))["lr"]
+        """Best-val lr for (task, variant), searched on ``seed``: the method's grid, widened
+        by its own step past an edge that wins, up to ``--widen`` times (:func:`widened`);
+        the selected run is tested, the others never."""
+        grid = list(lr_grid(variant, grids))
+        for _ in range(self.a.widen + 1):
+            rows = [self.run(task, variant, seed, lr) for lr in grid]
+            best = max(rows, key=lambda r: (r["best_val_acc"], -r["lr"]))["lr"]
+            more = widened(grid, best)
+            if more is None or len(grid) >= len(lr_grid(variant, grids)) + self.a.widen:
+                break
+            log(f"  {task} / {variant}: lr {best:g} is at the edge of {grid}: widening")
+            grid = more
+        self.searched[(task, variant)] = sorted(grid)
+        for lr in grid:  # the grid's other models are dropped untested
+            if lr != best:
+                self.models.pop(f"{task}|{variant}|{seed}|{lr:g}", None)
+        self.run(task, variant, seed, best, test=True)
+        return best
 
     def study(self, task: str, variant: str, grids: dict, lr: float | None = None) -> None:
         seeds = self.a.seed_list
         for i, seed in enumerate(seeds):
             if lr is not None:
-                self.run(task, variant, seed, lr)
+                self.run(task, variant, seed, lr, test=True)
             elif i == 0 or self.a.lr_select == "every-seed":
                 chosen = self.select_lr(task, variant, seed, grids)
                 if self.a.lr_select == "first-seed":
                     lr_first = chosen
             else:
-                self.run(task, variant, seed, lr_first)
+                self.run(task, variant, seed, lr_first, test=True)
 
     # ------------------------------------------------------------------ results
     def selected(self, task: str, variant: str) -> dict[int, dict]:
@@ -368,13 +434,15 @@ class Study:
         for r in rows:
             by_seed.setdefault(r["seed"], []).append(r)
         if self.a.lr_select == "every-seed" or ":" in variant:
-            return {s: max(rs, key=lambda r: (r["best_val_acc"], -r["lr"]))
-                    for s, rs in by_seed.items()}
-        first = self.a.seed_list[0]
-        if first not in by_seed:
-            return {}
-        lr = max(by_seed[first], key=lambda r: (r["best_val_acc"], -r["lr"]))["lr"]
-        return {s: r for s, rs in by_seed.items() for r in rs if r["lr"] == lr}
+            sel = {s: max(rs, key=lambda r: (r["best_val_acc"], -r["lr"]))
+                   for s, rs in by_seed.items()}
+        else:
+            first = self.a.seed_list[0]
+            if first not in by_seed:
+                return {}
+            lr = max(by_seed[first], key=lambda r: (r["best_val_acc"], -r["lr"]))["lr"]
+            sel = {s: r for s, rs in by_seed.items() for r in rs if r["lr"] == lr}
+        return {s: r for s, r in sel.items() if "test_top1" in r}  # a search still going
 
     def save(self, final: bool) -> None:
         md, groups, errors = self.report(final)
@@ -437,7 +505,21 @@ class Study:
                                  (f"{statistics.fmean(d):+.2f} ± {statistics.stdev(d):.2f}"
                                   if len(d) > 1 else "—"), str(len(accs))])
         n_runs = len(self.runs)
-        wall = sum(r["train_wall_s"] + r["test_wall_s"] for r in self.runs.values())
+        wall = sum(r["train_wall_s"] + r.get("test_wall_s", 0) for r in self.runs.values())
+        search = []
+        for t in tasks:
+            for v in variants:
+                lrs = sorted({r["lr"] for r in self.runs.values() if r["task"] == t
+                              and r["variant"] == v and r["seed"] == a.seed_list[0]})
+                sel = self.selected(t, v)
+                if not lrs or not sel:
+                    continue
+                pick = next(iter(sel.values()))["lr"] if a.lr_select == "first-seed" else None
+                where = ("—" if pick is None else "interior" if lrs[0] < pick < lrs[-1]
+                         else "EDGE (not a result: widen the grid)")
+                search.append([t, v, ", ".join(f"{x:g}" for x in lrs),
+                               "—" if pick is None else f"{pick:g}", where])
+        warned = [(k, r["warnings"][0]) for k, r in self.runs.items() if r.get("warnings")]
         loads = [r["load_avg"] for r in self.runs.values() if "load_avg" in r]
         grid_text = "; ".join(k + ": " + ", ".join(f"{x:g}" for x in v)
                               for k, v in self.grids.items())
@@ -469,6 +551,15 @@ class Study:
                          if info.get("distill_feature_norm", "none") != "none" else "")
                       + f" ({info['distill_s']:.0f} s)" if info.get("distill_epochs") else
                       ", not distilled") + "; the same fine-tuning protocol as the rest.", ""]
+        if search:
+            md += ["## lr search (on the first seed's val split; the grid is widened past an "
+                   "edge that wins)", "",
+                   md_table(["task", "variant", "grid searched", "selected", "where"], search),
+                   ""]
+        md += [f"Runs that warned of a collapse or a diverging loss (train/callbacks.py): "
+               f"{len(warned)} of {len(self.runs)}"
+               + (":" if warned else "."), ""]
+        md += [f"- `{k}`: {w}" for k, w in warned[:40]] + ([""] if warned else [])
         if abl_rows:
             md += [f"## SNELLA ablation ({tasks[0]}, r = 8, at snella-r8's selected lr)", "",
                    md_table(["variant", "test % mean", "std", "paired vs snella-r8", "n"],
@@ -487,6 +578,17 @@ class Study:
     def paired(self, task: str, x: str, y: str) -> list[float]:
         sx, sy = self.selected(task, x), self.selected(task, y)
         return [100 * (sx[s]["test_top1"] - sy[s]["test_top1"]) for s in sorted(sx) if s in sy]
+
+
+def widened(grid: list[float], best: float) -> list[float] | None:
+    """``grid`` plus the next value beyond ``best`` when ``best`` is its lowest or highest
+    value (the step between its two nearest values, in ratio), else None (an interior pick)."""
+    g = sorted(grid)
+    if len(g) < 2 or g[0] < best < g[-1]:
+        return None
+    if best == g[-1]:
+        return g + [float(f"{g[-1] * g[-1] / g[-2]:.3g}")]
+    return [float(f"{g[0] * g[0] / g[1]:.3g}")] + g
 
 
 def run_ablation(study: Study, a, grids: dict) -> None:

@@ -123,3 +123,54 @@ def test_common_eval_sets_record_and_finish(tmp_path, monkeypatch):
     assert common.finish("x_test", ["# title"], {"cpu": "c"}, {"rows": [1]}) == 0
     assert "## Machine" in (tmp_path / "x_test.md").read_text()
     assert json.loads((tmp_path / "x_test.json").read_text())["machine"]["cpu"] == "c"
+
+
+# ---- bench_quality's protocol: lr grid widened past a winning edge, test read once ----------
+def test_quality_grid_widens_to_an_interior_pick_and_tests_only_selected(monkeypatch, tmp_path):
+    import math
+
+    q = _load("bench_quality")
+    a = q.parse_args(["--tasks", "t:1k", "--variants", "snella-r8", "--seeds", "0,1",
+                      "--lrs", '{"snella": [0.001, 0.003, 0.01]}', "--tag", "smoke",
+                      "--work", str(tmp_path)])
+    monkeypatch.setattr(q, "RESULTS", tmp_path)
+    monkeypatch.setattr(q, "write_results", lambda *args, **kw: None)
+    study = q.Study(a, base=None, info={})
+    trained, tested = [], []
+
+    def fake_train(self, task, variant, seed, lr, key):  # val peaks at lr 0.03 (off the grid)
+        trained.append((seed, lr))
+        self.runs[key] = {"task": task, "variant": variant, "seed": seed, "lr": lr,
+                          "best_val_acc": 1 - (math.log10(lr) - math.log10(0.03)) ** 2,
+                          "val_curve": [], "train_wall_s": 1.0, "trainable_params": 1}
+        self.models[key] = object()
+        return self.runs[key]
+
+    def fake_test(self, key):
+        row = self.runs[key]
+        if "test_top1" not in row:
+            tested.append(key)
+            row["test_top1"] = 0.5
+        self.models.pop(key, None)
+        return row
+
+    monkeypatch.setattr(q.Study, "_train", fake_train)
+    monkeypatch.setattr(q.Study, "test", fake_test)
+    study.study("t:1k", "snella-r8", {"snella": (0.001, 0.003, 0.01)})
+    assert study.searched[("t:1k", "snella-r8")] == [0.001, 0.003, 0.01, 0.0333, 0.111]
+    assert study.selected("t:1k", "snella-r8")[0]["lr"] == 0.0333  # interior now
+    assert tested == ["t:1k|snella-r8|0|0.0333", "t:1k|snella-r8|1|0.0333"]
+    assert [lr for s, lr in trained if s == 1] == [0.0333]
+    md = study.report(final=True)[0]
+    assert "| t:1k | snella-r8 | 0.001, 0.003, 0.01, 0.0333, 0.111 | 0.0333 | interior |" in md
+    assert q.widened([1e-3, 3e-3], 3e-3) == [1e-3, 3e-3, 0.009] and \
+        q.widened([1e-3, 3e-3, 1e-2], 3e-3) is None
+
+
+@pytest.mark.parametrize("lrs", ['{"lora": [0]}', '{"lora": []}', '{"lora": "x"}', "nope",
+                                 '{"nomethod": [0.1]}'])
+def test_quality_bad_grid_is_exit_2(lrs, capsys):
+    q = _load("bench_quality")
+    with pytest.raises(SystemExit) as e:
+        q.parse_args(["--lrs", lrs])
+    assert e.value.code == 2 and "--lrs" in capsys.readouterr().err
