@@ -125,6 +125,9 @@ def _add_train_args(p: argparse.ArgumentParser, *, epochs: int, lr: float, batch
                    help="one seed for everything: new head, adapter init, few-shot choice, data "
                         "order, masks (same seed, same bits)")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of torch (default: torch's, the machine's cores); the bits "
+                        "of a run depend on it, run.json records it")
     g.add_argument("--ckpt-every", type=int, default=200,
                    help="checkpoint every N optimizer steps (and at the end)")
     g.add_argument("--resume", action="store_true",
@@ -146,7 +149,8 @@ def _train_config(a: argparse.Namespace, out: str):
                        weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs,
                        batch_size=a.batch_size, grad_accum=a.grad_accum, clip_grad=a.clip_grad,
                        mixed_precision=a.mixed_precision, ema=a.ema, seed=a.seed,
-                       num_workers=a.num_workers, ckpt_every=a.ckpt_every, resume=a.resume,
+                       num_workers=a.num_workers, threads=a.threads, ckpt_every=a.ckpt_every,
+                       resume=a.resume,
                        overwrite=a.overwrite, progress=not a.no_progress, out_dir=out)
 
 
@@ -316,6 +320,9 @@ def cmd_finetune(a) -> int:
                          branch_drop_path=a.branch_drop_path, drop_path_rate=a.drop_path,
                          schedule_unit=a.schedule_unit, alloc_interval=a.alloc_interval,
                          t_init=a.t_init, t_final=a.t_final, train=_train_config(a, a.out),
+                         method_kwargs={k: getattr(a, k) for k in (
+                             "kernel_lr_scale", "b_lr_scale", "init_scale")}
+                         if a.method in ("snell", "snella") else {},
                          target_modules=target_modules_arg(a.target_modules), task=a.task,
                          task_options={"head": a.seg_head, "reduce_zero_label":
                                        a.reduce_zero_label} if a.task == "segmentation" else {})
@@ -565,6 +572,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "fraction of the run if < 1 (default 0)")
     g.add_argument("--t-final", type=float, default=FAST["t_final"],
                    help="snella: final phase with the allocation fixed (default 0)")
+    for flag, what in (("kernel_lr_scale", "lr multiplier of the mixture kernel's scalars alpha, "
+                        "gamma, beta (authors 1; a small value keeps a high lr from collapsing "
+                        "the run)"),
+                       ("b_lr_scale", "lr multiplier of the factor B (LoRA+; authors 1)"),
+                       ("init_scale", "multiplier of the factors' init (authors 1)")):
+        v = FAST.get(flag, 1.0)
+        g.add_argument(f"--{flag.replace('_', '-')}", type=float, default=v,
+                       help=f"snell / snella: {what}; default {v:g} (fast), authors 1")
     s.set_defaults(func=cmd_finetune)
 
     s = _command(sub, "evaluate", help="top-1 / per-class accuracy and a confusion matrix")

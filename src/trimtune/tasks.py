@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from . import __version__
 from .checkpoint import new_run_dir, run_folder, write_json
 from .data import (as_dataset, build_transform, check_classes, describe_data, disjoint_train,
                    stratified_choice)
-from .errors import TrimtuneError
+from .errors import TrainingCollapseWarning, TrimtuneError
 from .lowrank import DistillConfig, set_trainable
 from .measure import evaluate_model
 from .measure.plots import plot_confusion, plot_curves
@@ -35,7 +36,8 @@ from .models import set_drop_path_rate
 from .names import METHODS, SNELL_METHODS
 from .runs import (base_spec, identity, input_size, load_model, save, save_model, state_sha256,
                    with_identity)
-from .train import BestEpoch, ClassificationObjective, TrainConfig, fit
+from .train import BestEpoch, ClassificationObjective, CollapseWatch, TrainConfig, fit
+from .train.checkpointing import numerics
 from .tuners import SnellaConfig, SnellConfig, registry
 from .tuners.snell_tuner import is_fused_qkv
 from .tuners.targets import select_linears
@@ -214,6 +216,7 @@ class FinetuneResult:
     best: dict | None
     test: dict | None
     history: list
+    warnings: list = field(default_factory=list)  # collapse notes of the run (one line each)
 
 
 def finetune(model: nn.Module | str, data: Dataset | str,
@@ -293,6 +296,7 @@ def _finetune(model, data, cfg: FinetuneConfig, eval_data, test_data, spec, out:
     # steps per epoch x processes): max_steps only stops early, so a resumed run matches
     model, callbacks = prepare(model, cfg, total_steps=None)
     best = BestEpoch("val_acc")
+    watch = CollapseWatch("val_acc", chance=1.0 / max(1, probe.num_classes))
 
     def eval_fn(m: nn.Module) -> dict:
         r = evaluate_model(m, eval_ds, batch_size=max(64, tc.batch_size), progress=False)
@@ -300,7 +304,9 @@ def _finetune(model, data, cfg: FinetuneConfig, eval_data, test_data, spec, out:
 
     run_base = spec or base_spec(model)
     run_json = {"trimtune_version": __version__, "kind": "finetune", "config": cfg.to_dict(),
-                "base": run_base, "data": describe_data(data, train_ds)}
+                "base": run_base, "data": describe_data(data, train_ds),
+                # what besides the seed decides the bits (same numerics, same bits)
+                "numerics": {**numerics(), "threads": tc.threads or torch.get_num_threads()}}
     if out and not tc.resume:  # a resume rewrites it only once its settings were accepted
         write_json(out / "run.json", run_json)
     # what changes the result besides the loop's own settings: compared on resume
@@ -310,8 +316,8 @@ def _finetune(model, data, cfg: FinetuneConfig, eval_data, test_data, spec, out:
                     base=run_base)
     tc_run = dataclasses.replace(tc, out_dir=out or final, overwrite=False)
     result = fit(model, train_ds, ClassificationObjective(cfg.label_smoothing), tc_run,
-                 callbacks=[*callbacks, best], eval_fn=eval_fn if eval_ds is not None else None,
-                 settings=settings)
+                 callbacks=[*callbacks, best, watch],
+                 eval_fn=eval_fn if eval_ds is not None else None, settings=settings)
     best.restore(model)
     if out and tc.resume:
         write_json(out / "run.json", run_json)
@@ -320,12 +326,18 @@ def _finetune(model, data, cfg: FinetuneConfig, eval_data, test_data, spec, out:
         r = evaluate_model(model, test_ds, batch_size=max(64, tc.batch_size),
                            progress=tc.progress)
         test = r.to_dict()
+        if watch.near_chance(r.top1) and not watch.warned:  # e.g. no validation data
+            msg = (f"test top-1 {r.top1:.3f} is near chance ({watch.chance:.3f}): the run did "
+                   f"not learn; run again with a lower lr (now {tc.lr:g}), or train longer")
+            warnings.warn(msg, TrainingCollapseWarning, stacklevel=2)
+            result.warnings.append(msg)
         if out:
             plot_confusion(r.confusion, r.classes, out / "confusion.png",
                            title=f"{cfg.method}: test top-1 {r.top1:.3f}")
     if out:
         save(model, out / "adapter", method=cfg.method)
         summary = {"best_val_acc": best.value, "test_top1": test and test["top1"],
+                   "warnings": list(getattr(result, "warnings", [])),
                    "test": test}
         write_json(out / "results.json", summary)
         if (out / "metrics.jsonl").is_file():
@@ -335,7 +347,8 @@ def _finetune(model, data, cfg: FinetuneConfig, eval_data, test_data, spec, out:
                 cb.plot_history(out / "sparsity.png")
     return FinetuneResult(model=model, out_dir=final if out else None,
                           best={"val_acc": best.value}, test=test,
-                          history=getattr(result, "history", []))
+                          history=getattr(result, "history", []),
+                          warnings=list(getattr(result, "warnings", [])))
 
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "check_rank", "check_teacher", "distill",
