@@ -141,6 +141,15 @@ def tuner_config(cfg: FinetuneConfig) -> SnellConfig:
               "target_modules": cfg.target_modules, **cfg.method_kwargs}  # method_kwargs win
     if cfg.kernel:
         common["kernel"] = cfg.kernel
+    klass = SnellConfig if cfg.method == "snell" else SnellaConfig
+    known = {f.name for f in dataclasses.fields(klass)}
+    for k in cfg.method_kwargs:
+        if k not in known:
+            import difflib
+            near = difflib.get_close_matches(k, sorted(known), n=3)
+            raise TrimtuneError(f"unknown {cfg.method} option {k!r} in method_kwargs"
+                                + (f"; did you mean {', '.join(near)}?" if near else "")
+                                + f" ({klass.__name__} fields: see help(trimtune.{klass.__name__}))")
     if cfg.method == "snell":
         return SnellConfig(sparsity=cfg.sparsity, **common)
     return SnellaConfig(target_sparsity=cfg.sparsity, init_sparsity=cfg.init_sparsity,

@@ -72,3 +72,18 @@ def test_bad_multiplier_is_one_clear_error(bad):
     for name in ("kernel_lr_scale", "b_lr_scale", "init_scale"):
         with pytest.raises(TrimtuneError, match=f"{name}=.*positive multiplier"):
             tt.SnellaConfig(r=4, **{name: bad})
+
+
+def test_unknown_option_name_is_one_clear_error():
+    with pytest.raises(TrimtuneError, match=r"unknown snella option 'kernel_lr'.*kernel_lr_scale"):
+        tt.FinetuneConfig(method="snella", method_kwargs={"kernel_lr": 0.1})
+
+
+def test_cli_bad_multiplier_exits_2_and_writes_nothing(tmp_path, capsys):
+    from trimtune.cli import main
+    out = tmp_path / "run"
+    code = main(["finetune", "--model", "vit_tiny_patch16_224", "--data", "digits:40",
+                 "--out", str(out), "--kernel-lr-scale", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "kernel_lr_scale=0" in err and "positive multiplier" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
