@@ -16,6 +16,7 @@ from torch import nn
 from . import __version__
 from .checkpoint import file_sha256, read_json, read_safetensors, write_json, write_safetensors
 from .errors import TrimtuneError
+from .finetune_config import FinetuneConfig, prepare
 from .lowrank import is_compressed, load_compressed, save_compressed
 from .lowrank.io import factorise_like, weights_file
 from .models import arch_of, build_from_arch, create_backbone
@@ -223,8 +224,6 @@ def load(model: nn.Module, path: str | Path) -> nn.Module:
 
 def load_run(run_dir: str | Path) -> nn.Module:
     """Rebuild a fine-tuned model from a run folder: base + method + adapter tensors."""
-    from .tasks import FinetuneConfig, prepare
-
     run_dir = Path(run_dir)
     run = read_json(run_dir / "run.json")
     try:

@@ -191,7 +191,7 @@ def _finetune(task: SegmentationTask, model, data, cfg: Any, eval_data, test_dat
     from .measure.plots import plot_curves
     from .models import set_drop_path_rate
     from .runs import base_spec, save, save_model, state_sha256, with_identity
-    from .tasks import FinetuneResult, prepare
+    from .finetune_config import FinetuneResult, prepare
     from .train import BestEpoch, fit
     from .tuners import registry
 

@@ -45,10 +45,11 @@ import torch
 from torch import nn
 
 from ..errors import TrimtuneError
-from ..models import arch_of
 from ..models.probe import Probe, check_forward_path, route_through_modules
-from .layers import (LowRankLinear, activation_scale, gram_eigh_many, svd_from_gram,
-                     truncated_svd, weighted_target, whitening_factor)
+from .io import get_arch, route_save_pretrained
+from .layers import (LowRankLinear, activation_scale, factorised_layers, gram_eigh_many,
+                     is_compressed, svd_from_gram, truncated_svd, weighted_target,
+                     whitening_factor)
 
 DEFAULT_SKIP: tuple[str, ...] = ("norm", "head", "patch_embed", "downsample")
 MIN_OUT_FEATURES = 10
@@ -57,12 +58,6 @@ INITS = ("svd", "whiten", "asvd")
 
 __all__ = ["compress", "is_compressed", "factorised_layers", "select_layers", "rank_for",
            "get_arch", "DEFAULT_SKIP"]
-
-
-# ----------------------------------------------------------------------------- architecture
-def get_arch(model: nn.Module) -> dict[str, Any]:
-    """A copy of ``trimtune.models.arch_of(model)``. Raises TrimtuneError if it cannot be told."""
-    return copy.deepcopy(arch_of(model))
 
 
 # ----------------------------------------------------------------------------- selection
@@ -372,8 +367,6 @@ def compress(
     if arch is not None:
         out.trimtune_arch = arch
     check_forward_path(out, list(ranks), probe, what="compress")
-    from .io import route_save_pretrained  # io imports this module
-
     route_save_pretrained(out)  # transformers: save_pretrained writes trimtune's format
     return (out, spectra) if return_spectra else out
 
@@ -416,13 +409,3 @@ def _calibrate(model: nn.Module, chosen: dict[str, nn.Linear], init: str, calib,
     else:
         record["alpha"] = float(alpha)
     return stats, record
-
-
-def is_compressed(model: nn.Module) -> bool:
-    """True if ``model`` contains at least one :class:`LowRankLinear`."""
-    return any(isinstance(m, LowRankLinear) for m in model.modules())
-
-
-def factorised_layers(model: nn.Module) -> dict[str, LowRankLinear]:
-    """``{qualified name: LowRankLinear}`` in module order."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}

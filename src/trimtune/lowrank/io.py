@@ -11,6 +11,8 @@ name and ``config.to_dict()``, plus its ``config.json``; its weights are named
 ``trimtune_model.safetensors`` (:data:`TRANSFORMERS_WEIGHTS_NAME`, recorded in ``trimtune.json``),
 a name stock ``from_pretrained`` does not read: it refuses the folder ("no file named
 model.safetensors") instead of silently re-initialising every factorised layer.
+Below :mod:`.compress` (which routes every compressed model's ``save_pretrained`` here); this
+module reads and writes the format and never imports ``compress``.
 ``compress`` / ``load_compressed`` also route the compressed model's own ``save_pretrained``
 (what HF ``Trainer`` calls) to :func:`save_compressed`.
 """
@@ -27,10 +29,9 @@ from torch import nn
 
 from ..checkpoint import read_json, read_safetensors, write_json, write_safetensors
 from ..errors import TrimtuneError
-from ..models import build_from_arch, is_transformers_model
+from ..models import arch_of, build_from_arch, is_transformers_model
 from ..models.probe import route_through_modules
-from .compress import factorised_layers, get_arch
-from .layers import LowRankLinear
+from .layers import LowRankLinear, factorised_layers
 
 FORMAT = "trimtune.compressed"
 FORMAT_VERSION = 1
@@ -44,7 +45,12 @@ _HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorc
 REQUIRED = ("format", "format_version", "arch", "ranks")
 
 __all__ = ["save_compressed", "load_compressed", "factorise_like", "route_save_pretrained",
-           "weights_file", "FORMAT_VERSION"]
+           "weights_file", "get_arch", "FORMAT_VERSION"]
+
+
+def get_arch(model: nn.Module) -> dict:
+    """A copy of ``trimtune.models.arch_of(model)``. Raises TrimtuneError if it cannot be told."""
+    return copy.deepcopy(arch_of(model))
 
 
 def weights_file(directory: str | os.PathLike) -> Path:

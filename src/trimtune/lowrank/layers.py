@@ -348,3 +348,13 @@ class LowRankLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, bias={self.second.bias is not None}")
+
+
+def is_compressed(model: nn.Module) -> bool:
+    """True if ``model`` contains at least one :class:`LowRankLinear`."""
+    return any(isinstance(m, LowRankLinear) for m in model.modules())
+
+
+def factorised_layers(model: nn.Module) -> dict[str, LowRankLinear]:
+    """``{qualified name: LowRankLinear}`` in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}

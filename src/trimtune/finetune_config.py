@@ -1,0 +1,174 @@
+"""What a fine-tuning run is: :class:`FinetuneConfig` (method + train + task settings), the
+tuner config and options it gives its method, the rank check, :func:`prepare` (attach the
+method, return its callbacks) and :class:`FinetuneResult`.
+
+Below :mod:`trimtune.runs` (which rebuilds a run's method from run.json with :func:`prepare`) and
+:mod:`trimtune.tasks` (which trains it): neither is imported here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import TrimtuneError
+from .names import METHODS, SNELL_METHODS
+from .train import TrainConfig
+from .tuners import SnellaConfig, SnellConfig, registry
+from .tuners.snell_tuner import is_fused_qkv
+from .tuners.targets import select_linears
+
+
+@dataclass
+class FinetuneConfig:
+    """What to tune and how. ``train`` holds the loop's settings (epochs, lr, batch size...).
+
+    ``target_modules`` selects the adapted layers for every method by the one rule of
+    :mod:`trimtune.tuners.targets` (PEFT's: a regex string over whole names, a list of names /
+    suffixes, or ``"all-linear"``); None: the model family's default."""
+
+    method: str = "snella"
+    rank: int = 8
+    kernel: str | None = None  # default: mixture for snella, piecewise for snell
+    sparsity: float = 0.7  # snell: fixed fraction zeroed; snella: the target of the schedule
+    init_sparsity: float = 0.0  # snella: fraction zeroed at the start of the schedule
+    density: float | None = None  # masked-sparse: fraction of each weight that trains
+    target_modules: str | list[str] | None = None  # every method: which layers (see above)
+    protocol: str = "vtab"  # vtab: resize only; fgvc: random-resized crop + flip
+    label_smoothing: float = 0.0
+    # SNELL / SNELLA regularisation and allocation schedule (trimtune.recipes: "authors" sets
+    # 0.1 / 0.1 / 0.1 and an epoch schedule as the released scripts; these are the "fast" ones)
+    branch_dropout: float = 0.0  # dropout on the update branch's input (not attn.proj)
+    branch_drop_path: float = 0.0  # DropPath on each unit's update (q, k, v independently)
+    drop_path_rate: float = 0.0  # backbone stochastic depth (timm's linear decay over blocks)
+    schedule_unit: str = "step"  # snella: count the budget schedule in "step"s or "epoch"s
+    alloc_interval: int = 1  # snella: reallocate every N schedule units
+    t_init: float = 0  # snella: schedule warm-up (count, or fraction of the run if < 1)
+    t_final: float = 0  # snella: final phase with the allocation fixed
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, epochs=10))
+    method_kwargs: dict[str, Any] = field(default_factory=dict)
+    # what is learned: "classification" or "segmentation" (trimtune.segment: decode head,
+    # per-pixel loss, mIoU; options head="linear"|"linear4", reduce_zero_label)
+    task: str = "classification"
+    task_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        from .segment import check_options
+        self.task_options = check_options(self.task, dict(self.task_options or {}))
+        if self.method not in METHODS:
+            raise TrimtuneError(f"unknown method {self.method!r}; choose one of "
+                                f"{', '.join(METHODS)}")
+        if self.protocol not in ("vtab", "fgvc"):
+            raise TrimtuneError(f"unknown protocol {self.protocol!r}; choose vtab or fgvc")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise TrimtuneError(f"drop-path rate {self.drop_path_rate} is outside [0, 1): use "
+                                "e.g. 0.1 (the authors') or 0")
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if self.method in SNELL_METHODS:  # the tuner config checks its own fields, now
+            tuner_config(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def tuner_config(cfg: FinetuneConfig) -> SnellConfig:
+    """The :class:`~trimtune.tuners.SnellConfig` / ``SnellaConfig`` a SNELL-family run uses."""
+    common = {"r": cfg.rank, "dropout": cfg.branch_dropout, "drop_path": cfg.branch_drop_path,
+              "target_modules": cfg.target_modules, **cfg.method_kwargs}  # method_kwargs win
+    if cfg.kernel:
+        common["kernel"] = cfg.kernel
+    klass = SnellConfig if cfg.method == "snell" else SnellaConfig
+    known = {f.name for f in dataclasses.fields(klass)}
+    for k in cfg.method_kwargs:
+        if k not in known:
+            import difflib
+            near = difflib.get_close_matches(k, sorted(known), n=3)
+            raise TrimtuneError(f"unknown {cfg.method} option {k!r} in method_kwargs"
+                                + (f"; did you mean {', '.join(near)}?" if near else "")
+                                + f" ({klass.__name__} fields: see "
+                                  f"help(trimtune.{klass.__name__}))")
+    if cfg.method == "snell":
+        return SnellConfig(sparsity=cfg.sparsity, **common)
+    return SnellaConfig(target_sparsity=cfg.sparsity, init_sparsity=cfg.init_sparsity,
+                        schedule_unit=cfg.schedule_unit, interval=cfg.alloc_interval,
+                        t_init=cfg.t_init, t_final=cfg.t_final, **common)
+
+
+def _baseline_options(cfg: FinetuneConfig, total_steps: int | None) -> dict[str, Any]:
+    kw = {"rank": cfg.rank, "target_modules": cfg.target_modules, **cfg.method_kwargs}
+    if cfg.method == "masked-sparse":
+        kw["density"] = cfg.density if cfg.density is not None else 1.0 - cfg.sparsity
+    if cfg.method == "adalora" and total_steps:
+        kw["total_step"] = total_steps
+    return kw
+
+
+def check_rank(model: nn.Module, cfg: FinetuneConfig) -> None:
+    """Refuse a rank above ``min(d_in, d_out)`` of a target layer (a SNELL / SNELLA unit, a
+    LoRA / DoRA / AdaLoRA linear): it only adds memory (r x (d_in + d_out) per layer), never
+    expressiveness, and a huge one exhausts the machine before the first step."""
+    if cfg.method in SNELL_METHODS:
+        tcfg = tuner_config(cfg)
+        layers = []
+        for name in select_linears(model, tcfg.target_modules, exclude=tcfg.exclude_modules,
+                                   modules_to_save=tcfg.modules_to_save):
+            lin = model.get_submodule(name)
+            split = 3 if tcfg.split_qkv and is_fused_qkv(name) and lin.out_features % 3 == 0 \
+                else 1
+            layers.append((name, lin.in_features, lin.out_features // split))
+        rank = cfg.rank
+    elif cfg.method in ("lora", "dora", "adalora"):
+        layers = [(n, m.in_features, m.out_features) for n in
+                  select_linears(model, cfg.method_kwargs.get("target_modules",
+                                                              cfg.target_modules))
+                  for m in [model.get_submodule(n)]]
+        rank = cfg.method_kwargs.get("init_r") or (
+            math.ceil(1.5 * cfg.rank) if cfg.method == "adalora" else cfg.rank)
+    else:
+        return
+    if rank < 1:
+        raise TrimtuneError(f"rank={cfg.rank}: give a rank of 1 or more, e.g. 8")
+    name, d_in, d_out = min(layers, key=lambda t: min(t[1], t[2]))
+    if rank > min(d_in, d_out):
+        raise TrimtuneError(
+            f"rank {rank} is above min(d_in, d_out) = {min(d_in, d_out)} of target layer {name} "
+            f"({d_in} -> {d_out}{' per unit' if cfg.method in SNELL_METHODS else ''}): it would "
+            f"only add memory; use --rank {min(d_in, d_out)} or less")
+
+
+def prepare(model: nn.Module, cfg: FinetuneConfig, *, total_steps: int | None = None
+            ) -> tuple[nn.Module, list]:
+    """Attach ``cfg.method`` (the registry's attach) and return ``(model, callbacks)``. A model
+    that already has a method attached (``trimtune.attach`` first) is tuned as it is. A rank
+    above a target's ``min(d_in, d_out)`` is refused first (:func:`check_rank`)."""
+    attached = registry.method_of(model)
+    if attached is None:
+        check_rank(model, cfg)
+        if cfg.method in SNELL_METHODS:
+            registry.attach(model, tuner_config(cfg))
+        else:
+            registry.attach(model, cfg.method, **_baseline_options(cfg, total_steps))
+    elif attached != cfg.method:
+        raise TrimtuneError(f"the model already has {attached} attached but the config says "
+                            f"method={cfg.method!r}: pass FinetuneConfig(method={attached!r}) "
+                            "or a plain model")
+    return model, registry.callbacks(model)
+
+
+@dataclass
+class FinetuneResult:
+    model: nn.Module
+    out_dir: Path | None
+    best: dict | None
+    test: dict | None
+    history: list
+    warnings: list = field(default_factory=list)  # collapse notes of the run (one line each)
+
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "check_rank", "prepare", "tuner_config"]
