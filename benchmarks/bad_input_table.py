@@ -103,22 +103,22 @@ CASES = [
          ["finetune", "--model", "{base}", "--data", DATA, *FAST, "--resume", "--out",
           "{out}"], "no training checkpoint"),
     Case("--resume with another --lr",
-         ["finetune", "--model", "{base}", "--data", DATA, "--method", "snella", "--rank", "4",
+         ["finetune", "--model", "{base}", "--data", DATA, "--method", "snella", "--r", "4",
           "--epochs", "2", "--lr", "0.01", *FAST, "--resume", "--out", "{run_part}"],
          "lr=0.01 differs", keep="run_part"),
-    Case("--resume with another --rank",
-         ["finetune", "--model", "{base}", "--data", DATA, "--method", "snella", "--rank", "2",
+    Case("--resume with another --r",
+         ["finetune", "--model", "{base}", "--data", DATA, "--method", "snella", "--r", "2",
           "--epochs", "2", *FAST, "--resume", "--out", "{run_part}"], "rank=2 differs",
          keep="run_part"),
     Case("--resume with another --method",
-         ["finetune", "--model", "{base}", "--data", DATA, "--method", "lora", "--rank", "4",
+         ["finetune", "--model", "{base}", "--data", DATA, "--method", "lora", "--r", "4",
           "--epochs", "2", *FAST, "--resume", "--out", "{run_part}"], "method='lora' differs",
          keep="run_part"),
-    Case("--rank 100000 (snella)",
-         ["finetune", "--model", "{base}", "--data", DATA, "--rank", "100000", *FAST,
+    Case("--r 100000 (snella)",
+         ["finetune", "--model", "{base}", "--data", DATA, "--r", "100000", *FAST,
           "--out", "{out}"], "is above min(d_in, d_out)"),
-    Case("--rank 1000 (lora, 64-wide layers)",
-         ["finetune", "--model", "{base}", "--data", DATA, "--method", "lora", "--rank", "1000",
+    Case("--r 1000 (lora, 64-wide layers)",
+         ["finetune", "--model", "{base}", "--data", DATA, "--method", "lora", "--r", "1000",
           *FAST, "--out", "{out}"], "is above min(d_in, d_out)"),
     Case("single-class dataset",
          ["finetune", "--model", "{base}", "--data", "{one_class}", *FAST, "--out", "{out}"],
@@ -215,11 +215,11 @@ def build_fixtures(tmp: Path) -> dict[str, str]:
 
     run(["finetune", "--model", f["base"], "--data", DATA, "--epochs", "1", *FAST,
          "--out", tmp / "run_done"])
-    run(["finetune", "--model", f["base"], "--data", DATA, "--method", "snella", "--rank", "4",
+    run(["finetune", "--model", f["base"], "--data", DATA, "--method", "snella", "--r", "4",
          "--epochs", "2", "--max-steps", "3", *FAST, "--out", tmp / "run_part"])
     for name, replacement in (("wide", _tiny(width=128)), ("same", _tiny(seed=1))):
         base = save_model(_tiny(), tmp / f"base_{name}_run")
-        run(["finetune", "--model", base, "--data", DATA, "--method", "lora", "--rank", "2",
+        run(["finetune", "--model", base, "--data", DATA, "--method", "lora", "--r", "2",
              "--epochs", "1", *FAST, "--out", tmp / f"run_lora_{name}"])
         shutil.rmtree(base)
         save_model(replacement, base)  # the base folder now holds another model

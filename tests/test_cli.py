@@ -104,6 +104,21 @@ def test_help_of_every_subcommand_lists_every_flag(capsys):
                 assert shown in text, f"`trimtune {name} --help` does not show {shown}"
 
 
+@pytest.mark.parametrize("command", [["finetune", "--model", "m", "--data", "d", "--out", "o"],
+                                     ["compress", "--model", "m", "--out", "o"],
+                                     ["quickstart"]])
+def test_r_is_the_rank_flag_and_rank_still_works_with_one_warning(command, capsys):
+    """``--r`` spells the rank as PEFT and SnellaConfig do; the old ``--rank`` gives the same
+    value and one deprecation line on stderr."""
+    new = build_parser().parse_args([*command, "--r", "4"])
+    assert new.rank == 4 and capsys.readouterr().err == ""
+    old = build_parser().parse_args([*command, "--rank", "4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert old.rank == 4 and vars(old) == vars(new)
+    assert err == [f"trimtune {command[0]}: warning: --rank is deprecated: use --r (same "
+                   "meaning)"]
+
+
 def test_kernel_choices_are_the_real_kernels():
     (kernel,) = [a for a in sub_parsers()["finetune"]._actions if a.dest == "kernel"]
     assert tuple(kernel.choices) == KERNELS
@@ -124,7 +139,7 @@ def test_compress_finetune_evaluate_merge(tiny_dir, tmp_path, capsys):
 
     ft = tmp_path / "run"
     code, out, err = run(["finetune", "--model", comp, "--method", "snella", "--data", DATA,
-                          "--test-data", DATA + "@test", "--rank", "4", "--sparsity", "0.5",
+                          "--test-data", DATA + "@test", "--r", "4", "--sparsity", "0.5",
                           "--epochs", "2", "--batch-size", "8", "--lr", "3e-3",
                           "--weight-decay", "0", "--no-progress", "--out", ft], capsys)
     assert code == 0, err
@@ -156,7 +171,7 @@ def test_compress_finetune_evaluate_merge(tiny_dir, tmp_path, capsys):
 def test_finetune_baseline_from_dense_folder(tiny_dir, tmp_path, capsys):
     ft = tmp_path / "lora"
     code, out, err = run(["finetune", "--model", tiny_dir, "--method", "lora", "--data", DATA,
-                          "--rank", "2", "--epochs", "1", "--batch-size", "8",
+                          "--r", "2", "--epochs", "1", "--batch-size", "8",
                           "--no-progress", "--out", ft], capsys)
     assert code == 0, err
     code, out, err = run(["merge", ft, "--out", tmp_path / "merged"], capsys)

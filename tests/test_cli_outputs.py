@@ -108,7 +108,7 @@ def test_same_inputs_give_byte_identical_model_adapter_and_record_files(tiny_dir
         assert code == 0, err
     same_files(tmp_path / "c1", tmp_path / "c2", names)
     for d in ("r1", "r2"):  # SNELLA's adapter header carries four metadata entries
-        code, _, err = run(["finetune", "--model", tmp_path / "c1", "--data", DATA, "--rank", "4",
+        code, _, err = run(["finetune", "--model", tmp_path / "c1", "--data", DATA, "--r", "4",
                             "--epochs", "1", "--max-steps", "2", "--seed", "3", *FAST,
                             "--out", tmp_path / d], capsys)
         assert code == 0, err
@@ -140,7 +140,7 @@ def test_an_interrupted_overwrite_keeps_both_runs_and_resumes_bit_identically(
         tiny_dir, tmp_path, capsys, monkeypatch):
     from trimtune.tuners import registry
 
-    argv = ["finetune", "--model", tiny_dir, "--data", DATA, "--rank", "4", "--epochs", "2",
+    argv = ["finetune", "--model", tiny_dir, "--data", DATA, "--r", "4", "--epochs", "2",
             "--lr", "3e-3", *FAST]
     out = tmp_path / "run"
     assert run([*argv, "--seed", "5", "--out", out], capsys)[0] == 0  # the run to replace

@@ -22,7 +22,7 @@ def test_quickstart_tests_on_the_data_own_test_split(tmp_path, capsys):
     argv = ["quickstart", "--model", "vit_tiny_patch16_224", "--weights",
             str(tmp_path / "w.safetensors"), "--img-size", "32", "--data", "digits:40",
             "--distill-images", "16", "--test-images", "50", "--epochs", "1",
-            "--batch-size", "8", "--rank", "2", "--no-memory", "--no-progress",
+            "--batch-size", "8", "--r", "2", "--no-memory", "--no-progress",
             "--out", str(tmp_path / "qs")]
     code = main(argv)
     out, err = capsys.readouterr()

@@ -115,7 +115,7 @@ def test_cli_unknown_choice_exits_2(tiny_dir, tmp_path, capsys, extra):
 def test_cli_authors_recipe_fills_unset_flags_and_explicit_flags_win(tiny_dir, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(finetune_argv(tiny_dir, out, "--recipe", "authors", "--epochs", "2",
-                              "--max-steps", "2", "--lr", "3e-3", "--rank", "4"))
+                              "--max-steps", "2", "--lr", "3e-3", "--r", "4"))
     stdout = capsys.readouterr().out
     assert code == 0, stdout
     assert "recipe authors (snella, vtab): " in stdout and "--branch-dropout 0.1" in stdout

@@ -166,7 +166,7 @@ def test_same_seed_same_bits_head_included(tmp_path):
     before the run) write identical adapters; the model has 7 classes, the data 4: the new
     head is created by the run and must be seeded too."""
     base = save_model(tiny_backbone(num_classes=7), tmp_path / "base7")
-    args = ["finetune", "--model", base, "--data", DATA, "--method", "snella", "--rank", "4",
+    args = ["finetune", "--model", base, "--data", DATA, "--method", "snella", "--r", "4",
             "--epochs", "2", "--batch-size", "8", "--no-progress"]
     runs = []
     for i, hashseed in enumerate(["1", "2"]):
@@ -258,7 +258,7 @@ def test_sigterm_to_the_cli_writes_a_checkpoint_and_says_how_to_resume(tmp_path)
     import time
     base = save_model(tiny_backbone(), tmp_path / "base")
     out = tmp_path / "run"
-    args = ["finetune", "--model", base, "--data", DATA, "--method", "lora", "--rank", "2",
+    args = ["finetune", "--model", base, "--data", DATA, "--method", "lora", "--r", "2",
             "--epochs", "300", "--batch-size", "8", "--no-progress", "--out", out]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(tt.__file__).parents[1]),

@@ -57,92 +57,6 @@ def _command(sub, name: str, **kw) -> argparse.ArgumentParser:
                           epilog=f"example:\n  {EXAMPLES[name]}\n\n{EPILOG}", **kw)
 
 
-def _add_quickstart_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="dinov2_small.imgfocus",
-                   help="backbone (zoo / timm name; default dinov2_small.imgfocus)")
-    p.add_argument("--weights", default=None, metavar="FILE", help="local weights for --model")
-    p.add_argument("--img-size", type=int, default=112,
-                   help="resolution (multiple of the patch size; default 112)")
-    p.add_argument("--data", default="fashion-mnist:1k",
-                   help="labelled training set (default fashion-mnist:1k)")
-    p.add_argument("--test-data", default=None,
-                   help="test set (default: the test split of --data's dataset, e.g. "
-                        "digits@test for --data digits:100)")
-    p.add_argument("--test-images", type=int, default=2000,
-                   help="evaluate on this many test images (seeded, stratified; 0 = all)")
-    p.add_argument("--distill-data", default="fashion-mnist",
-                   help="unlabeled images for the intermediate pre-training")
-    p.add_argument("--distill-images", type=int, default=2048,
-                   help="how many distillation images (default 2048)")
-    p.add_argument("--distill-epochs", type=int, default=1, help="distillation epochs")
-    p.add_argument("--ratio", type=float, default=2.0, help="PELA compression ratio c")
-    p.add_argument("--init", choices=["svd", "whiten", "asvd"], default="whiten",
-                   help="factor init of the compression: whiten (SVD-LLM; default: measured "
-                        "to cut plain SVD's kNN / probe loss >10x, results/init_cpu.md), svd "
-                        "(PELA) or asvd; whiten / asvd calibrate on --calib-images of "
-                        "--distill-data")
-    p.add_argument("--calib-images", type=int, default=256,
-                   help="calibration images for --init whiten / asvd (default 256)")
-    p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs (default 2)")
-    p.add_argument("--lr", type=float, default=2e-3, help="fine-tuning learning rate")
-    p.add_argument("--rank", type=int, default=8, help="SNELLA rank")
-    p.add_argument("--sparsity", type=float, default=0.5, help="SNELLA target sparsity")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size")
-    p.add_argument("--seed", type=int, default=0, help="seed")
-    p.add_argument("--head-init", choices=["probe", "random"], default="probe",
-                   help="start fine-tuning from a linear-probe head (LP-FT; default) or a "
-                        "random head")
-    p.add_argument("--no-memory", action="store_true",
-                   help="skip the training-memory column (saves ~1 minute)")
-    p.add_argument("--out", default="runs/quickstart", metavar="DIR", help="run folder")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace what --out holds, e.g. an earlier quickstart (a non-empty --out "
-                        "is refused otherwise); written beside it, swapped in once finished")
-    p.add_argument("--no-progress", action="store_true",
-                   help="no progress bars (distillation, fine-tuning, evaluation)")
-
-
-def _add_train_args(p: argparse.ArgumentParser, *, epochs: int, lr: float, batch: int,
-                    warmup: float = 0.0) -> None:
-    g = p.add_argument_group("training loop")
-    g.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default {epochs})")
-    g.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many optimizer steps (quick runs)")
-    g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr})")
-    g.add_argument("--min-lr", type=float, default=1e-6, help="final lr of the cosine decay")
-    g.add_argument("--weight-decay", type=float, default=0.05,
-                   help="AdamW weight decay (not on norms, biases, tokens)")
-    g.add_argument("--warmup-epochs", type=float, default=warmup,
-                   help=f"linear warm-up, in epochs (default {warmup:g})")
-    g.add_argument("--batch-size", type=int, default=batch,
-                   help=f"images per process per step (default {batch})")
-    g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    g.add_argument("--clip-grad", type=float, default=None, help="clip gradient norm to this")
-    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
-                   help="autocast on GPUs that support it (ignored on the CPU)")
-    g.add_argument("--ema", type=float, default=None, help="model EMA decay, e.g. 0.9999")
-    g.add_argument("--seed", type=int, default=0,
-                   help="one seed for everything: new head, adapter init, few-shot choice, data "
-                        "order, masks (same seed, same bits)")
-    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
-    g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads of torch (default: torch's, the machine's cores); the bits "
-                        "of a run depend on it, run.json records it")
-    g.add_argument("--ckpt-every", type=int, default=200,
-                   help="checkpoint every N optimizer steps (and at the end)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint (same schedule, same "
-                        "order); every setting that changes the result must be the same. With "
-                        "--overwrite: continue an interrupted --overwrite run (kept beside --out "
-                        "as .NAME.staging) and swap it in when it finishes")
-    g.add_argument("--overwrite", action="store_true",
-                   help="replace what --out holds (a run, or any file: a non-empty --out is "
-                        "refused otherwise); the new run is written beside it and swapped in only "
-                        "once it finished; interrupted, it is kept for --overwrite --resume")
-    g.add_argument("--no-progress", action="store_true",
-                   help="no progress bars (training, evaluation)")
-
-
 def _train_config(a: argparse.Namespace, out: str):
     from .train import TrainConfig
     return TrainConfig(epochs=a.epochs, max_steps=a.max_steps, lr=a.lr, min_lr=a.min_lr,
@@ -166,22 +80,6 @@ def _check_out(a: argparse.Namespace, what: str = "run", *, guard: bool = True) 
     resume = getattr(a, "resume", None)  # only training commands have --resume
     check_output(a.out, resume=bool(resume), overwrite=a.overwrite, what=what,
                  can_resume=resume is not None)
-
-
-def _overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--overwrite", action="store_true",
-                   help=f"replace what --out holds (a non-empty --out is refused otherwise); the "
-                        f"new {what} is written beside it and swapped in only once complete")
-
-
-def _model_args(p: argparse.ArgumentParser, flag: str = "--model", required: bool = True) -> None:
-    p.add_argument(flag, required=required, metavar="NAME|DIR",
-                   help="a timm architecture name, an offline zoo name (see `trimtune models`),"
-                        " or a folder written by trimtune")
-    p.add_argument("--weights", default=None, metavar="FILE",
-                   help="local .safetensors/.pth/.bin weights for a timm architecture name")
-    p.add_argument("--img-size", type=int, default=None,
-                   help="input resolution (must be a multiple of the patch size)")
 
 
 # --------------------------------------------------------------------------- commands
@@ -224,7 +122,7 @@ def cmd_compress(a) -> int:
     model = load_model(a.model, weights=a.weights, img_size=a.img_size)
     policy = sum(x is not None for x in (a.energy, a.rank))
     if policy > 1:
-        raise TrimtuneError("give only one of --ratio, --energy, --rank")
+        raise TrimtuneError("give only one of --ratio, --energy, --r")
     out = Path(a.out)
     if a.calib is not None and a.init == "svd":
         raise TrimtuneError("--calib is only read by --init whiten or asvd: add one of them, or "
@@ -284,15 +182,16 @@ def _apply_recipe(a: argparse.Namespace) -> None:
         values = recipe_values(a.recipe, a.method, a.protocol)
     except ValueError as e:
         raise TrimtuneError(str(e)) from None
-    given = {t.split("=", 1)[0] for t in a.argv if t.startswith("--")}
+    given = _given(a)
     applied = {}
     for dest, value in values.items():
-        if f"--{dest.replace('_', '-')}" not in given:
+        if dest not in given:
             setattr(a, dest, value)
             applied[dest] = value
     if a.recipe != "fast":
+        flag = {"rank": "r"}  # a dest spelt otherwise on the command line
         print(f"recipe {a.recipe} ({a.method}, {a.protocol}): "
-              + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in applied.items()))
+              + ", ".join(f"--{flag.get(k, k).replace('_', '-')} {v}" for k, v in applied.items()))
 
 
 def target_modules_arg(values: list[str] | None) -> str | list[str] | None:
@@ -417,31 +316,125 @@ def cmd_bench(a) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+# One small function per command (`_add_<command>_parser`), built from one set of common
+# flags: output folder (--out / --overwrite), model (--model / --weights / --img-size),
+# the training loop, progress and threads. Every flag's help ends with its default.
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="trimtune",
-        description="Compress (PELA) and sparsely fine-tune (SNELL/SNELLA) pre-trained vision "
-                    "Transformers.", epilog=EPILOG)
-    p.add_argument("--version", action="version", version=f"trimtune {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+class _Renamed(argparse.Action):
+    """An option spelt anew: the first option string is the name, the others are old spellings
+    that still work and warn in one line (for one release)."""
 
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = self.option_strings[0]
+        if option_string != new:
+            print(f"{parser.prog}: warning: {option_string} is deprecated: use {new} (same "
+                  "meaning)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _add_r_flag(p, *, default: int | None, help: str) -> None:
+    """``--r`` (a rank, as in PEFT and SnellaConfig); ``--rank`` is its deprecated spelling.
+    The value goes to the current API's ``rank`` argument."""
+    p.add_argument("--r", "--rank", dest="rank", type=int, default=default, metavar="R",
+                   action=_Renamed, help=f"{help}; --rank: the old spelling, deprecated")
+
+
+def _add_output_flags(p, what: str, *, out_help: str, default: str | None = None,
+                      resumable: bool = False) -> None:
+    """--out DIR and --overwrite: the one rule of every command that writes a model or a run
+    folder (a non-empty --out is refused before anything loads; --overwrite writes beside it)."""
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=default is None, default=default, metavar="DIR",
+                   help=out_help)
+    g.add_argument("--overwrite", action="store_true",
+                   help=f"replace what --out holds (a non-empty --out is refused otherwise); the "
+                        f"new {what} is written beside it and swapped in only once complete"
+                        + ("; interrupted, it is kept for --overwrite --resume" if resumable
+                           else ""))
+
+
+def _add_model_flags(p, *, required: bool = True, default: str | None = None,
+                     img_size: int | None = None) -> None:
+    """--model NAME|DIR, --weights FILE, --img-size."""
+    p.add_argument("--model", required=required, default=default, metavar="NAME|DIR",
+                   help="a timm architecture name, an offline zoo name (see `trimtune models`),"
+                        " or a folder written by trimtune")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="local .safetensors/.pth/.bin weights for a timm architecture name")
+    p.add_argument("--img-size", type=int, default=img_size,
+                   help="input resolution (must be a multiple of the patch size)")
+
+
+def _add_seed_flag(p) -> None:
+    p.add_argument("--seed", type=int, default=0,
+                   help="one seed for everything: new head, adapter init, few-shot choice, data "
+                        "order, masks (same seed, same bits)")
+
+
+def _add_progress_flag(p, what: str) -> None:
+    p.add_argument("--no-progress", action="store_true", help=f"no progress bars ({what})")
+
+
+def _add_threads_flag(p) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of torch (default: torch's, the machine's cores); the bits "
+                        "of a run depend on it, run.json records it")
+
+
+def _add_train_flags(p, *, epochs: int, lr: float, batch: int, warmup: float = 0.0) -> None:
+    """The training loop's flags (trimtune.train.TrainConfig), shared by distill and finetune."""
+    g = p.add_argument_group("training loop")
+    g.add_argument("--epochs", type=int, default=epochs, help="epochs")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps (quick runs)")
+    g.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=1e-6, help="final lr of the cosine decay")
+    g.add_argument("--weight-decay", type=float, default=0.05,
+                   help="AdamW weight decay (not on norms, biases, tokens)")
+    g.add_argument("--warmup-epochs", type=float, default=warmup,
+                   help="linear warm-up, in epochs")
+    g.add_argument("--batch-size", type=int, default=batch,
+                   help="images per process per step")
+    g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    g.add_argument("--clip-grad", type=float, default=None, help="clip gradient norm to this")
+    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
+                   help="autocast on GPUs that support it (ignored on the CPU)")
+    g.add_argument("--ema", type=float, default=None, help="model EMA decay, e.g. 0.9999")
+    _add_seed_flag(g)
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    _add_threads_flag(g)
+    g.add_argument("--ckpt-every", type=int, default=200,
+                   help="checkpoint every N optimizer steps (and at the end)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (same schedule, same "
+                        "order); every setting that changes the result must be the same. With "
+                        "--overwrite: continue an interrupted --overwrite run (kept beside --out "
+                        "as .NAME.staging) and swap it in when it finishes")
+    _add_progress_flag(g, "training, evaluation")
+
+
+def _add_models_parser(sub) -> None:
     s = _command(sub, "models", help="list the offline zoo and the accepted model sources")
     s.set_defaults(func=cmd_models)
+
+
+def _add_datasets_parser(sub) -> None:
     s = _command(sub, "datasets", help="list the built-in datasets and accepted formats")
     s.set_defaults(func=cmd_datasets)
 
+
+def _add_compress_parser(sub) -> None:
     s = _command(sub, "compress", help="PELA step 1: low-rank (SVD) factorisation",
-                       description="Factorise the linear layers of a Transformer by truncated "
-                                   "SVD. Rank policy: --ratio (default), --energy or --rank.")
-    _model_args(s)
+                 description="Factorise the linear layers of a Transformer by truncated SVD. "
+                             "Rank policy: --ratio (default), --energy or --r.")
+    _add_model_flags(s)
     s.add_argument("--ratio", type=float, default=2.0,
                    help="compression ratio c of each layer: r = floor(in*out/(c*(in+out)))")
     s.add_argument("--energy", type=float, default=None,
                    help="keep the smallest rank holding this fraction of squared singular "
                         "values (0, 1]")
-    s.add_argument("--rank", type=int, default=None, help="the same rank for every layer")
+    _add_r_flag(s, default=None, help="the same rank r for every layer")
     s.add_argument("--include", action="append", default=None, metavar="REGEX",
                    help="only factorise layers whose name matches (repeatable)")
     s.add_argument("--exclude", action="append", default=None, metavar="REGEX",
@@ -458,14 +451,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unlabeled calibration images for --init whiten/asvd (a dataset name or "
                         "folder, e.g. fashion-mnist; labels unused)")
     s.add_argument("--calib-images", type=int, default=256,
-                   help="how many calibration images to stream through the model (default 256)")
+                   help="how many calibration images to stream through the model")
     s.add_argument("--no-plot", action="store_true", help="skip the singular-value plot")
-    s.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    _overwrite_arg(s, "model")
+    _add_output_flags(s, "model", out_help="output folder")
     s.set_defaults(func=cmd_compress)
 
+
+def _add_distill_parser(sub) -> None:
     s = _command(sub, "distill", help="PELA step 2: intermediate pre-training of a "
-                       "compressed student from its frozen teacher")
+                 "compressed student from its frozen teacher")
     s.add_argument("--student", required=True, metavar="DIR",
                    help="compressed model folder from `trimtune compress`")
     s.add_argument("--teacher", required=True, metavar="NAME|DIR",
@@ -493,14 +487,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="max: the authors' max|W2W1-W|; smooth: a soft maximum")
     s.add_argument("--trainable", choices=["all", "factors"], default="all",
                    help="which student parameters learn (authors: all)")
-    s.add_argument("--out", required=True, metavar="DIR", help="run folder")
-    _add_train_args(s, epochs=1, lr=5e-5, batch=32, warmup=0.2)
+    _add_output_flags(s, "run", out_help="run folder", resumable=True)
+    _add_train_flags(s, epochs=1, lr=5e-5, batch=32, warmup=0.2)
     s.set_defaults(func=cmd_distill)
 
+
+def _add_finetune_parser(sub) -> None:
     from .names import KERNELS, METHOD_SUMMARIES, METHODS, SEG_HEADS, TASKS
     s = _command(sub, "finetune", help="fine-tune with SNELLA, SNELL, LoRA or a baseline",
                  allow_abbrev=False)  # --recipe needs to see which flags were given
-    _model_args(s)
+    _add_model_flags(s)
     s.add_argument("--method", choices=METHODS, default="snella",
                    help="tuning method: " + "; ".join(f"{k}: {v}" for k, v in
                                                       METHOD_SUMMARIES.items()))
@@ -517,9 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "uses the rest (X:1k@train800, X@train90) and says so")
     s.add_argument("--test-data", default=None,
                    help="test set evaluated once at the end (e.g. fashion-mnist@test)")
-    s.add_argument("--rank", type=int, default=8, help="rank r of A and B (snell/a, lora...)")
-    s.add_argument("--kernel", default=None,
-                   choices=KERNELS,
+    _add_r_flag(s, default=8, help="rank r of A and B (snell/a, lora...)")
+    s.add_argument("--kernel", default=None, choices=KERNELS,
                    help="kernel (default: mixture for snella, piecewise for snell)")
     s.add_argument("--sparsity", type=float, default=0.7,
                    help="fraction of each update zeroed (snella: target of the schedule)")
@@ -541,10 +536,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reduce-zero-label", action="store_true",
                    help="segmentation: label 0 is 'other' and ignored, k becomes k - 1 (ADE20K, "
                         "as mmseg)")
-    s.add_argument("--out", required=True, metavar="DIR", help="run folder")
-    _add_train_args(s, epochs=10, lr=1e-3, batch=32)
+    _add_output_flags(s, "run", out_help="run folder", resumable=True)
+    _add_train_flags(s, epochs=10, lr=1e-3, batch=32)
+    _add_recipe_flags(s)
+    s.set_defaults(func=cmd_finetune)
+
+
+def _add_recipe_flags(p) -> None:
+    """finetune's SNELL / SNELLA recipe group (trimtune.recipes)."""
     from .recipes import FAST, RECIPES
-    g = s.add_argument_group(
+    g = p.add_argument_group(
         "SNELL / SNELLA recipe", "A recipe sets defaults for the flags below and for rank, "
         "lr, batch size, epochs, warm-up, min lr, weight decay, init sparsity and EMA; flags "
         "given explicitly win. fast (default): no branch regularisation, so the update is "
@@ -580,10 +581,11 @@ def build_parser() -> argparse.ArgumentParser:
         v = FAST.get(flag, 1.0)
         g.add_argument(f"--{flag.replace('_', '-')}", type=float, default=v,
                        help=f"snell / snella: {what}; default {v:g} (fast), authors 1")
-    s.set_defaults(func=cmd_finetune)
 
+
+def _add_evaluate_parser(sub) -> None:
     s = _command(sub, "evaluate", help="top-1 / per-class accuracy and a confusion matrix")
-    _model_args(s)
+    _add_model_flags(s)
     s.add_argument("--data", required=True, help="dataset")
     s.add_argument("--split", default="test", help="split to evaluate (default test)")
     s.add_argument("--batch-size", type=int, default=128, help="images per forward")
@@ -592,12 +594,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write eval JSON and the plot (default: the model folder)")
     s.set_defaults(func=cmd_evaluate)
 
+
+def _add_merge_parser(sub) -> None:
     s = _command(sub, "merge", help="fold a fine-tuned update into the weights")
     s.add_argument("run", metavar="RUN_DIR", help="a `trimtune finetune` run folder")
-    s.add_argument("--out", required=True, metavar="DIR", help="output model folder")
-    _overwrite_arg(s, "model")
+    _add_output_flags(s, "model", out_help="output model folder")
     s.set_defaults(func=cmd_merge)
 
+
+def _add_export_parser(sub) -> None:
     s = _command(sub, "export", help="write a merged model for stock timm or ONNX Runtime",
                  description="Merges the adapter and writes a folder that the stock tool reads "
                              "exactly (checked before it is kept). timm: config.json + "
@@ -606,24 +611,84 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("source", metavar="RUN_OR_MODEL_DIR",
                    help="a finetune run folder, a model folder, or a timm / zoo name")
     s.add_argument("--format", choices=["timm", "onnx"], default="timm", help="file format")
-    s.add_argument("--out", required=True, metavar="DIR", help="output folder")
     s.add_argument("--opset", type=int, default=17, help="ONNX opset")
-    _overwrite_arg(s, "export")
+    _add_output_flags(s, "export", out_help="output folder")
     s.set_defaults(func=cmd_export)
 
+
+def _add_quickstart_parser(sub) -> None:
     s = _command(sub, "quickstart", help="the whole pipeline on the built-in default",
-                       description="DINOv2 ViT-S/14 (offline zoo) -> compress c=2 -> distill -> "
-                                   "SNELLA on Fashion-MNIST 1k-shot -> merge -> evaluate; one "
-                                   "table at the end.")
-    _add_quickstart_args(s)
+                 description="DINOv2 ViT-S/14 (offline zoo) -> compress c=2 -> distill -> "
+                             "SNELLA on Fashion-MNIST 1k-shot -> merge -> evaluate; one "
+                             "table at the end.")
+    _add_model_flags(s, required=False, default="dinov2_small.imgfocus", img_size=112)
+    s.add_argument("--data", default="fashion-mnist:1k", help="labelled training set")
+    s.add_argument("--test-data", default=None,
+                   help="test set (default: the test split of --data's dataset, e.g. "
+                        "digits@test for --data digits:100)")
+    s.add_argument("--test-images", type=int, default=2000,
+                   help="evaluate on this many test images (seeded, stratified; 0 = all)")
+    s.add_argument("--distill-data", default="fashion-mnist",
+                   help="unlabeled images for the intermediate pre-training")
+    s.add_argument("--distill-images", type=int, default=2048,
+                   help="how many distillation images")
+    s.add_argument("--distill-epochs", type=int, default=1, help="distillation epochs")
+    s.add_argument("--ratio", type=float, default=2.0, help="PELA compression ratio c")
+    s.add_argument("--init", choices=["svd", "whiten", "asvd"], default="whiten",
+                   help="factor init of the compression: whiten (SVD-LLM; default: measured "
+                        "to cut plain SVD's kNN / probe loss >10x, results/init_cpu.md), svd "
+                        "(PELA) or asvd; whiten / asvd calibrate on --calib-images of "
+                        "--distill-data")
+    s.add_argument("--calib-images", type=int, default=256,
+                   help="calibration images for --init whiten / asvd")
+    s.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs")
+    s.add_argument("--lr", type=float, default=2e-3, help="fine-tuning learning rate")
+    _add_r_flag(s, default=8, help="SNELLA rank r")
+    s.add_argument("--sparsity", type=float, default=0.5, help="SNELLA target sparsity")
+    s.add_argument("--batch-size", type=int, default=32, help="batch size")
+    _add_seed_flag(s)
+    s.add_argument("--head-init", choices=["probe", "random"], default="probe",
+                   help="start fine-tuning from a linear-probe head (LP-FT; default) or a "
+                        "random head")
+    s.add_argument("--no-memory", action="store_true",
+                   help="skip the training-memory column (saves ~1 minute)")
+    _add_output_flags(s, "quickstart run", out_help="run folder",
+                      default="runs/quickstart")
+    _add_progress_flag(s, "distillation, fine-tuning, evaluation")
     s.set_defaults(func=cmd_quickstart)
 
+
+def _add_bench_parser(sub) -> None:
     s = _command(sub, "bench", help="run a benchmark script from benchmarks/")
     s.add_argument("what", choices=["memory", "speed", "compress", "distill", "quality"],
                    help="which benchmark")
     s.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     s.set_defaults(func=cmd_bench)
+
+
+COMMANDS = (_add_models_parser, _add_datasets_parser, _add_compress_parser, _add_distill_parser,
+            _add_finetune_parser, _add_evaluate_parser, _add_merge_parser, _add_export_parser,
+            _add_quickstart_parser, _add_bench_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``trimtune`` parser: one sub-parser per entry of :data:`COMMANDS`."""
+    p = argparse.ArgumentParser(
+        prog="trimtune",
+        description="Compress (PELA) and sparsely fine-tune (SNELL/SNELLA) pre-trained vision "
+                    "Transformers.", epilog=EPILOG)
+    p.add_argument("--version", action="version", version=f"trimtune {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
     return p
+
+
+def _given(a: argparse.Namespace) -> set[str]:
+    """The dests of the flags given explicitly on the command line (any spelling)."""
+    (subs,) = [x for x in build_parser()._actions if isinstance(x, argparse._SubParsersAction)]
+    flags = {o: x.dest for x in subs.choices[a.command]._actions for o in x.option_strings}
+    return {flags[t.split("=", 1)[0]] for t in a.argv if t.split("=", 1)[0] in flags}
 
 
 def main(argv: list[str] | None = None) -> int:
