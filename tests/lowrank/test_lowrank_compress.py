@@ -147,15 +147,29 @@ def test_default_skips_and_no_saving_layers_stay_dense():
 
 
 def test_include_exclude_overrides(vit):
-    lr = compress(vit, include=r"mlp\.fc\d", exclude=r"blocks\.1\.", overrides={"fc2": 3})
+    lr = compress(vit, include=r".*mlp\.fc\d", exclude=r"blocks\.1\..*", overrides={"fc2": 3})
     ranks = lr.trimtune_lowrank["ranks"]
     assert set(ranks) == {"blocks.0.mlp.fc1", "blocks.0.mlp.fc2"}
     assert ranks["blocks.0.mlp.fc2"] == 3 and ranks["blocks.0.mlp.fc1"] == rank_for(64, 256,
                                                                                      ratio=2.0)
     # Swin recipe: keep attn.proj on top of the default skips
-    lr = compress(vit, exclude=[r"attn\.proj"])
+    lr = compress(vit, exclude=["attn.proj"])
     assert not any("proj" in n for n in factorised_layers(lr))
-    assert "head" in lr.trimtune_lowrank["skip"] and r"attn\.proj" in lr.trimtune_lowrank["skip"]
+    assert "head" in lr.trimtune_lowrank["skip"] and "attn.proj" in lr.trimtune_lowrank["skip"]
+
+
+def test_selection_is_the_tuners_rule(vit):
+    """compress selects layers by trimtune.tuners.targets (PEFT's rule), with its error."""
+    from trimtune.tuners.targets import select_linears
+
+    for pats in (["fc1"], ["attn.qkv", "mlp.fc2"], r".*blocks\.1\.mlp\.fc\d"):
+        lr = compress(vit, include=pats, rank=4)
+        assert list(lr.trimtune_lowrank["ranks"]) == select_linears(vit, pats, warn=False)
+    with pytest.raises(TrimtuneError, match=r"include='fc1' matches no linear layer.*closest "
+                                            r"module names: .*fc1"):
+        compress(vit, include="fc1")  # a string is a regex over the WHOLE name
+    with pytest.raises(TrimtuneError, match=r"exclude pattern 'fc3' .*closest module names"):
+        compress(vit, exclude=["fc3"])
 
 
 def test_inplace_keeps_arch_and_grad_flags(vit):
@@ -218,7 +232,7 @@ def test_dinov2_small_fused_qkv_layer_scale():
     (dict(energy=0.9, rank=4), "one rank policy"),
     (dict(include="nothing_like_this"), "matches no linear"),
     (dict(exclude=["qkv", "nope$"]), "matches no linear"),
-    (dict(include="qkv", exclude="qkv"), "no linear layer left"),
+    (dict(include=["qkv"], exclude=["qkv"]), "no linear layer left"),
     (dict(overrides={"head": 3}), "overrides"),
     (dict(overrides={"qkv": 0}), "overrides"),
     (dict(include="[unclosed"), "regex"),

@@ -48,7 +48,7 @@ def test_other_head_size_and_swin_round_trip(tmp_path):
     swin.trimtune_arch = {"arch": "swin_tiny_patch4_window7_224",
                           "kwargs": dict(embed_dim=32, depths=[1, 1], num_heads=[1, 2],
                                          window_size=4, img_size=32, patch_size=2)}
-    lr = compress(swin, ratio=1.5, exclude=r"attn\.proj").eval()
+    lr = compress(swin, ratio=1.5, exclude=["attn.proj"]).eval()
     save_compressed(lr, tmp_path / "s")
     assert json.loads((tmp_path / "s" / "trimtune.json").read_text())["num_classes"] == 17
     back = load_compressed(tmp_path / "s")

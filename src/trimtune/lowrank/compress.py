@@ -2,8 +2,10 @@
 
 Which layers: every ``nn.Linear`` except those whose qualified name matches a skip pattern
 (``norm``, ``head``, ``patch_embed``, ``downsample``) and those with fewer than 10 outputs. User
-``include`` patterns (regex, ``re.search`` on the qualified name, like PEFT's ``target_modules``)
-replace that default selection; ``exclude`` patterns are always removed.
+``include`` patterns replace that default selection; ``exclude`` patterns are always removed.
+Both follow the one rule of every tuner (:mod:`trimtune.tuners.targets`, PEFT's
+``target_modules`` / ``exclude_modules``): a string is a regex over the whole qualified name, a
+list holds names or dotted name suffixes; a miss names the closest module names.
 
 Which rank (one policy, plus per-layer ``overrides``):
 
@@ -52,6 +54,8 @@ from .layers import (LowRankLinear, activation_scale, factorised_layers, gram_ei
                      whitening_factor)
 
 DEFAULT_SKIP: tuple[str, ...] = ("norm", "head", "patch_embed", "downsample")
+#: :data:`DEFAULT_SKIP` as one pattern of the tuners' rule: any name that contains one of them
+_DEFAULT_SKIP_RULE = r".*(" + "|".join(DEFAULT_SKIP) + r").*"
 MIN_OUT_FEATURES = 10
 RANDOMIZED_MIN_DIM = 4096  # svd="auto" uses torch.svd_lowrank when min(in, out) >= this
 INITS = ("svd", "whiten", "asvd")
@@ -70,46 +74,60 @@ def _linears(model: nn.Module) -> dict[str, nn.Linear]:
             if isinstance(m, nn.Linear) and n not in inside_mha}
 
 
-def _as_patterns(p: str | Iterable[str] | None, what: str) -> list[str]:
-    if p is None:
-        return []
-    pats = [p] if isinstance(p, str) else list(p)
-    for pat in pats:
+def _as_recorded(patterns):
+    """Patterns as trimtune.json records them: a string as is, a list as a list, else None."""
+    return patterns if isinstance(patterns, str) or patterns is None else list(patterns) or None
+
+
+def _check_regex(patterns, what: str) -> None:
+    """A string pattern must compile (a list holds plain names / suffixes)."""
+    if isinstance(patterns, str):
         try:
-            re.compile(pat)
+            re.compile(patterns)
         except re.error as e:
-            raise TrimtuneError(f"{what} pattern {pat!r} is not a valid regex ({e}): fix it") from e
-    return pats
+            raise TrimtuneError(f"{what} pattern {patterns!r} is not a valid regex ({e}): fix "
+                                "it") from e
 
 
 def select_layers(model: nn.Module, include=None, exclude=None,
                   min_out_features: int = MIN_OUT_FEATURES) -> tuple[dict[str, nn.Linear], list]:
-    """Linear layers ``compress`` would factorise, and the skip patterns that applied.
+    r"""Linear layers ``compress`` would factorise, and the skip patterns that applied.
+
+    The one rule of every tuner (:func:`trimtune.tuners.targets.select_linears`, PEFT's): a
+    string is a regex over the whole qualified name (``r".*mlp\.fc\d"``), a list holds names or
+    dotted name suffixes (``["qkv", "mlp.fc1"]``), ``"all-linear"`` every linear. ``include``
+    replaces the default selection (every linear but :data:`DEFAULT_SKIP` and those with fewer
+    than ``min_out_features`` outputs); ``exclude`` (PEFT's ``exclude_modules``) is always
+    removed, and each of its entries must match a linear.
 
     Returns:
         ``({name: linear}, skip_patterns)``.
     """
+    from ..tuners.targets import closest_names, matches, select_linears
+
     linears = _linears(model)
     if not linears:
         raise TrimtuneError("the model has no nn.Linear layer to factorise: pass a Transformer "
                             "(e.g. a timm ViT) or a model built from nn.Linear layers")
-    inc = _as_patterns(include, "include")
-    exc = _as_patterns(exclude, "exclude")
-    for what, pats in (("include", inc), ("exclude", exc)):
-        for pat in pats:
-            if not any(re.search(pat, n) for n in linears):
-                raise TrimtuneError(
-                    f"{what} pattern {pat!r} matches no linear layer: check the names with "
-                    f"describe(model) or model.named_modules() (e.g. {next(iter(linears))!r})")
-    if inc:
-        chosen = {n: m for n, m in linears.items() if any(re.search(p, n) for p in inc)}
-        skip = list(exc)
+    _check_regex(include, "include")
+    _check_regex(exclude, "exclude")
+    entries = [exclude] if isinstance(exclude, str) else list(exclude or ())
+    for pat in entries:
+        one = pat if isinstance(exclude, str) else [pat]
+        if not any(matches(n, one) for n in linears):
+            raise TrimtuneError(
+                f"exclude pattern {pat!r} matches no linear layer (PEFT's rule: a string is a "
+                "regex over the whole name, a list holds names or name suffixes); closest "
+                f"module names: {', '.join(closest_names(one, list(linears)))}")
+    if include is not None:
+        picked = select_linears(model, include, warn=False, what="include")
+        chosen = {n: linears[n] for n in picked if n in linears and not matches(n, exclude)}
+        skip = list(entries)
     else:
         chosen = {n: m for n, m in linears.items()
-                  if not any(re.search(p, n) for p in DEFAULT_SKIP)
+                  if not matches(n, _DEFAULT_SKIP_RULE) and not matches(n, exclude)
                   and m.out_features >= min_out_features}
-        skip = list(DEFAULT_SKIP) + exc
-    chosen = {n: m for n, m in chosen.items() if not any(re.search(p, n) for p in exc)}
+        skip = list(DEFAULT_SKIP) + entries
     if not chosen:
         raise TrimtuneError("no linear layer left to factorise after include/exclude and the "
                             f"default skips {DEFAULT_SKIP}: widen include or narrow exclude")
@@ -156,7 +174,7 @@ def _check_policy(ratio, energy, rank, overrides, svd) -> dict[str, Any]:
                                 "its weights): e.g. ratio=2 (DeiT-B), 1.5 (Swin-B), 3")
         policy = {"type": "ratio", "ratio": float(ratio)}
     for pat, r in (overrides or {}).items():
-        _as_patterns(pat, "overrides")
+        _check_regex(pat, "overrides")
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise TrimtuneError(f"overrides[{pat!r}] = {r!r} must be a positive integer rank")
     if svd not in ("auto", "full", "gram", "randomized"):
@@ -199,8 +217,11 @@ def compress(
         energy: instead of ``ratio``: keep the smallest r with ``sum(S[:r]^2) >= energy *
             ||W||_F^2``; in (0, 1].
         rank: instead of ``ratio``: a fixed rank, clamped to ``min(in, out)``.
-        include: regex(es); when given, only matching linears are candidates (no default skips).
-        exclude: regex(es) of linears to keep dense (added to the default skips).
+        include: which linears are candidates, by the tuners' rule (PEFT's ``target_modules``:
+            a string is a regex over the whole name, a list names or name suffixes); when
+            given, no default skips (:func:`select_layers`).
+        exclude: linears to keep dense, by the same rule (PEFT's ``exclude_modules``), added
+            to the default skips.
         overrides: ``{regex: rank}``; the first pattern matching a layer sets its rank.
         svd: ``"full"`` (``torch.linalg.svd``), ``"gram"`` (float64 ``eigh`` of the smaller Gram
             matrix, 2-3x faster on CPU), ``"randomized"`` (``torch.svd_lowrank``) or ``"auto"``
@@ -350,8 +371,7 @@ def compress(
                             "in*out/(in+out)): use a larger ratio / smaller rank or energy, or "
                             "keep_dense_if_no_saving=False")
     policy.update(svd=svd, keep_dense_if_no_saving=keep_dense_if_no_saving,
-                  include=_as_patterns(include, "include") or None,
-                  exclude=_as_patterns(exclude, "exclude") or None,
+                  include=_as_recorded(include), exclude=_as_recorded(exclude),
                   min_out_features=min_out_features)
     if init_record.get("damped"):
         worst = max(init_record["damped"].items(), key=lambda kv: kv[1])

@@ -156,7 +156,7 @@ def _is_factorised(mod: nn.Module) -> bool:
     return all(_as_linear(getattr(mod, n, None) or nn.Identity()) for n in ("first", "second"))
 
 
-def _closest(patterns: Patterns, names: list[str], n: int = 3) -> list[str]:
+def closest_names(patterns: Patterns, names: list[str], n: int = 3) -> list[str]:
     """Module names that look most like the patterns (for an error message)."""
     words = [patterns] if isinstance(patterns, str) else list(patterns or ())
     found: list[str] = []
@@ -171,7 +171,8 @@ def _closest(patterns: Patterns, names: list[str], n: int = 3) -> list[str]:
 
 
 def select_linears(model: nn.Module, patterns: Patterns = None, *, exclude: Patterns = None,
-                   modules_to_save: Patterns = None, warn: bool = True) -> list[str]:
+                   modules_to_save: Patterns = None, warn: bool = True,
+                   what: str = "target_modules") -> list[str]:
     """Qualified names of the linear layers ``patterns`` select, in model order.
 
     Args:
@@ -182,6 +183,7 @@ def select_linears(model: nn.Module, patterns: Patterns = None, *, exclude: Patt
         modules_to_save: never targets (PEFT: adapters never wrap a module to save).
         warn: warn (once, :func:`warn_partial_coverage`) when the selection covers only part
             of the model's Transformer-block linears.
+        what: the argument's name in the error (``"include"`` for ``trimtune.compress``).
 
     Raises:
         TrimtuneError: nothing matches; the message names the closest module names.
@@ -212,9 +214,10 @@ def select_linears(model: nn.Module, patterns: Patterns = None, *, exclude: Patt
     if not found:
         linears = [n for n, m in model.named_modules() if n and n not in inner and _as_linear(m)]
         raise TrimtuneError(
-            f"target_modules={patterns!r} match no linear layer of this {type(model).__name__} "
+            f"{what}={patterns!r} match{'es' * (what != 'target_modules')} no linear layer of "
+            f"this {type(model).__name__} "
             f"(PEFT's rule: a string is a regex over the whole name, a list holds names or name "
-            f"suffixes); closest module names: {', '.join(_closest(patterns, linears))}")
+            f"suffixes); closest module names: {', '.join(closest_names(patterns, linears))}")
     if warn:
         warn_partial_coverage(model, found, given)
     return found
@@ -237,11 +240,11 @@ def select_modules(model: nn.Module, patterns: Iterable[str] | str | None) -> li
     if missing:
         raise TrimtuneError(f"modules_to_save {missing} match no module of this "
                             f"{type(model).__name__}; closest module names: "
-                            f"{', '.join(_closest(missing, names))} (timm: "
+                            f"{', '.join(closest_names(missing, names))} (timm: "
                             "model.default_cfg['classifier'], transformers: 'classifier')")
     return hit
 
 
-__all__ = ["ALL_LINEAR", "DEFAULT_TARGETS", "block_linears", "default_targets", "matches",
-           "model_family", "peft_default_targets", "select_linears", "select_modules",
+__all__ = ["ALL_LINEAR", "DEFAULT_TARGETS", "block_linears", "closest_names", "default_targets",
+           "matches", "model_family", "peft_default_targets", "select_linears", "select_modules",
            "warn_partial_coverage"]
