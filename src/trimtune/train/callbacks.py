@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..checkpoint import write_json, write_safetensors
 from ..errors import TrimtuneError
 
 
@@ -19,19 +21,27 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class BestEpoch:
-    """Best-validation selection: after each evaluation (``on_evaluate``) keeps a copy of
-    :func:`trainable_state` when ``state.logs[metric]`` improved; :meth:`restore` loads it.
-    Its ``state_dict`` is part of every checkpoint, so a resumed run selects exactly what an
-    uninterrupted one does.
+    """Best-validation selection, the one mechanism: after each evaluation (``on_evaluate``)
+    keeps a copy of :func:`trainable_state` when ``state.logs[metric]`` improved;
+    :meth:`restore` loads it. Its ``state_dict`` is part of every checkpoint, so a resumed run
+    selects exactly what an uninterrupted one does. The loop's ``TrainConfig.select_metric``
+    is one of these writing ``out_dir/best/`` (``folder``, ``keep=False``).
 
     Args:
         metric: the ``eval_fn`` result to maximise (``mode="max"``) or minimise.
+        folder: also write the best :func:`trainable_state` (``model.safetensors``) and the
+            evaluation it came from (``best.json``) there, each time the metric improves.
+        keep: hold the best state in memory for :meth:`restore` (False: ``value`` and
+            ``folder`` only, no copy of the weights in memory or in the checkpoint).
     """
 
-    def __init__(self, metric: str = "val_acc", mode: str = "max") -> None:
+    def __init__(self, metric: str = "val_acc", mode: str = "max", *,
+                 folder: str | Path | None = None, keep: bool = True) -> None:
         if mode not in ("max", "min"):
             raise TrimtuneError(f"mode={mode!r}: use 'max' or 'min'")
         self.metric, self.mode = metric, mode
+        self.folder = Path(folder) if folder is not None else None
+        self.keep = keep
         self.value: float | None = None
         self.state: dict[str, torch.Tensor] | None = None
 
@@ -41,11 +51,22 @@ class BestEpoch:
                                 f"return ({sorted(state.logs)}): return it or change metric")
         self.update(state.model, float(state.logs[self.metric]))
 
-    def update(self, model: nn.Module, value: float) -> None:
+    def update(self, model: nn.Module, value: float, metrics: dict | None = None) -> bool:
+        """Keep ``model``'s trainable state if ``value`` is the best so far; True if it was.
+        ``metrics``: the evaluation written beside it in ``folder/best.json``."""
         better = self.value is None or (value > self.value if self.mode == "max"
                                         else value < self.value)
-        if better:
-            self.value, self.state = value, trainable_state(model)
+        if not better:
+            return False
+        self.value = value
+        if self.keep or self.folder is not None:
+            best = trainable_state(model)
+            if self.keep:
+                self.state = best
+            if self.folder is not None:
+                write_safetensors(self.folder / "model.safetensors", best)
+                write_json(self.folder / "best.json", {self.metric: value, **(metrics or {})})
+        return True
 
     def restore(self, model: nn.Module) -> None:
         """Load the best weights and buffers into ``model``; a no-op before any evaluation."""
@@ -57,8 +78,6 @@ class BestEpoch:
 
     def load_state_dict(self, d: dict) -> None:
         self.value, self.state = d["value"], d["state"]
-
-
 
 
 # ---- collapse: say so, in one line, with the fix ---------------------------------------------

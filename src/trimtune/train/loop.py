@@ -40,11 +40,11 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_path, new_run_dir, run_folder, write_json, write_safetensors
+from ..checkpoint import atomic_path, new_run_dir, run_folder
 from ..errors import RunInterrupted, TrimtuneError
 from .checkpointing import (checkpoint_path, load_checkpoint, numerics, numerics_note, rng_state,
                             save_checkpoint, set_rng_state)
-from .callbacks import LossWatch
+from .callbacks import BestEpoch, LossWatch
 from .config import TrainConfig, TrainResult, TrainState
 from .sampler import EpochSampler
 
@@ -176,9 +176,12 @@ def _fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tr
     state = TrainState(model=raw, accelerator=accelerator, optimizer=optimizer, config=cfg,
                        out_dir=out, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     callbacks = [*callbacks, LossWatch()]  # every run: a loss far above its start is said
+    # select_metric: the one best-epoch mechanism, writing out/best/ (its value is checkpointed)
+    best = (BestEpoch(cfg.select_metric, cfg.select_mode, folder=out / "best" if main else None,
+                      keep=False) if cfg.select_metric else None)
 
     # ---- resume -------------------------------------------------------------------------------
-    ckpt_file, best_value = checkpoint_path(out), None
+    ckpt_file = checkpoint_path(out)
     if cfg.resume is True or (cfg.resume == "auto" and ckpt_file.is_file()):
         ck = load_checkpoint(ckpt_file)
         _same_settings(ck.get("settings"), settings, out)
@@ -197,7 +200,9 @@ def _fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tr
             if hasattr(cb, "load_state_dict") and f"{i}" in ck["callbacks"]:
                 cb.load_state_dict(ck["callbacks"][f"{i}"])
         set_rng_state(ck["rng"])
-        state.step, best_value = ck["step"], ck.get("best_value")
+        state.step = ck["step"]
+        if best is not None:
+            best.value = ck.get("best_value")
         note = numerics_note(ck.get("numerics"), numerics(accelerator.device))
         if note and main:
             warnings.warn(note, stacklevel=3)
@@ -217,7 +222,7 @@ def _fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tr
                 "rng": rng_state(), "step": state.step, "epoch": state.epoch,
                 "batch": (state.step % steps_per_epoch) * cfg.grad_accum,
                 "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-                "best_value": best_value, "settings": settings,
+                "best_value": best.value if best else None, "settings": settings,
                 "numerics": numerics(accelerator.device)})
         accelerator.wait_for_everyone()
         return ckpt_file
@@ -303,7 +308,7 @@ def _fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tr
                         state.logs.update(val)
                         # e.g. BestEpoch reads state.logs and copies what was evaluated
                         _call(callbacks, "on_evaluate", state)
-                        best_value = _keep_best(raw, val, best_value, cfg, out, main)
+                        _keep_best(best, raw, val)
                     model.train()
                     log({"step": state.step, "epoch": epoch, **val})
             stopped = last or state.should_stop
@@ -326,9 +331,9 @@ def _fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tr
         _copy_ema(raw, ema)
     if tb is not None:
         tb.close()
-    best = out / "best" if cfg.select_metric and (out / "best").is_dir() else None
+    best_dir = out / "best" if cfg.select_metric and (out / "best").is_dir() else None
     return TrainResult(metrics=dict(state.logs), history=history, step=state.step,
-                       epoch=state.epoch, out_dir=out, checkpoint=final, best=best,
+                       epoch=state.epoch, out_dir=out, checkpoint=final, best=best_dir,
                        metrics_file=metrics_file, stopped_early=state.step < total_steps, ema=ema,
                        warnings=list(state.warnings))
 
@@ -483,21 +488,14 @@ def _norm(v: Any) -> Any:
     return json.loads(json.dumps(v, sort_keys=True, default=str))
 
 
-def _keep_best(raw: nn.Module, val: dict[str, float], best_value: float | None, cfg: TrainConfig,
-               out: Path, main: bool) -> float | None:
-    """Save the trainable parameters to ``out/best/`` when ``cfg.select_metric`` improved."""
-    if not cfg.select_metric:
-        return best_value
-    if cfg.select_metric not in val:
-        raise TrimtuneError(f"select_metric={cfg.select_metric!r} is not in eval_fn's result "
+def _keep_best(best: BestEpoch | None, raw: nn.Module, val: dict[str, float]) -> None:
+    """``TrainConfig.select_metric``: ``best`` keeps (writes ``out/best/``) what improved it."""
+    if best is None:
+        return
+    if best.metric not in val:
+        raise TrimtuneError(f"select_metric={best.metric!r} is not in eval_fn's result "
                             f"{sorted(val)}: return it from eval_fn or change select_metric")
-    v = val[cfg.select_metric]
-    better = best_value is None or (v > best_value if cfg.select_mode == "max" else v < best_value)
-    if better and main:
-        trainable = {n: p for n, p in raw.named_parameters() if p.requires_grad}
-        write_safetensors(out / "best" / "model.safetensors", trainable)
-        write_json(out / "best" / "best.json", {cfg.select_metric: v, **val})
-    return v if better else best_value
+    best.update(raw, val[best.metric], val)
 
 
 def _tensorboard(out: Path) -> Any:
