@@ -124,7 +124,7 @@ def test_cli_authors_recipe_fills_unset_flags_and_explicit_flags_win(tiny_dir, t
         0.1, 0.1, 0.1)
     assert (cfg["schedule_unit"], cfg["init_sparsity"]) == ("epoch", 0.01)
     assert cfg["train"]["batch_size"] == 8 and cfg["train"]["weight_decay"] == 0.05
-    assert cfg["train"]["lr"] == 3e-3 and cfg["rank"] == 4 and cfg["train"]["epochs"] == 2
+    assert cfg["train"]["lr"] == 3e-3 and cfg["r"] == 4 and cfg["train"]["epochs"] == 2
     model = tt.load_model(out)
     layers = [lyr for _, lyr in iter_snell_layers(model)]
     assert layers and {type(lyr.snell_drop_path["default"]).__name__ for lyr in layers} == {

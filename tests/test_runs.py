@@ -98,8 +98,8 @@ def test_failing_overwrite_leaves_the_old_run_usable(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize("change", [{"method": "lora"}, {"rank": 2}, {"lr": 1e-2},
-                                    {"sparsity": 0.3}])
+@pytest.mark.parametrize("change", [{"method": "lora"}, {"r": 2}, {"lr": 1e-2},
+                                    {"target_sparsity": 0.3}])
 def test_resume_with_a_changed_setting_is_refused(tmp_path, change):
     out = tmp_path / "run"
     finetune(tiny_backbone(), DATA, config(out, max_steps=3))
@@ -234,11 +234,11 @@ def test_rank_above_min_dim_is_refused_before_any_allocation(method, rank, tmp_p
     narrowest = min(min(m.in_features, m.out_features) for n, m in model.named_modules()
                     if isinstance(m, torch.nn.Linear) and n.startswith("blocks."))
     cfg = config(tmp_path / "run", method)
-    cfg.rank = rank
+    cfg.r = rank
     with pytest.raises(tt.TrimtuneError, match=rf"rank \d+ is above min\(d_in, d_out\) = "
                                                rf"{narrowest} of target layer"):
         finetune(model, DATA, cfg)
-    cfg.rank = narrowest if method != "adalora" else narrowest * 2 // 3
+    cfg.r = narrowest if method != "adalora" else narrowest * 2 // 3
     tasks.prepare(tt.compress(tiny_backbone(), ratio=2.0), cfg)  # the limit itself is fine
 
 
