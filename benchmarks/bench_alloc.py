@@ -79,7 +79,7 @@ def main(argv=None) -> int:
             if targets:
                 kw["target_modules"] = targets
             cfg = tt.FinetuneConfig(
-                method="snella", rank=a.rank, sparsity=a.sparsity, method_kwargs=kw,
+                method="snella", r=a.rank, target_sparsity=a.sparsity, method_kwargs=kw,
                 train=tt.TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                                      seed=a.seed, progress=False, overwrite=True,
                                      out_dir=f"{a.work}/{len(runs)}"))

@@ -26,3 +26,56 @@ class RunInterrupted(TrimtuneError):
 class TrainingCollapseWarning(UserWarning):
     """A run that fell to chance or whose loss rose far above its start: the message (one line)
     says where, what was kept, and the fix (usually a lower learning rate)."""
+
+
+def renamed(**old_to_new: str):
+    """Accept old keyword spellings for one release, each with a ``DeprecationWarning``.
+
+    Decorates a function or a (dataclass) class: ``@renamed(rank="r")`` lets ``f(rank=8)`` /
+    ``C(rank=8)`` mean ``r=8``; a class also gets the old name as a property of the new one.
+    Both spellings at once is a :class:`TrimtuneError` (one line).
+    """
+    import functools
+    import warnings
+
+    def translate(where: str, kw: dict) -> dict:
+        for old, new in old_to_new.items():
+            if old in kw:
+                if new in kw:
+                    raise TrimtuneError(f"{where}: {old}= and {new}= both given; {old} is the old "
+                                        f"spelling of {new}: pass {new}= only")
+                warnings.warn(f"{where}: {old}= is deprecated, use {new}= (same meaning)",
+                              DeprecationWarning, stacklevel=3)
+                kw[new] = kw.pop(old)
+        return kw
+
+    def alias(where: str, old: str, new: str) -> property:
+        def note() -> None:
+            warnings.warn(f"{where}.{old} is deprecated, use .{new} (same meaning)",
+                          DeprecationWarning, stacklevel=3)
+
+        def get(self):
+            note()
+            return getattr(self, new)
+
+        def set_(self, value) -> None:
+            note()
+            setattr(self, new, value)
+        return property(get, set_, doc=f"Deprecated spelling of :attr:`{new}`.")
+
+    def decorate(obj):
+        fn = obj.__init__ if isinstance(obj, type) else obj
+        where = obj.__name__
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kw):
+            return fn(*args, **translate(where, kw))
+
+        if not isinstance(obj, type):
+            return wrapper
+        obj.__init__ = wrapper
+        for old, new in old_to_new.items():
+            setattr(obj, old, alias(where, old, new))
+        return obj
+
+    return decorate

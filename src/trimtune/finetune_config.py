@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import TrimtuneError
+from .errors import TrimtuneError, renamed
 from .names import METHODS, SNELL_METHODS
 from .train import TrainConfig
 from .tuners import SnellaConfig, SnellConfig, registry
@@ -24,18 +24,27 @@ from .tuners.snell_tuner import is_fused_qkv
 from .tuners.targets import select_linears
 
 
+@renamed(rank="r", sparsity="target_sparsity")
 @dataclass
 class FinetuneConfig:
     """What to tune and how. ``train`` holds the loop's settings (epochs, lr, batch size...).
+
+    ``r`` is the rank (of SNELL / SNELLA's factors, LoRA / DoRA's; AdaLoRA's target average),
+    as in PEFT and :class:`~trimtune.tuners.SnellaConfig`. Sparsity always means the fraction
+    of an update's entries that are zero: ``target_sparsity`` is that fraction at the end of
+    training (SNELL: fixed from the start; SNELLA: where its budget schedule ends, starting from
+    ``init_sparsity``); masked-sparse trains a ``density`` = 1 - sparsity of each weight
+    (default ``1 - target_sparsity``). ``rank=`` / ``sparsity=`` are the old spellings
+    (a DeprecationWarning, for one release).
 
     ``target_modules`` selects the adapted layers for every method by the one rule of
     :mod:`trimtune.tuners.targets` (PEFT's: a regex string over whole names, a list of names /
     suffixes, or ``"all-linear"``); None: the model family's default."""
 
     method: str = "snella"
-    rank: int = 8
+    r: int = 8
     kernel: str | None = None  # default: mixture for snella, piecewise for snell
-    sparsity: float = 0.7  # snell: fixed fraction zeroed; snella: the target of the schedule
+    target_sparsity: float = 0.7  # fraction of each update zeroed at the end (see above)
     init_sparsity: float = 0.0  # snella: fraction zeroed at the start of the schedule
     density: float | None = None  # masked-sparse: fraction of each weight that trains
     target_modules: str | list[str] | None = None  # every method: which layers (see above)
@@ -76,10 +85,22 @@ class FinetuneConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
+        """Inverse of :meth:`to_dict` (run.json's ``config``); a file written before ``r`` /
+        ``target_sparsity`` (``rank`` / ``sparsity``) reads the same, without a warning."""
+        d = dict(d)
+        for old, new in (("rank", "r"), ("sparsity", "target_sparsity")):
+            if old in d and new not in d:
+                d[new] = d.pop(old)
+        if isinstance(d.get("train"), dict):
+            d["train"] = TrainConfig(**d["train"])
+        return cls(**d)
+
 
 def tuner_config(cfg: FinetuneConfig) -> SnellConfig:
     """The :class:`~trimtune.tuners.SnellConfig` / ``SnellaConfig`` a SNELL-family run uses."""
-    common = {"r": cfg.rank, "dropout": cfg.branch_dropout, "drop_path": cfg.branch_drop_path,
+    common = {"r": cfg.r, "dropout": cfg.branch_dropout, "drop_path": cfg.branch_drop_path,
               "target_modules": cfg.target_modules, **cfg.method_kwargs}  # method_kwargs win
     if cfg.kernel:
         common["kernel"] = cfg.kernel
@@ -94,16 +115,16 @@ def tuner_config(cfg: FinetuneConfig) -> SnellConfig:
                                 + f" ({klass.__name__} fields: see "
                                   f"help(trimtune.{klass.__name__}))")
     if cfg.method == "snell":
-        return SnellConfig(sparsity=cfg.sparsity, **common)
-    return SnellaConfig(target_sparsity=cfg.sparsity, init_sparsity=cfg.init_sparsity,
+        return SnellConfig(sparsity=cfg.target_sparsity, **common)
+    return SnellaConfig(target_sparsity=cfg.target_sparsity, init_sparsity=cfg.init_sparsity,
                         schedule_unit=cfg.schedule_unit, interval=cfg.alloc_interval,
                         t_init=cfg.t_init, t_final=cfg.t_final, **common)
 
 
 def _baseline_options(cfg: FinetuneConfig, total_steps: int | None) -> dict[str, Any]:
-    kw = {"rank": cfg.rank, "target_modules": cfg.target_modules, **cfg.method_kwargs}
+    kw = {"r": cfg.r, "target_modules": cfg.target_modules, **cfg.method_kwargs}
     if cfg.method == "masked-sparse":
-        kw["density"] = cfg.density if cfg.density is not None else 1.0 - cfg.sparsity
+        kw["density"] = cfg.density if cfg.density is not None else 1.0 - cfg.target_sparsity
     if cfg.method == "adalora" and total_steps:
         kw["total_step"] = total_steps
     return kw
@@ -122,24 +143,24 @@ def check_rank(model: nn.Module, cfg: FinetuneConfig) -> None:
             split = 3 if tcfg.split_qkv and is_fused_qkv(name) and lin.out_features % 3 == 0 \
                 else 1
             layers.append((name, lin.in_features, lin.out_features // split))
-        rank = cfg.rank
+        rank = cfg.r
     elif cfg.method in ("lora", "dora", "adalora"):
         layers = [(n, m.in_features, m.out_features) for n in
                   select_linears(model, cfg.method_kwargs.get("target_modules",
                                                               cfg.target_modules))
                   for m in [model.get_submodule(n)]]
         rank = cfg.method_kwargs.get("init_r") or (
-            math.ceil(1.5 * cfg.rank) if cfg.method == "adalora" else cfg.rank)
+            math.ceil(1.5 * cfg.r) if cfg.method == "adalora" else cfg.r)
     else:
         return
     if rank < 1:
-        raise TrimtuneError(f"rank={cfg.rank}: give a rank of 1 or more, e.g. 8")
+        raise TrimtuneError(f"r={cfg.r}: give a rank of 1 or more, e.g. 8")
     name, d_in, d_out = min(layers, key=lambda t: min(t[1], t[2]))
     if rank > min(d_in, d_out):
         raise TrimtuneError(
             f"rank {rank} is above min(d_in, d_out) = {min(d_in, d_out)} of target layer {name} "
             f"({d_in} -> {d_out}{' per unit' if cfg.method in SNELL_METHODS else ''}): it would "
-            f"only add memory; use --rank {min(d_in, d_out)} or less")
+            f"only add memory; use r={min(d_in, d_out)} (--r {min(d_in, d_out)}) or less")
 
 
 def prepare(model: nn.Module, cfg: FinetuneConfig, *, total_steps: int | None = None

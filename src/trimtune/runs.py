@@ -20,7 +20,7 @@ from .finetune_config import FinetuneConfig, prepare
 from .lowrank import is_compressed, load_compressed, save_compressed
 from .lowrank.io import factorise_like, weights_file
 from .models import arch_of, build_from_arch, create_backbone
-from .train import TrainConfig, trainable_state
+from .train import trainable_state
 from .tuners import SnellConfig, adapter_configs, load_adapter, registry, save_adapter
 from .tuners.io import base_arch
 
@@ -174,9 +174,9 @@ def _base_numel(model: nn.Module) -> int:
 
 
 #: the recorded options (``model.trimtune_method``) that rebuild a method's trained tensors
-_REBUILD = {"lora": ("rank", "alpha", "target_modules"),
-            "dora": ("rank", "alpha", "target_modules"),
-            "adalora": ("rank", "alpha", "target_modules", "init_r"),
+_REBUILD = {"lora": ("r", "alpha", "target_modules"),
+            "dora": ("r", "alpha", "target_modules"),
+            "adalora": ("r", "alpha", "target_modules", "init_r"),
             "masked-sparse": ("target_modules",)}
 
 
@@ -206,6 +206,8 @@ def load(model: nn.Module, path: str | Path) -> nn.Module:
         raise TrimtuneError(f"adapter {path} belongs to a base with {base['num_params']:,} "
                             f"parameters, this model has {n:,}: load it onto the base it was "
                             "trained on (architecture, num_classes, compression)")
+    if "rank" in meta and "r" not in meta:  # written before the rank was r (trimtune 0.1)
+        meta["r"] = meta.pop("rank")
     options = {k: meta[k] for k in _REBUILD.get(method, ()) if meta.get(k) is not None}
     try:
         registry.attach(model, method, **options)
@@ -227,9 +229,7 @@ def load_run(run_dir: str | Path) -> nn.Module:
     run_dir = Path(run_dir)
     run = read_json(run_dir / "run.json")
     try:
-        cfg_d = dict(run["config"])
-        cfg_d["train"] = TrainConfig(**cfg_d["train"])
-        cfg = FinetuneConfig(**cfg_d)
+        cfg = FinetuneConfig.from_dict(run["config"])
         base = run["base"]
     except (KeyError, TypeError) as e:
         raise TrimtuneError(f"{run_dir / 'run.json'} is incomplete or from another version "

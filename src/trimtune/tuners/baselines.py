@@ -36,13 +36,14 @@ does not).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import TrimtuneError
+from ..errors import TrimtuneError, renamed
 from ..models.probe import Probe, check_forward_path, route_through_modules
 from .targets import select_linears, select_modules
 
@@ -87,7 +88,8 @@ def _train_modules(model: nn.Module, modules_to_save: Iterable[str]) -> None:
         model.get_submodule(name).requires_grad_(True)
 
 
-def prepare_method(model: nn.Module, method: str, *, rank: int = 8, alpha: float | None = None,
+@renamed(rank="r")
+def prepare_method(model: nn.Module, method: str, *, r: int = 8, alpha: float | None = None,
                    target_modules: str | Sequence[str] | None = None,
                    modules_to_save: Sequence[str] = ("head",), probe: Probe = True,
                    **kw: Any) -> tuple[nn.Module, list[Any]]:
@@ -96,9 +98,9 @@ def prepare_method(model: nn.Module, method: str, *, rank: int = 8, alpha: float
     Args:
         model: a plain or compressed timm model.
         method: one of :data:`METHODS`.
-        rank: LoRA / DoRA rank; AdaLoRA's *target* average rank (``init_r`` defaults to
-            ``ceil(1.5 * rank)``).
-        alpha: LoRA scaling numerator (``lora_alpha``); default ``rank`` (scale 1).
+        r: LoRA / DoRA rank; AdaLoRA's *target* average rank (``init_r`` defaults to
+            ``ceil(1.5 * r)``). ``rank=``: the old spelling (DeprecationWarning).
+        alpha: LoRA scaling numerator (``lora_alpha``); default ``r`` (scale 1).
         target_modules: which linears to adapt, see :func:`target_linears`.
         modules_to_save: modules trained in full besides the adapters (default the head).
         probe: after the adapters are in, a probe forward / backward proves every adapted
@@ -110,8 +112,9 @@ def prepare_method(model: nn.Module, method: str, *, rank: int = 8, alpha: float
             ``dropout`` (lora/dora/adalora, default 0);
             adalora: ``init_r``, ``total_step`` (default: ``state.total_steps`` at train
             start), ``tinit``, ``tfinal``, ``deltaT``, ``beta1``, ``beta2``, ``orth_reg_weight``;
-            masked-sparse: ``density`` (fraction of entries that train, default 0.3) or
-            ``sparsity`` (= 1 - density), ``batches`` (iterable of ``(images, labels)``),
+            masked-sparse: ``density`` (fraction of entries that train, default 0.3;
+            ``sparsity=`` = 1 - density is the old spelling, a DeprecationWarning),
+            ``batches`` (iterable of ``(images, labels)``),
             ``loss_fn`` (default cross-entropy), ``mask_init`` ("gradient" | "magnitude" |
             "random"), ``seed``.
 
@@ -129,10 +132,10 @@ def prepare_method(model: nn.Module, method: str, *, rank: int = 8, alpha: float
     adapted = [] if method in ("full", "linear", "bitfit") else target_linears(
         model, target_modules, modules_to_save)
     # what rebuilds the same trainable tensors (trimtune.runs.load): JSON-able options only
-    record = {"method": method, "rank": rank, "alpha": alpha,
+    record = {"method": method, "r": r, "alpha": alpha,
               "target_modules": adapted or None}
     if method == "adalora":
-        record["init_r"] = kw.get("init_r", math.ceil(1.5 * rank))
+        record["init_r"] = kw.get("init_r", math.ceil(1.5 * r))
     was_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if adapted:
         route_through_modules(model)
@@ -148,7 +151,7 @@ def prepare_method(model: nn.Module, method: str, *, rank: int = 8, alpha: float
     elif method in ("lora", "dora"):
         from peft import LoraConfig, inject_adapter_in_model
 
-        config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
+        config = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else r,
                             lora_dropout=kw.pop("dropout", 0.0), target_modules=adapted,
                             use_dora=method == "dora", bias="none")
         model.requires_grad_(False)
@@ -156,7 +159,7 @@ def prepare_method(model: nn.Module, method: str, *, rank: int = 8, alpha: float
         _train_adapters(model)
         _train_modules(model, modules_to_save)
     elif method == "adalora":
-        callbacks.append(_prepare_adalora(model, rank, alpha, adapted, kw))
+        callbacks.append(_prepare_adalora(model, r, alpha, adapted, kw))
         _train_modules(model, modules_to_save)
     else:
         _prepare_masked_sparse(model, adapted, kw)
@@ -284,11 +287,20 @@ def _prepare_masked_sparse(model: nn.Module, target_modules: list[str], kw: dict
     """
     density = kw.pop("density", None)
     sparsity = kw.pop("sparsity", None)
+    if sparsity is not None:
+        if density is not None:
+            raise TrimtuneError(f"masked-sparse: density={density} and sparsity={sparsity} both "
+                                "given; sparsity is the old spelling of 1 - density: pass "
+                                "density only")
+        warnings.warn(f"masked-sparse: sparsity={sparsity} is deprecated, use density="
+                      f"{1.0 - sparsity:g} (the fraction of each weight that trains)",
+                      DeprecationWarning, stacklevel=4)
+        density = 1.0 - sparsity
     if density is None:
-        density = 1.0 - sparsity if sparsity is not None else 0.3
+        density = 0.3
     if not 0.0 < density <= 1.0:
         raise TrimtuneError(f"masked-sparse density={density} must be in (0, 1]; e.g. "
-                            "density=0.3 (or sparsity=0.7)")
+                            "density=0.3")
     batches = kw.pop("batches", None)
     loss_fn: Callable = kw.pop("loss_fn", nn.functional.cross_entropy)
     mask_init = kw.pop("mask_init", None) or ("gradient" if batches is not None else "magnitude")
@@ -387,7 +399,7 @@ def attach_peft_config(model: nn.Module, config: Any, modules_to_save: Sequence[
     _train_adapters(model)
     _train_modules(model, modules_to_save)
     method = "dora" if config.use_dora else "lora"
-    model.trimtune_method = {"method": method, "rank": config.r, "alpha": config.lora_alpha,
+    model.trimtune_method = {"method": method, "r": config.r, "alpha": config.lora_alpha,
                              "target_modules": adapted}
     _probe_or_undo(model, adapted, probe, method, was_trainable)
     return model, []

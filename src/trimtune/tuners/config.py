@@ -148,11 +148,16 @@ class SnellaConfig(SnellConfig):
 
     The allocator (:class:`~trimtune.tuners.SnellaAllocator`, a training callback) moves the
     total budget from ``init_sparsity`` to ``target_sparsity`` on a cubic schedule and shares
-    it across layers by importance. ``sparsity`` mirrors ``init_sparsity`` (the start).
+    it across layers by importance. Sparsity means what it means for SNELL (the fraction of an
+    update's entries zeroed); SNELLA's changes over training, so set ``init_sparsity`` and
+    ``target_sparsity``: ``sparsity`` (SNELL's fixed fraction) is the start here, filled in
+    from ``init_sparsity``, and a different value is refused (it would be silently replaced).
 
     Args:
         init_sparsity: s_init, sparsity of every layer at the start.
         target_sparsity: s_target, overall fraction of update entries zeroed at the end.
+        sparsity: leave None (it becomes ``init_sparsity``); a value other than
+            ``init_sparsity`` is a contradiction, refused in one line.
         schedule_unit: count schedule time in optimizer ``"step"`` s or ``"epoch"`` s (code).
         t_init / t_final: warm-up and final phases of the cubic schedule, in schedule units.
         interval: reallocate every ``interval`` schedule units.
@@ -162,7 +167,7 @@ class SnellaConfig(SnellConfig):
     """
 
     kernel: str = "mixture"
-    sparsity: float = 0.0
+    sparsity: float | None = None
     init_sparsity: float = 0.0
     target_sparsity: float = 0.7
     schedule_unit: str = "step"
@@ -177,6 +182,11 @@ class SnellaConfig(SnellConfig):
     _peft_type = PeftType.SNELLA
 
     def __post_init__(self) -> None:
+        if self.sparsity is not None and self.sparsity != self.init_sparsity:
+            raise TrimtuneError(
+                f"SnellaConfig(sparsity={self.sparsity}) contradicts init_sparsity="
+                f"{self.init_sparsity}: SNELLA's layers start at init_sparsity and end at "
+                "target_sparsity; set those two (sparsity is SNELL's fixed fraction)")
         self.sparsity = check_sparsity(self.init_sparsity)
         check_sparsity(self.target_sparsity)
         super().__post_init__()

@@ -13,6 +13,7 @@ Targets follow the one rule of :mod:`trimtune.tuners.targets` for every method.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +66,11 @@ def _snell_config(name: str, config: Any, options: dict[str, Any]) -> SnellConfi
     klass = SnellaConfig if name == "snella" else SnellConfig
     if config is None:
         if "rank" in options:
+            if "r" in options:
+                raise TrimtuneError(f"{name}: rank= and r= both given; rank is the old spelling "
+                                    "of r: pass r= only")
+            warnings.warn(f"{name}: rank= is deprecated, use r= (same meaning)",
+                          DeprecationWarning, stacklevel=4)
             options["r"] = options.pop("rank")
         try:
             return klass(**options)
@@ -102,8 +108,6 @@ def _attach_baseline(name: str) -> Callable[..., tuple[nn.Module, list]]:
                **options: Any) -> tuple[nn.Module, list]:
         if config is not None:
             return baselines.attach_peft_config(model, config, probe=probe, **options)
-        if "r" in options:
-            options["rank"] = options.pop("r")
         return baselines.prepare_method(model, name, probe=probe, **options)
 
     return attach
