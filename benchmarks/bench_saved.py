@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import finish, log, machine_info, md_table  # noqa: E402
 from bench_train import MB, build_kwargs  # noqa: E402
 
-from trimtune.measure.train_step import build_train_step  # noqa: E402
+from trimtune.train_step import build_train_step  # noqa: E402
 
 
 def saved_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:

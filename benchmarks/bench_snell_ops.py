@@ -10,7 +10,7 @@ that background load hits every variant alike:
    compiled path (``trimtune.tuners.compiled``), the eager closed-form backward
    (``snell.delta_vjp``) and autograd through the recomputed update;
 3. for every ``--models`` x ``--batches``: one AdamW training step
-   (``measure.train_step.build_train_step``, SNELLA allocator included) of PEFT lora, snella on the
+   (``trimtune.train_step.build_train_step``, SNELLA allocator included) of PEFT lora, snella on the
    eager path (``TRIMTUNE_COMPILE=0``) and snella on the compiled path (``TRIMTUNE_COMPILE=auto``),
    ``--reps`` interleaved rounds after a warm-up step (which compiles); ratios to lora;
 4. ``profile``: torch.profiler's top ops of one step of the default snella path on the first
@@ -39,7 +39,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import log, machine_info, machine_markdown, md_table, write_results  # noqa: E402
 
-from trimtune.measure.train_step import build_train_step  # noqa: E402
+from trimtune.train_step import build_train_step  # noqa: E402
 from trimtune.tuners import snell  # noqa: E402
 from trimtune.tuners.snell_tuner import SnellLinear  # noqa: E402
 from trimtune.tuners.kernels import create_kernel  # noqa: E402

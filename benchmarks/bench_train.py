@@ -11,7 +11,7 @@ the JSON of an interrupted run. ``bench_memory.py`` / ``bench_speed.py`` run the
 What is measured, per (model, batch, method):
 
 - **peak training memory** of one AdamW step on a random batch
-  (:func:`trimtune.measure.train_step.build_train_step`), each configuration in a **fresh
+  (:func:`trimtune.train_step.build_train_step`), each configuration in a **fresh
   subprocess**
   (:func:`trimtune.measure.memory.measure_subprocess`). CPU: the rise of the process's peak
   resident memory (VmHWM, reset after the model is built) over its resident memory after the
@@ -50,7 +50,7 @@ from _common import log, machine_info, machine_markdown, md_table, write_results
 from trimtune.checkpoint import read_json  # noqa: E402
 from trimtune.measure.memory import measure_subprocess  # noqa: E402
 
-BUILDER = "trimtune.measure.train_step:build_train_step"
+BUILDER = "trimtune.train_step:build_train_step"
 DEFAULT_MODELS = ("vit_base_patch16_224", "dinov2_small.imgfocus")
 DEFAULT_METHODS = ("full", "linear", "lora", "snell", "snella", "masked-sparse", "snella@c2")
 MB = 2**20
@@ -75,7 +75,7 @@ def is_zoo(name: str) -> bool:
 
 def build_kwargs(model: str, method: str, batch: int, *, rank: int, img_size: int | None,
                  sparsity: float, device: str | None) -> dict[str, Any]:
-    """Keyword arguments of :func:`trimtune.measure.train_step.build_train_step`, one
+    """Keyword arguments of :func:`trimtune.train_step.build_train_step`, one
     configuration.
 
     ``method`` may carry a compression suffix: ``"snella@c2"`` = SNELLA on the PELA c = 2 model
@@ -109,7 +109,7 @@ def static_info(kwargs: dict[str, Any]) -> dict[str, Any]:
     """
     from safetensors import safe_open
 
-    from trimtune.measure.train_step import build_train_step
+    from trimtune.train_step import build_train_step
     from trimtune.runs import save
 
     kw = {**kwargs, "batch_size": 1, "device": "cpu"}
@@ -142,7 +142,7 @@ def profile_config(kwargs: dict[str, Any], rows: int = 8) -> dict[str, Any]:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    from trimtune.measure.train_step import build_train_step
+    from trimtune.train_step import build_train_step
 
     _, step = build_train_step(**{**kwargs, "device": "cpu"})
     step()  # warm-up

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 
 import torch
 
-from trimtune.measure.train_step import build_train_step
+from trimtune.train_step import build_train_step
 
 VARIANTS = {
     "lora": ("lora", {}, None),
@@ -61,7 +61,7 @@ def compile_setting(value: str | None):
 
 def build(name: str, args, device: torch.device):
     """One synchronised training step of variant ``name`` (the benchmarks' step builder,
-    :func:`trimtune.measure.train_step.build_train_step`, under the variant's compile setting)."""
+    :func:`trimtune.train_step.build_train_step`, under the variant's compile setting)."""
     method, kw, comp = VARIANTS[name]
     _, train_step = build_train_step(args.model, method=method, rank=args.rank,
                                      batch_size=args.batch, img_size=args.img_size,

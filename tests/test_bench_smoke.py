@@ -61,7 +61,7 @@ def test_ratios_and_goals(bench):
 
 
 def test_snella_step_runs_the_allocator():
-    from trimtune.measure.train_step import build_train_step
+    from trimtune.train_step import build_train_step
 
     model, step = build_train_step("vit_tiny_patch16_224", method="snella", batch_size=1,
                                    img_size=32, pretrained=False)

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,20 +83,57 @@ def linear_probe(model, train_ds, seed: int = 0):
     return model
 
 
-def quickstart(a: argparse.Namespace) -> dict:
-    """The pipeline of the module docstring into ``a.out``: a non-empty ``--out`` is refused
-    before anything loads unless ``--overwrite``, which writes beside it and swaps in only
-    once the whole quickstart finished (:func:`trimtune.checkpoint.run_folder`)."""
+@dataclass(frozen=True)
+class QuickstartSettings:
+    """Everything one quickstart reads (the keywords of :func:`quickstart`, with its defaults);
+    recorded in ``summary.json`` under ``args``."""
+
+    out: str = "runs/quickstart"
+    model: str = "dinov2_small.imgfocus"
+    weights: str | None = None
+    img_size: int = 112
+    data: str = "fashion-mnist:1k"
+    test_data: str | None = None  # default: the test split of data's dataset
+    test_images: int = 2000  # 0: all
+    distill_data: str = "fashion-mnist"
+    distill_images: int = 2048
+    distill_epochs: int = 1
+    ratio: float = 2.0
+    init: str = "whiten"  # svd | whiten | asvd
+    calib_images: int = 256
+    epochs: int = 2
+    lr: float = 2e-3
+    r: int = 8
+    target_sparsity: float = 0.5
+    batch_size: int = 32
+    seed: int = 0
+    head_init: str = "probe"  # probe | random
+    memory: bool = True  # measure the training-memory column (about a minute)
+    overwrite: bool = False
+    progress: bool = True
+
+
+def quickstart(args: argparse.Namespace | None = None, /, **settings: Any) -> dict:
+    """The pipeline of the module docstring into ``out``; keywords and defaults are
+    :class:`QuickstartSettings`' (``quickstart(out="runs/qs", epochs=1)``). A non-empty ``out``
+    is refused before anything loads unless ``overwrite``, which writes beside it and swaps in
+    only once the whole quickstart finished (:func:`trimtune.checkpoint.run_folder`).
+
+    ``args``: the CLI's parsed flags, the same as :func:`quickstart_from_args` (kept for the
+    command line of this release)."""
+    if args is not None:
+        return quickstart_from_args(args)
+    q = QuickstartSettings(**settings)
     t_start = time.time()
-    out = Path(a.out)
-    if holds_run(out) and not a.overwrite:
+    out = Path(q.out)
+    if holds_run(out) and not q.overwrite:
         raise refuse_existing(out, "quickstart", resume=False, markers=MARKERS)
     check_writable(out)
     try:
-        with run_folder(out, overwrite=a.overwrite, what="quickstart") as work:
-            result = _pipeline(a, work, t_start)
+        with run_folder(out, overwrite=q.overwrite, what="quickstart") as work:
+            result = _pipeline(q, work, t_start)
     except RunInterrupted as e:
-        if a.overwrite:  # run_folder said it: the previous quickstart is untouched
+        if q.overwrite:  # run_folder said it: the previous quickstart is untouched
             raise
         raise RunInterrupted(f"interrupted by {signal.Signals(e.signum).name}; the quickstart "
                              f"in {out} is incomplete (quickstart has no --resume): run it again "
@@ -102,9 +142,21 @@ def quickstart(a: argparse.Namespace) -> dict:
     return result
 
 
-def _pipeline(a: argparse.Namespace, out: Path, t_start: float) -> dict:
-    """The quickstart, written into ``out`` (``--out`` itself or its staging sibling)."""
-    progress = not getattr(a, "no_progress", False)
+def quickstart_from_args(a: argparse.Namespace) -> dict:
+    """The thin adapter the CLI calls: ``trimtune quickstart``'s flags as :func:`quickstart`'s
+    keywords (``--r`` -> ``r``, ``--sparsity`` -> ``target_sparsity``, ``--no-memory`` /
+    ``--no-progress`` -> ``memory`` / ``progress``)."""
+    renamed = {"rank": "r", "sparsity": "target_sparsity"}
+    names = {f.name for f in dataclasses.fields(QuickstartSettings)}
+    kw = {renamed.get(k, k): v for k, v in vars(a).items()}
+    kw["memory"] = not kw.pop("no_memory", False)
+    kw["progress"] = not kw.pop("no_progress", False)
+    return quickstart(**{k: v for k, v in kw.items() if k in names})
+
+
+def _pipeline(a: QuickstartSettings, out: Path, t_start: float) -> dict:
+    """The quickstart, written into ``out`` (``a.out`` itself or its staging sibling)."""
+    progress = a.progress
     torch.manual_seed(a.seed)
     data_name, _ = split_spec(a.data, "train")
     test_spec = a.test_data or f"{data_name}@test"  # a K-shot set's test = the official one
@@ -130,7 +182,7 @@ def _pipeline(a: argparse.Namespace, out: Path, t_start: float) -> dict:
                                        "acc": evaluate_model(lp, test_ds, progress=progress).top1,
                                        "method": "linear"}
 
-    init = getattr(a, "init", "whiten")
+    init = a.init
     stage(f"2/5 compress (PELA, c = {a.ratio}, init {init})")
     calib = {} if init == "svd" else dict(init=init, calib=a.distill_data,
                                           calib_images=a.calib_images)
@@ -149,7 +201,7 @@ def _pipeline(a: argparse.Namespace, out: Path, t_start: float) -> dict:
     distill(student, teacher, distill_ds, dcfg)
     save_model(student, out / "distilled")
 
-    ft = dict(method="snella", rank=a.rank, sparsity=a.sparsity)
+    ft = dict(method="snella", r=a.r, target_sparsity=a.target_sparsity)
     for label, base in (("original + snella", teacher), ("compressed + snella", student)):
         stage(f"{4 if 'original' in label else 5}/5 SNELLA fine-tuning: {label}")
         run = out / RUNS[label]
@@ -177,7 +229,7 @@ def _pipeline(a: argparse.Namespace, out: Path, t_start: float) -> dict:
         rows[label] = {"model": merged, "acc": acc_merged, "method": "snella"}
 
     stage("measuring parameters, FLOPs, latency" +
-          ("" if a.no_memory else ", training memory"))
+          ("" if not a.memory else ", training memory"))
     # latency side by side: rounds over the models, each model's best round (a burst of other
     # work, e.g. a compile worker finishing, then slows one round, not one model)
     best: dict[str, float] = {}
@@ -191,11 +243,11 @@ def _pipeline(a: argparse.Namespace, out: Path, t_start: float) -> dict:
         row = {"configuration": label, "params_M": count_parameters(m) / 1e6,
                "gflops": count_flops(m) / 1e9, "latency_ms": best[label] * 1e3,
                "test_top1": r["acc"]}
-        if not a.no_memory:
+        if a.memory:
             src = str(out / "distilled") if "compressed" in label else a.model
-            mem = measure_subprocess("trimtune.measure.train_step:build_train_step", dict(
+            mem = measure_subprocess("trimtune.train_step:build_train_step", dict(
                 model=src, weights=a.weights, img_size=a.img_size, num_classes=nc,
-                method=r["method"], rank=a.rank, batch_size=a.batch_size))
+                method=r["method"], rank=a.r, batch_size=a.batch_size))
             row["train_mem_MB"] = mem["peak_bytes"] / 2**20
         table.append(row)
     elapsed = time.time() - t_start
@@ -203,8 +255,8 @@ def _pipeline(a: argparse.Namespace, out: Path, t_start: float) -> dict:
     print("\n" + md)
     with atomic_path(out / "summary.md") as tmp:
         tmp.write_text(md)
-    args = {k: v for k, v in vars(a).items() if k != "func"}  # a function prints its address
-    write_json(out / "summary.json", {"rows": table, "args": args, "seconds": elapsed})
+    write_json(out / "summary.json", {"rows": table, "args": dataclasses.asdict(a),
+                                      "seconds": elapsed})
     plot_bars({"test top-1 (%)": {r["configuration"]: 100 * r["test_top1"] for r in table},
                "params (M)": {r["configuration"]: r["params_M"] for r in table},
                "GFLOPs x10": {r["configuration"]: 10 * r["gflops"] for r in table}},
@@ -212,7 +264,8 @@ def _pipeline(a: argparse.Namespace, out: Path, t_start: float) -> dict:
     return {"rows": table, "seconds": elapsed}
 
 
-def _markdown(table: list[dict], a, elapsed: float, n_test: int, test_spec: str) -> str:
+def _markdown(table: list[dict], a: QuickstartSettings, elapsed: float, n_test: int,
+              test_spec: str) -> str:
     cols = ["configuration", "params_M", "gflops", "latency_ms", "train_mem_MB", "test_top1"]
     heads = {"configuration": "configuration", "params_M": "params (M)", "gflops": "GFLOPs/img",
              "latency_ms": "CPU latency bs1 (ms)", "train_mem_MB": "train mem (MB)",
@@ -228,10 +281,10 @@ def _markdown(table: list[dict], a, elapsed: float, n_test: int, test_spec: str)
             cells.append(v if isinstance(v, str) else f"{v:.4f}" if c == "test_top1"
                          else f"{v:.2f}" if c != "train_mem_MB" else f"{v:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Test set: {n_test} images of {test_spec}. Fine-tuning: SNELLA r={a.rank}, "
-              f"target sparsity {a.sparsity}, {a.epochs} epochs, lr {a.lr}, batch "
+    lines += ["", f"Test set: {n_test} images of {test_spec}. Fine-tuning: SNELLA r={a.r}, "
+              f"target sparsity {a.target_sparsity}, {a.epochs} epochs, lr {a.lr}, batch "
               f"{a.batch_size}. Compression: c = {a.ratio}, factor init "
-              f"{getattr(a, 'init', 'whiten')}. Distillation: {a.distill_images} unlabeled "
+              f"{a.init}. Distillation: {a.distill_images} unlabeled "
               f"images x {a.distill_epochs} epoch(s). CPU latency: batch 1, the best of "
               f"{LATENCY_ROUNDS} rounds over the models. Training memory: peak RSS increase of one "
               f"training step at batch {a.batch_size} in a fresh process (CPU). "

@@ -1,5 +1,10 @@
 """One training step of a method on a random batch, for the memory / speed benchmarks
-(:mod:`trimtune.measure.memory`, ``benchmarks/bench_train.py``)."""
+(``benchmarks/bench_train.py`` and friends) and the quickstart's training-memory column, each
+measured by :func:`trimtune.measure.memory.measure_subprocess`.
+
+It builds a fine-tuning model (:mod:`trimtune.runs`, :mod:`trimtune.finetune_config`), so it
+sits at the top with the quickstart, not in :mod:`trimtune.measure` (which stays below the
+tuners and never imports them)."""
 
 from __future__ import annotations
 
@@ -19,16 +24,17 @@ def build_train_step(model: str, *, method: str = "snella", rank: int = 8,
                      method_kwargs: dict | None = None):
     """Build ``(model, step_fn)`` for the memory / speed benchmarks: one AdamW training step
     of ``method`` on a random batch (what a real step allocates: activations kept for
-    backward, gradients, optimizer state). Used by ``trimtune.measure.memory``.
+    backward, gradients, optimizer state), by name for ``measure_subprocess``
+    (``"trimtune.train_step:build_train_step"``).
 
     For SNELLA the step also runs what :func:`trimtune.train.fit` runs after every optimizer
     step: the allocator callback (importance EMA update and, with ``schedule_unit="step"``,
     the cross-layer reallocation), so its time and memory are part of the figure.
     ``target_modules`` replaces the default targets (the one rule, every method);
     ``method_kwargs`` goes to ``FinetuneConfig.method_kwargs`` (e.g. SNELL's dropout)."""
-    from ..models import create_backbone
-    from ..runs import load_model
-    from ..tasks import FinetuneConfig, prepare
+    from .finetune_config import FinetuneConfig, prepare
+    from .models import create_backbone
+    from .runs import load_model
 
     torch.manual_seed(seed)
     if Path(model).is_dir():
@@ -37,11 +43,11 @@ def build_train_step(model: str, *, method: str = "snella", rank: int = 8,
         m = create_backbone(model, pretrained=pretrained, weights=weights,
                             num_classes=num_classes, img_size=img_size)
     if compress_ratio:
-        from ..lowrank import compress
+        from .lowrank import compress
         m = compress(m, ratio=compress_ratio, inplace=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     m.to(dev)
-    m, callbacks = prepare(m, FinetuneConfig(method=method, rank=rank, sparsity=sparsity,
+    m, callbacks = prepare(m, FinetuneConfig(method=method, r=rank, target_sparsity=sparsity,
                                              target_modules=target_modules,
                                              method_kwargs=dict(method_kwargs or {})),
                            total_steps=100)
