@@ -79,28 +79,28 @@ BOTH_FACTORS = DEFAULT_TARGETS + r"\.(first|second)"
 #: name -> FinetuneConfig fields (sparsity: the --sparsity flag unless set here)
 VARIANTS = {
     "linear": dict(method="linear"),
-    "lora-r8": dict(method="lora", rank=8),
-    "lora-r32": dict(method="lora", rank=32),
-    "snell-r8": dict(method="snell", rank=8),
-    "snella-r8": dict(method="snella", rank=8),
-    "snella-r32": dict(method="snella", rank=32),
+    "lora-r8": dict(method="lora", r=8),
+    "lora-r32": dict(method="lora", r=32),
+    "snell-r8": dict(method="snell", r=8),
+    "snella-r8": dict(method="snella", r=8),
+    "snella-r32": dict(method="snella", r=32),
     "full": dict(method="full"),
     # the join: the same methods on the PELA-compressed backbone (--compress-* flags)
-    "lora-r8@c2": dict(method="lora", rank=8, compressed=True),
-    "snella-r8@c2": dict(method="snella", rank=8, compressed=True),
+    "lora-r8@c2": dict(method="lora", r=8, compressed=True),
+    "snella-r8@c2": dict(method="snella", r=8, compressed=True),
     # which factor of a factorised layer (W = W2 W1) is adapted: .second (the default), or both
-    "lora-r8@c2-both": dict(method="lora", rank=8, compressed=True,
+    "lora-r8@c2-both": dict(method="lora", r=8, compressed=True,
                             target_modules=BOTH_FACTORS),
-    "snella-r8@c2-both": dict(method="snella", rank=8, compressed=True,
+    "snella-r8@c2-both": dict(method="snella", r=8, compressed=True,
                               target_modules=BOTH_FACTORS),
     # options beyond the authors (issue 22), each one named change to snella-r8
-    "snella-r8+klr": dict(method="snella", rank=8, method_kwargs={"kernel_lr_scale": 0.01}),
-    "snella-r8+b4": dict(method="snella", rank=8, method_kwargs={"b_lr_scale": 4.0}),
-    "snella-r8+klr+b4": dict(method="snella", rank=8,
+    "snella-r8+klr": dict(method="snella", r=8, method_kwargs={"kernel_lr_scale": 0.01}),
+    "snella-r8+b4": dict(method="snella", r=8, method_kwargs={"b_lr_scale": 4.0}),
+    "snella-r8+klr+b4": dict(method="snella", r=8,
                              method_kwargs={"kernel_lr_scale": 0.01, "b_lr_scale": 4.0}),
-    "snella-r8+init0.25": dict(method="snella", rank=8, method_kwargs={"init_scale": 0.25}),
-    "snella-r8+soft": dict(method="snella", rank=8, method_kwargs={"sparsify": "soft"}),
-    "snella-r8+klr+soft": dict(method="snella", rank=8, method_kwargs={
+    "snella-r8+init0.25": dict(method="snella", r=8, method_kwargs={"init_scale": 0.25}),
+    "snella-r8+soft": dict(method="snella", r=8, method_kwargs={"sparsify": "soft"}),
+    "snella-r8+klr+soft": dict(method="snella", r=8, method_kwargs={
         "kernel_lr_scale": 0.01, "sparsify": "soft"}),
 }
 
@@ -111,8 +111,8 @@ ABLATIONS = {
     "piecewise-kernel": dict(kernel="piecewise"),
     "no-allocator": dict(method="snell", kernel="mixture"),
     "epoch-schedule": dict(schedule_unit="epoch"),
-    "sparsity-0.5": dict(sparsity=0.5),
-    "sparsity-0.9": dict(sparsity=0.9),
+    "sparsity-0.5": dict(target_sparsity=0.5),
+    "sparsity-0.9": dict(target_sparsity=0.9),
     "squared-grad": dict(method_kwargs={"sparsify": "squared"}),
 }
 
@@ -237,7 +237,7 @@ def variant_config(name: str, a) -> dict:
     """FinetuneConfig fields of a main variant (``lora-r8``) or an ablation
     (``snella-r8:piecewise-kernel``)."""
     base, _, abl = name.partition(":")
-    cfg = {"sparsity": a.sparsity, **VARIANTS[base]}
+    cfg = {"target_sparsity": a.sparsity, **VARIANTS[base]}
     cfg.pop("compressed", None)
     if abl:
         cfg.update(ABLATIONS[abl])

@@ -213,7 +213,7 @@ def cmd_finetune(a) -> int:
     from .tasks import FinetuneConfig, finetune
     _check_out(a)
     _apply_recipe(a)
-    cfg = FinetuneConfig(method=a.method, rank=a.rank, kernel=a.kernel, sparsity=a.sparsity,
+    cfg = FinetuneConfig(method=a.method, r=a.rank, kernel=a.kernel, target_sparsity=a.sparsity,
                          init_sparsity=a.init_sparsity, density=a.density, protocol=a.protocol,
                          label_smoothing=a.label_smoothing, branch_dropout=a.branch_dropout,
                          branch_drop_path=a.branch_drop_path, drop_path_rate=a.drop_path,
@@ -300,8 +300,8 @@ def cmd_export(a) -> int:
 
 
 def cmd_quickstart(a) -> int:
-    from .quickstart import quickstart
-    quickstart(a)
+    from .quickstart import quickstart_from_args
+    quickstart_from_args(a)
     return 0
 
 
