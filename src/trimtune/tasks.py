@@ -38,6 +38,7 @@ from .runs import (base_spec, identity, input_size, load_model, save, save_model
                    with_identity)
 from .train import BestEpoch, ClassificationObjective, CollapseWatch, TrainConfig, fit
 from .train.checkpointing import numerics
+from .train.loop import fit_in
 from .tuners import registry
 
 # --------------------------------------------------------------------------- distill
@@ -175,10 +176,11 @@ def _finetune(model, data, cfg: FinetuneConfig, eval_data, test_data, spec, out:
     settings.update(data=describe_data(data, train_ds),
                     val_data=None if eval_ds is None else describe_data(eval_data, eval_ds),
                     base=run_base)
+    # the loop writes into the folder finetune's run_folder holds: one transaction per run
     tc_run = dataclasses.replace(tc, out_dir=out or final, overwrite=False)
-    result = fit(model, train_ds, ClassificationObjective(cfg.label_smoothing), tc_run,
-                 callbacks=[*callbacks, best, watch],
-                 eval_fn=eval_fn if eval_ds is not None else None, settings=settings)
+    result = fit_in(out or final, model, train_ds, ClassificationObjective(cfg.label_smoothing),
+                    tc_run, callbacks=[*callbacks, best, watch],
+                    eval_fn=eval_fn if eval_ds is not None else None, settings=settings)
     best.restore(model)
     if out and tc.resume:
         write_json(out / "run.json", run_json)

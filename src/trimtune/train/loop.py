@@ -89,9 +89,8 @@ def fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tra
         staged = work != out
         # an interrupt of an overwriting run: run_folder keeps its checkpoint beside ``out``
         # (--overwrite --resume continues it) and says so
-        with _signals_stop() as flag, _threads(config.threads):
-            result = _fit(model, train_data, objective, config, callbacks, eval_fn,
-                          work, dict(settings or {}), flag)
+        result = fit_in(work, model, train_data, objective, config, callbacks, eval_fn,
+                        settings=settings)
     if staged:  # the folder was swapped in: report final paths
         result = dataclasses.replace(result, out_dir=out, **{
             k: out / Path(v).relative_to(work) for k in ("checkpoint", "best", "metrics_file")
@@ -100,6 +99,20 @@ def fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tra
 
 
 FIT_MARKERS = ("checkpoint", "metrics.jsonl", "best")
+
+
+def fit_in(folder: str | Path, model: nn.Module, train_data: Dataset, objective: Objective,
+           config: TrainConfig, callbacks: Sequence[Any] = (),
+           eval_fn: Callable[[nn.Module], dict] | None = None, *,
+           settings: dict[str, Any] | None = None) -> TrainResult:
+    """:func:`fit` inside a run folder its caller's :func:`~trimtune.checkpoint.run_folder`
+    already holds, so a run is one transaction (``trimtune.finetune`` writes run.json, the
+    loop's files and the adapter into the same staged folder): ``metrics.jsonl``,
+    ``checkpoint/`` and ``best/`` go into ``folder`` as it is, with no check or swap of its own.
+    Resumes from ``folder``'s checkpoint when ``config.resume`` says so."""
+    with _signals_stop() as flag, _threads(config.threads):
+        return _fit(model, train_data, objective, config, callbacks, eval_fn, Path(folder),
+                    dict(settings or {}), flag)
 
 
 @contextmanager
@@ -140,11 +153,89 @@ def _signals_stop():
 def _fit(model: nn.Module, train_data: Dataset, objective: Objective, config: TrainConfig,
          callbacks: Sequence[Any], eval_fn: Callable[[nn.Module], dict] | None, out: Path,
          settings: dict[str, Any], interrupt: list[int]) -> TrainResult:
+    """The loop, top to bottom: set up, resume, then per optimizer step train, log, evaluate
+    at each epoch end, checkpoint; the helpers below hold each part."""
     cfg = config
     settings = {**cfg.result_settings(), **settings}
     accelerator = _make_accelerator(cfg, getattr(objective, "find_unused_parameters", False))
     main = accelerator.is_main_process
     set_seed(cfg.seed)
+    sampler, steps_per_epoch, total_steps, warmup = _schedule(train_data, cfg, accelerator)
+    optimizer, scheduler = _optimizer(model, cfg, total_steps, warmup)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw = accelerator.unwrap_model(model)
+    ema = ModelEmaV3(raw, decay=cfg.ema) if cfg.ema else None
+    if hasattr(objective, "setup"):
+        objective.setup(accelerator)  # e.g. move a frozen teacher to the device (never prepared)
+    state = TrainState(model=raw, accelerator=accelerator, optimizer=optimizer, config=cfg,
+                       out_dir=out, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    callbacks = [*callbacks, LossWatch()]  # every run: a loss far above its start is said
+    # select_metric: the one best-epoch mechanism, writing out/best/ (its value is checkpointed)
+    best = (BestEpoch(cfg.select_metric, cfg.select_mode, folder=out / "best" if main else None,
+                      keep=False) if cfg.select_metric else None)
+    saver = _Checkpointer(out, state, optimizer, scheduler, ema, callbacks, best, settings)
+    if cfg.resume is True or (cfg.resume == "auto" and saver.file.is_file()):
+        saver.resume()
+    scheduler.step_update(num_updates=state.step)
+    state.epoch = state.step // steps_per_epoch
+    log = _Log(out, main, state.step)
+
+    _call(callbacks, "on_train_start", state)
+    bar = tqdm(total=total_steps, initial=state.step, disable=not (cfg.progress and main),
+               dynamic_ncols=True, desc="train")
+    meter, stopped = _Meter(), False
+    model.train()
+    while state.step < total_steps and not stopped:
+        epoch = state.epoch
+        for micro, batch in enumerate(_epoch_loader(train_data, sampler, cfg, state, accelerator)):
+            batch = send_to_device(batch, accelerator.device)
+            if micro % cfg.grad_accum == 0:  # before the first forward of an optimizer step
+                _call(callbacks, "on_step_start", state)
+            loss, logs = _train_step(model, objective, batch, optimizer, callbacks, state,
+                                     saver.file)
+            meter.add(_batch_len(batch) * accelerator.num_processes, {"loss": loss, **logs},
+                      cfg.grad_accum)
+            if not accelerator.sync_gradients:
+                continue
+            # ---- one optimizer step done: schedule, EMA, log, epoch end, checkpoint
+            scheduler.step_update(num_updates=state.step)
+            if ema is not None:
+                ema.update(raw, step=state.step)
+            meter.steps += 1
+            last = state.step >= min(total_steps, cfg.max_steps or total_steps)
+            if (last or state.step == 1 or state.step % cfg.log_every == 0
+                    or state.step % steps_per_epoch == 0):
+                _log_step(state, meter, optimizer, epoch, log, callbacks, bar)
+            bar.update(1)
+            state.epoch = state.step // steps_per_epoch
+            if state.step % steps_per_epoch == 0:
+                _end_epoch(model, raw, ema, eval_fn, callbacks, best, state, epoch, log)
+            stopped = last or state.should_stop
+            signum = _agree(interrupt[0], accelerator)
+            if signum or stopped or (cfg.ckpt_every and state.step % cfg.ckpt_every == 0):
+                saver()
+            if signum:
+                bar.close()
+                raise _interrupted(signum, state, saver.file)
+            if stopped:
+                break
+    bar.close()
+    final = saver()
+    if ema is not None:  # the result of an EMA run is the average: leave it in the model
+        _copy_ema(raw, ema)
+    log.close()
+    best_dir = out / "best" if cfg.select_metric and (out / "best").is_dir() else None
+    return TrainResult(metrics=dict(state.logs), history=log.history, step=state.step,
+                       epoch=state.epoch, out_dir=out, checkpoint=final, best=best_dir,
+                       metrics_file=log.file, stopped_early=state.step < total_steps, ema=ema,
+                       warnings=list(state.warnings))
+
+
+# ---- the parts of _fit ----------------------------------------------------------------------
+def _schedule(train_data: Dataset, cfg: TrainConfig, accelerator: Accelerator
+              ) -> tuple[EpochSampler, int, int, int]:
+    """``(sampler, steps per epoch, total steps, warm-up steps)``: an epoch is whole optimizer
+    steps of ``batch_size x processes x grad_accum`` samples."""
     if not hasattr(train_data, "__len__"):
         raise TrimtuneError("train_data has no length: pass a map-style Dataset (not a DataLoader "
                             "or iterable) so the loop can shuffle and resume it")
@@ -159,7 +250,13 @@ def _fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tr
     total_steps = cfg.epochs * steps_per_epoch
     warmup = (cfg.warmup_steps if cfg.warmup_steps is not None
               else round(cfg.warmup_epochs * steps_per_epoch))
+    return sampler, steps_per_epoch, total_steps, warmup
 
+
+def _optimizer(model: nn.Module, cfg: TrainConfig, total_steps: int, warmup: int
+               ) -> tuple[torch.optim.Optimizer, CosineLRScheduler]:
+    """timm's AdamW over the trainable parameters (groups: :func:`_param_groups`) and a cosine
+    schedule with linear warm-up, stepped per optimizer step."""
     if not any(p.requires_grad for p in model.parameters()):
         raise TrimtuneError("the model has no trainable parameters: unfreeze some, or attach "
                             "a tuner")
@@ -168,174 +265,182 @@ def _fit(model: nn.Module, train_data: Dataset, objective: Objective, config: Tr
     scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup),
                                   lr_min=cfg.min_lr, warmup_t=warmup, warmup_lr_init=cfg.min_lr,
                                   warmup_prefix=True, t_in_epochs=False)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    raw = accelerator.unwrap_model(model)
-    ema = ModelEmaV3(raw, decay=cfg.ema) if cfg.ema else None
-    if hasattr(objective, "setup"):
-        objective.setup(accelerator)  # e.g. move a frozen teacher to the device (never prepared)
-    state = TrainState(model=raw, accelerator=accelerator, optimizer=optimizer, config=cfg,
-                       out_dir=out, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-    callbacks = [*callbacks, LossWatch()]  # every run: a loss far above its start is said
-    # select_metric: the one best-epoch mechanism, writing out/best/ (its value is checkpointed)
-    best = (BestEpoch(cfg.select_metric, cfg.select_mode, folder=out / "best" if main else None,
-                      keep=False) if cfg.select_metric else None)
+    return optimizer, scheduler
 
-    # ---- resume -------------------------------------------------------------------------------
-    ckpt_file = checkpoint_path(out)
-    if cfg.resume is True or (cfg.resume == "auto" and ckpt_file.is_file()):
-        ck = load_checkpoint(ckpt_file)
-        _same_settings(ck.get("settings"), settings, out)
-        if (ck["total_steps"], ck["steps_per_epoch"]) != (total_steps, steps_per_epoch):
+
+class _Checkpointer:
+    """Writes ``out/checkpoint/`` (main process; once per step) and resumes from it: model,
+    optimizer, schedule, EMA, callbacks' state, RNG, step, best value, settings, numerics."""
+
+    def __init__(self, out: Path, state: TrainState, optimizer, scheduler, ema, callbacks: list,
+                 best: BestEpoch | None, settings: dict[str, Any]) -> None:
+        self.out, self.state, self.file = out, state, checkpoint_path(out)
+        self.optimizer, self.scheduler, self.ema = optimizer, scheduler, ema
+        self.callbacks, self.best, self.settings = callbacks, best, settings
+        self.saved_at = -1
+
+    def __call__(self) -> Path:
+        s, acc = self.state, self.state.accelerator
+        if acc.is_main_process and self.saved_at != s.step:
+            self.saved_at = s.step
+            save_checkpoint(self.out, {
+                "model": s.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema else None,
+                "callbacks": {f"{i}": cb.state_dict() for i, cb in enumerate(self.callbacks)
+                              if hasattr(cb, "state_dict")},
+                "rng": rng_state(), "step": s.step, "epoch": s.epoch,
+                "batch": (s.step % s.steps_per_epoch) * s.config.grad_accum,
+                "total_steps": s.total_steps, "steps_per_epoch": s.steps_per_epoch,
+                "best_value": self.best.value if self.best else None, "settings": self.settings,
+                "numerics": numerics(acc.device)})
+        acc.wait_for_everyone()
+        return self.file
+
+    def resume(self) -> None:
+        """Load the checkpoint into the run, refusing other settings or another schedule."""
+        s, ck = self.state, load_checkpoint(self.file)
+        _same_settings(ck.get("settings"), self.settings, self.out)
+        if (ck["total_steps"], ck["steps_per_epoch"]) != (s.total_steps, s.steps_per_epoch):
             raise TrimtuneError(
-                f"checkpoint in {out} is for {ck['total_steps']} steps of "
-                f"{ck['steps_per_epoch']} per epoch, this run has {total_steps} of "
-                f"{steps_per_epoch}: use the same data, batch size, processes and epochs, or "
+                f"checkpoint in {self.out} is for {ck['total_steps']} steps of "
+                f"{ck['steps_per_epoch']} per epoch, this run has {s.total_steps} of "
+                f"{s.steps_per_epoch}: use the same data, batch size, processes and epochs, or "
                 f"set resume=False / another out_dir")
-        raw.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        if ema is not None and ck.get("ema") is not None:
-            ema.load_state_dict(ck["ema"])
-        for i, cb in enumerate(callbacks):
+        s.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        if self.ema is not None and ck.get("ema") is not None:
+            self.ema.load_state_dict(ck["ema"])
+        for i, cb in enumerate(self.callbacks):
             if hasattr(cb, "load_state_dict") and f"{i}" in ck["callbacks"]:
                 cb.load_state_dict(ck["callbacks"][f"{i}"])
         set_rng_state(ck["rng"])
-        state.step = ck["step"]
-        if best is not None:
-            best.value = ck.get("best_value")
-        note = numerics_note(ck.get("numerics"), numerics(accelerator.device))
-        if note and main:
-            warnings.warn(note, stacklevel=3)
-    scheduler.step_update(num_updates=state.step)
-    state.epoch = state.step // steps_per_epoch
+        s.step = ck["step"]
+        if self.best is not None:
+            self.best.value = ck.get("best_value")
+        note = numerics_note(ck.get("numerics"), numerics(s.accelerator.device))
+        if note and s.accelerator.is_main_process:
+            warnings.warn(note, stacklevel=5)
 
-    saved_at = [-1]
 
-    def checkpoint() -> Path | None:
-        if main and saved_at[0] != state.step:
-            saved_at[0] = state.step
-            save_checkpoint(out, {
-                "model": raw.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "ema": ema.state_dict() if ema else None,
-                "callbacks": {f"{i}": cb.state_dict() for i, cb in enumerate(callbacks)
-                              if hasattr(cb, "state_dict")},
-                "rng": rng_state(), "step": state.step, "epoch": state.epoch,
-                "batch": (state.step % steps_per_epoch) * cfg.grad_accum,
-                "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-                "best_value": best.value if best else None, "settings": settings,
-                "numerics": numerics(accelerator.device)})
-        accelerator.wait_for_everyone()
-        return ckpt_file
+class _Log:
+    """``out/metrics.jsonl`` (append-only, one JSON object per record; a fresh run starts it
+    afresh, a resumed one drops the lines past its checkpoint), TensorBoard when installed,
+    and the in-memory history; only the main process writes."""
 
-    # ---- logging ------------------------------------------------------------------------------
-    history: list[dict[str, Any]] = []
-    tb = _tensorboard(out) if main else None
-    metrics_file = out / "metrics.jsonl"
-    if main:  # a fresh run starts a fresh log; a resumed one drops lines past its checkpoint
-        _trim_log(metrics_file, state.step)
-
-    def log(record: dict[str, Any]) -> None:
-        history.append(record)
+    def __init__(self, out: Path, main: bool, step: int) -> None:
+        self.out, self.main, self.file = out, main, out / "metrics.jsonl"
+        self.history: list[dict[str, Any]] = []
+        self.tb = _tensorboard(out) if main else None
         if main:
-            out.mkdir(parents=True, exist_ok=True)
-            with open(metrics_file, "a") as f:  # append-only log, one JSON object per line
-                f.write(json.dumps(record) + "\n")
-            for k, v in record.items():
-                if tb is not None and isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    tb.add_scalar(k, v, record["step"])
+            _trim_log(self.file, step)
 
-    _call(callbacks, "on_train_start", state)
-    bar = tqdm(total=total_steps, initial=state.step, disable=not (cfg.progress and main),
-               dynamic_ncols=True, desc="train")
-    running: dict[str, float] = {}
-    n_logged, t0, seen, stopped = 0, time.perf_counter(), 0, False
+    def __call__(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if not self.main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.file, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if self.tb is not None and isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class _Meter:
+    """Means of the objective's values over the optimizer steps since the last record, and the
+    images per second over that time."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps, self.seen, self.t0 = 0, 0, time.perf_counter()
+
+    def add(self, images: int, values: dict[str, Any], grad_accum: int) -> None:
+        self.seen += images
+        for k, v in values.items():
+            v = float(torch.as_tensor(v).detach())
+            self.sums[k] = self.sums.get(k, 0.0) + v / grad_accum
+
+    def take(self) -> tuple[dict[str, float], float]:
+        """``(means, images per second)``, then start over."""
+        rate = self.seen / max(time.perf_counter() - self.t0, 1e-9)
+        means = {k: v / self.steps for k, v in self.sums.items()}
+        self.__init__()
+        return means, rate
+
+
+def _epoch_loader(train_data: Dataset, sampler: EpochSampler, cfg: TrainConfig,
+                  state: TrainState, accelerator: Accelerator) -> DataLoader:
+    """This epoch's batches, from where a resumed run stopped (seeded by seed + epoch)."""
+    epoch, done_in_epoch = state.epoch, state.step % state.steps_per_epoch
+    sampler.set_epoch(epoch, skip_batches=done_in_epoch * cfg.grad_accum)
+    return DataLoader(train_data, batch_size=cfg.batch_size, sampler=sampler,
+                      num_workers=cfg.num_workers, drop_last=True,
+                      generator=torch.Generator().manual_seed(cfg.seed + epoch),
+                      pin_memory=accelerator.device.type == "cuda")
+
+
+def _train_step(model: nn.Module, objective: Objective, batch: Any, optimizer, callbacks: list,
+                state: TrainState, ckpt_file: Path) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One micro-batch: forward (autocast), finite check, backward, clip; the optimizer steps
+    on the last micro-batch of an accumulation (then ``after_optimizer_step``, gradients still
+    there: allocators read them)."""
+    accelerator, cfg = state.accelerator, state.config
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            loss, logs = objective(model, batch)
+        _check_finite(loss, logs, state, accelerator, ckpt_file, cfg)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and cfg.clip_grad:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        optimizer.step()
+        if accelerator.sync_gradients:
+            state.step += 1
+            _call(callbacks, "after_optimizer_step", state)
+        optimizer.zero_grad(set_to_none=True)
+    return loss, logs
+
+
+def _log_step(state: TrainState, meter: _Meter, optimizer, epoch: int, log: _Log,
+              callbacks: list, bar: tqdm) -> None:
+    """One training record (means since the last one, lr, images/s), then ``on_log``."""
+    state.logs, rate = meter.take()
+    lr = optimizer.param_groups[0]["lr"]
+    log({"step": state.step, "epoch": epoch, **state.logs, "lr": lr, "img_per_s": rate})
+    _call(callbacks, "on_log", state)
+    bar.set_postfix(loss=f"{state.logs['loss']:.4g}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+
+
+def _end_epoch(model: nn.Module, raw: nn.Module, ema: ModelEmaV3 | None, eval_fn, callbacks: list,
+               best: BestEpoch | None, state: TrainState, epoch: int, log: _Log) -> None:
+    """``on_epoch_end``, then evaluation (of the EMA average with ``ema``), ``on_evaluate`` and
+    the best weights; before this step's checkpoint, so a run stopped here resumes with the
+    epoch's work done."""
+    _call(callbacks, "on_epoch_end", state)
+    if eval_fn is None:
+        return
+    model.eval()
+    with torch.no_grad(), _ema_weights(raw, ema):  # EMA on: it is evaluated
+        val = {k: float(v) for k, v in eval_fn(raw).items()}
+        state.logs.update(val)
+        # e.g. BestEpoch reads state.logs and copies what was evaluated
+        _call(callbacks, "on_evaluate", state)
+        _keep_best(best, raw, val)
     model.train()
-    # ---- the loop -----------------------------------------------------------------------------
-    while state.step < total_steps and not stopped:
-        epoch, done_in_epoch = state.epoch, state.step % steps_per_epoch
-        sampler.set_epoch(epoch, skip_batches=done_in_epoch * cfg.grad_accum)
-        loader = DataLoader(train_data, batch_size=cfg.batch_size, sampler=sampler,
-                            num_workers=cfg.num_workers, drop_last=True,
-                            generator=torch.Generator().manual_seed(cfg.seed + epoch),
-                            pin_memory=accelerator.device.type == "cuda")
-        for micro, batch in enumerate(loader):
-            batch = send_to_device(batch, accelerator.device)
-            if micro % cfg.grad_accum == 0:  # before the first forward of an optimizer step
-                _call(callbacks, "on_step_start", state)
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    loss, logs = objective(model, batch)
-                _check_finite(loss, logs, state, accelerator, ckpt_file, cfg)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.clip_grad:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                optimizer.step()
-                if accelerator.sync_gradients:  # gradients are still there: allocators read them
-                    state.step += 1
-                    _call(callbacks, "after_optimizer_step", state)
-                optimizer.zero_grad(set_to_none=True)
-            seen += _batch_len(batch) * accelerator.num_processes
-            for k, v in {"loss": loss, **logs}.items():
-                v = float(torch.as_tensor(v).detach())
-                running[k] = running.get(k, 0.0) + v / cfg.grad_accum
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step_update(num_updates=state.step)
-            if ema is not None:
-                ema.update(raw, step=state.step)
-            n_logged += 1
-            last = state.step >= min(total_steps, cfg.max_steps or total_steps)
-            if (last or state.step == 1 or state.step % cfg.log_every == 0
-                    or state.step % steps_per_epoch == 0):
-                rate = seen / max(time.perf_counter() - t0, 1e-9)
-                state.logs = {k: v / n_logged for k, v in running.items()}
-                lr = optimizer.param_groups[0]["lr"]
-                log({"step": state.step, "epoch": epoch, **state.logs, "lr": lr, "img_per_s": rate})
-                _call(callbacks, "on_log", state)
-                bar.set_postfix(loss=f"{state.logs['loss']:.4g}", lr=f"{lr:.2e}",
-                                img_s=f"{rate:.0f}")
-                running, n_logged, t0, seen = {}, 0, time.perf_counter(), 0
-            bar.update(1)
-            state.epoch = state.step // steps_per_epoch
-            if state.step % steps_per_epoch == 0:
-                # ---- epoch end: callbacks, evaluation, best weights; before this step's
-                # checkpoint, so a run stopped here resumes with the epoch's work done
-                _call(callbacks, "on_epoch_end", state)
-                if eval_fn is not None:
-                    model.eval()
-                    with torch.no_grad(), _ema_weights(raw, ema):  # EMA on: it is evaluated
-                        val = {k: float(v) for k, v in eval_fn(raw).items()}
-                        state.logs.update(val)
-                        # e.g. BestEpoch reads state.logs and copies what was evaluated
-                        _call(callbacks, "on_evaluate", state)
-                        _keep_best(best, raw, val)
-                    model.train()
-                    log({"step": state.step, "epoch": epoch, **val})
-            stopped = last or state.should_stop
-            signum = _agree(interrupt[0], accelerator)
-            if signum or stopped or (cfg.ckpt_every and state.step % cfg.ckpt_every == 0):
-                checkpoint()
-            if signum:
-                bar.close()
-                name = signal.Signals(signum).name
-                raise RunInterrupted(
-                    f"interrupted by {name} at optimizer step {state.step} of {total_steps}; "
-                    f"checkpoint written to {ckpt_file}: run the same command with --resume "
-                    "(resume=True) to continue", signum, step=state.step,
-                    total_steps=total_steps)
-            if stopped:
-                break
-    bar.close()
-    final = checkpoint()
-    if ema is not None:  # the result of an EMA run is the average: leave it in the model
-        _copy_ema(raw, ema)
-    if tb is not None:
-        tb.close()
-    best_dir = out / "best" if cfg.select_metric and (out / "best").is_dir() else None
-    return TrainResult(metrics=dict(state.logs), history=history, step=state.step,
-                       epoch=state.epoch, out_dir=out, checkpoint=final, best=best_dir,
-                       metrics_file=metrics_file, stopped_early=state.step < total_steps, ema=ema,
-                       warnings=list(state.warnings))
+    log({"step": state.step, "epoch": epoch, **val})
+
+
+def _interrupted(signum: int, state: TrainState, ckpt_file: Path) -> RunInterrupted:
+    name = signal.Signals(signum).name
+    return RunInterrupted(
+        f"interrupted by {name} at optimizer step {state.step} of {state.total_steps}; "
+        f"checkpoint written to {ckpt_file}: run the same command with --resume "
+        "(resume=True) to continue", signum, step=state.step, total_steps=state.total_steps)
 
 
 # ---- helpers ------------------------------------------------------------------------------------
