@@ -122,7 +122,7 @@ def test_cli_segmentation_and_bad_input(seg, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["finetune", "--model", folder, "--task", "segmentation", "--method", "snella",
             "--data", f"seg:{seg}", "--val-data", f"seg:{seg}@val", "--test-data",
-            f"seg:{seg}@test", "--rank", "4", "--epochs", "1", "--batch-size", "8",
+            f"seg:{seg}@test", "--r", "4", "--epochs", "1", "--batch-size", "8",
             "--no-progress", "--out", out]
     assert main([str(a) for a in argv]) == 0
     printed = capsys.readouterr().out
