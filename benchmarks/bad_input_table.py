@@ -108,7 +108,7 @@ CASES = [
          "lr=0.01 differs", keep="run_part"),
     Case("--resume with another --r",
          ["finetune", "--model", "{base}", "--data", DATA, "--method", "snella", "--r", "2",
-          "--epochs", "2", *FAST, "--resume", "--out", "{run_part}"], "rank=2 differs",
+          "--epochs", "2", *FAST, "--resume", "--out", "{run_part}"], "r=2 differs",
          keep="run_part"),
     Case("--resume with another --method",
          ["finetune", "--model", "{base}", "--data", DATA, "--method", "lora", "--r", "4",
