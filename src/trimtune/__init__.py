@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "data": ("build_transform", "list_datasets", "load_dataset"),
     "errors": ("TrimtuneError",),
+    "heads": ("SegmentationModel", "segmenter"),
     "lowrank": ("LowRankLinear", "compress", "describe", "is_compressed", "load_compressed",
                 "plot_spectra", "save_compressed", "DistillConfig"),
     "measure": ("count_flops", "count_parameters", "evaluate_model", "latency"),

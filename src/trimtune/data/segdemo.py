@@ -1,12 +1,11 @@
 """A real offline segmentation set: canvases of real Fashion-MNIST / MNIST / digits items.
 
 No segmentation data set installs offline, so this builds one from real images. Each canvas
-(``size`` x ``size``, grey, saved as RGB-readable PNG) holds ``items`` real images of the
-source (min-max normalised) pasted at random places, each resized to 28 x s px (s uniform
-in ``scale``); an item's
-foreground pixels (intensity > ``threshold`` x 255 after scaling) are painted over what lies
-below and labelled with the item's class + 1; the rest is background, label 0, drawn as dark
-noise (mean 16, s.d. 8). Training canvases use the source's training images only; validation
+(``size`` x ``size`` grey PNG) holds 2-4 (``items``) real images of the source, min-max
+normalised, each resized to 28 s px (s uniform in ``scale``, default 1.2-2.0) and pasted at a
+random place; an item's foreground pixels (intensity > ``threshold`` x 255 after resizing)
+are painted over what lies below and labelled with the item's class + 1; the rest is
+background, label 0, drawn as dark noise (mean 16, s.d. 8). Training canvases use the source's training images only; validation
 and test canvases use disjoint halves of its test images, so no item is seen twice.
 
 Written in the ADE20K / mmseg layout that ``seg:PATH`` reads::
@@ -36,8 +35,8 @@ from ..errors import TrimtuneError
 
 VERSION = 1
 SOURCES = ("fashion-mnist", "mnist-5k", "digits")
-DEFAULTS = dict(source="fashion-mnist", size=112, train=400, val=100, test=100, items=(2, 5),
-                scale=(1.0, 1.6), threshold=0.2, seed=0)
+DEFAULTS = dict(source="fashion-mnist", size=112, train=400, val=100, test=100, items=(2, 4),
+                scale=(1.2, 2.0), threshold=0.2, seed=0)
 
 
 def _canvas(rng: np.random.Generator, pool: np.ndarray, labels: np.ndarray, size: int,
@@ -61,8 +60,8 @@ def _canvas(rng: np.random.Generator, pool: np.ndarray, labels: np.ndarray, size
 
 
 def make(path: str | Path, *, source: str = "fashion-mnist", size: int = 112, train: int = 400,
-         val: int = 100, test: int = 100, items: tuple[int, int] = (2, 5),
-         scale: tuple[float, float] = (1.0, 1.6), threshold: float = 0.2, seed: int = 0,
+         val: int = 100, test: int = 100, items: tuple[int, int] = (2, 4),
+         scale: tuple[float, float] = (1.2, 2.0), threshold: float = 0.2, seed: int = 0,
          overwrite: bool = False) -> Path:
     """Write the demonstration set to ``path`` (see the module docstring) and return it.
 
