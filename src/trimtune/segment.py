@@ -124,7 +124,8 @@ class SegmentationTask:
     def test(self, model: nn.Module, ds, batch_size: int, out: Path | None) -> dict:
         from .measure.segmentation import evaluate_segmentation
 
-        r = evaluate_segmentation(model, ds, batch_size=batch_size)
+        r = evaluate_segmentation(model, ds, batch_size=batch_size,
+                                  progress=self.cfg.train.progress)
         if out:
             predicted_masks(model, ds, out / "masks.png",
                             title=f"{self.cfg.method}: test mIoU {r.miou:.3f}")
