@@ -1,6 +1,6 @@
 # Two commands for a fresh machine; each does its own set-up (virtual env + data package).
 #   make demo   -> the main job: `trimtune quickstart` on real weights and real images, offline
-#   make test   -> the test suite
+#   make test   -> the test suite (every test; the 20 slowest listed; `ARGS="-m 'not slow'"` for a quick loop)
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -14,7 +14,7 @@ demo: setup
 	$(VENV)/bin/trimtune quickstart $(ARGS)
 
 test: setup
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest --durations=20 $(ARGS)
 
 setup: $(STAMP) data
 

@@ -13,14 +13,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRIMTUNE_COMPILE", "0")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+#: THE tiny model of the suite (timm kwargs): a 2-block ViT on 32 px images, fused qkv like every
+#: timm ViT. Test files import it (``from conftest import TINY, tiny_backbone``) and never
+#: redefine it; a test that needs another size overrides one key (``tiny_vit(depth=3)``).
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+ARCH = "vit_tiny_patch16_224"
 
 
 def tiny_vit(num_classes: int = 5, **kw) -> torch.nn.Module:
-    """A 2-block ViT on 32 px images (fused qkv, like every timm ViT)."""
+    """The tiny ViT built by timm itself (seed 0)."""
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes,
-                             **{**TINY_VIT, **kw})
+    return timm.create_model(ARCH, pretrained=False, num_classes=num_classes, **{**TINY, **kw})
+
+
+def tiny_backbone(num_classes: int = 4, *, seed: int = 0, **kw) -> torch.nn.Module:
+    """The tiny ViT built by ``trimtune.create_backbone`` (it records ``trimtune_arch``, so
+    ``save_model`` / ``load_model`` round-trip it); seeded."""
+    import trimtune as tt
+    torch.manual_seed(seed)
+    return tt.create_backbone(ARCH, pretrained=False, num_classes=num_classes, **{**TINY, **kw})
 
 
 @pytest.fixture

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
+from conftest import TINY, tiny_vit  # noqa: F401  (the suite's one tiny ViT; TINY re-exported)
+from conftest import tiny_backbone as _tiny_backbone
 from PIL import Image
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
 CLASSES = ["background", "square", "disc"]
 
 
@@ -46,14 +46,9 @@ def write_seg(root: Path, n_train: int = 16, n_val: int = 8, n_test: int = 0, si
 
 
 def tiny_backbone(num_classes: int = 0) -> torch.nn.Module:
-    """A 2-block random ViT on 32 px images, with a trimtune architecture record."""
-    import trimtune as tt
-
-    torch.manual_seed(0)
-    return tt.create_backbone("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes,
-                              **TINY)
+    """conftest's tiny ViT with a trimtune architecture record, headless by default."""
+    return _tiny_backbone(num_classes)
 
 
 def tiny_timm() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, **TINY)
+    return tiny_vit(5)

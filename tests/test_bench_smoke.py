@@ -60,6 +60,7 @@ def test_ratios_and_goals(bench):
     assert "snella@c2 / lora (original), rise + weights: 0.75" in g
 
 
+@pytest.mark.slow
 def test_snella_step_runs_the_allocator():
     from trimtune.train_step import build_train_step
 
@@ -79,6 +80,7 @@ def test_snella_step_runs_the_allocator():
     assert 0 < expected < 0.7
     assert zeroed == pytest.approx(expected, abs=1e-3)
 
+@pytest.mark.slow
 def test_tiny_run_writes_reports(bench, tmp_path):
     rc = bench.main(["--models", "vit_tiny_patch16_224", "--batches", "1", "--img-size", "32",
                      "--methods", "lora", "linear", "--steps", "1", "--warmup", "0",

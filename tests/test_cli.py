@@ -20,7 +20,8 @@ from trimtune.data import build_transform, load_dataset
 from trimtune.runs import load_model, save_model
 from trimtune.tuners.kernels import KERNELS
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import tiny_backbone  # noqa: E402
 DATA = "synthetic:classes=4,n=32,size=32"
 
 
@@ -30,9 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     """A random-init tiny ViT written as a trimtune model folder (the CLI's --model DIR)."""
-    torch.manual_seed(0)
-    model = tt.create_backbone("vit_tiny_patch16_224", pretrained=False, num_classes=4, **TINY)
-    return save_model(model, tmp_path_factory.mktemp("models") / "tiny")
+    return save_model(tiny_backbone(), tmp_path_factory.mktemp("models") / "tiny")
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -53,6 +52,7 @@ test_images.__test__ = False  # a helper, not a test
 # ----------------------------------------------------------------------------- listing
 
 
+@pytest.mark.slow
 def test_version_in_a_real_subprocess():
     exe = shutil.which("trimtune", path=str(Path(sys.executable).parent)) or shutil.which(
         "trimtune")

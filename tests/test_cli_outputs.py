@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import trimtune as tt
 from trimtune.checkpoint import read_json, staging_path
@@ -19,21 +19,17 @@ from trimtune.cli import main
 from trimtune.runs import save_model
 from trimtune.train import TrainConfig, load_checkpoint
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import tiny_backbone  # noqa: E402
 DATA = "synthetic:classes=4,n=32,size=32"
 FAST = ["--batch-size", "8", "--no-progress"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_model():
-    torch.manual_seed(0)
-    return tt.create_backbone("vit_tiny_patch16_224", pretrained=False, num_classes=4, **TINY)
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    return save_model(tiny_model(), tmp_path_factory.mktemp("models") / "tiny")
+    return save_model(tiny_backbone(), tmp_path_factory.mktemp("models") / "tiny")
 
 
 def run(argv: list, capsys) -> tuple[int, str, str]:
@@ -61,7 +57,7 @@ def test_a_non_empty_out_is_refused_before_anything_loads(command, held, tiny_di
                                                          capsys):
     out = tmp_path / "out"
     if held == "model":
-        save_model(tiny_model(), out)
+        save_model(tiny_backbone(), out)
     else:
         out.mkdir()
         (out / "notes.txt").write_text("mine")
@@ -126,7 +122,7 @@ def test_same_inputs_give_byte_identical_model_adapter_and_record_files(tiny_dir
 
 
 def test_progress_false_draws_no_bar_at_all(tmp_path, capsys):
-    tt.finetune(tiny_model(), DATA, TrainConfig(progress=False, epochs=1, batch_size=8,
+    tt.finetune(tiny_backbone(), DATA, TrainConfig(progress=False, epochs=1, batch_size=8,
                                                out_dir=tmp_path / "api"),
                 test_data=DATA + "@test")
     err = capsys.readouterr().err

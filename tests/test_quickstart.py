@@ -15,6 +15,7 @@ from trimtune.cli import main
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow
 def test_quickstart_tests_on_the_data_own_test_split(tmp_path, capsys):
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False)  # 5.7M, at 32 px: fast

@@ -3,10 +3,10 @@ schedule flags, and backbone drop-path: values, precedence, bad input."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
-import torch
 from timm.layers import DropPath
 from torch import nn
 
@@ -20,7 +20,8 @@ from trimtune.tasks import FinetuneConfig
 from trimtune.recipes import recipe_table, recipe_values
 from trimtune.tuners import iter_snell_layers
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=2)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import tiny_backbone  # noqa: E402
 DATA = "synthetic:classes=4,n=32,size=32"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -49,8 +50,7 @@ def test_recipe_bad_names():
 
 
 def test_set_drop_path_rate_linear_decay():
-    torch.manual_seed(0)
-    m = tt.create_backbone("vit_tiny_patch16_224", pretrained=False, num_classes=4, **TINY)
+    m = tiny_backbone(depth=3)
     set_drop_path_rate(m, 0.2)
     probs = [getattr(b.drop_path1, "drop_prob", 0.0) for b in m.blocks]
     assert probs == pytest.approx([0.0, 0.1, 0.2])  # timm's rule: rate * i / (depth - 1)
@@ -78,8 +78,7 @@ def test_finetune_config_bad_values(kw, match):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = tt.create_backbone("vit_tiny_patch16_224", pretrained=False, num_classes=4, **TINY)
+    model = tiny_backbone(depth=3)
     return save_model(model, tmp_path_factory.mktemp("models") / "tiny")
 
 

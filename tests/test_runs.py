@@ -20,16 +20,11 @@ from trimtune.data import split_spec
 from trimtune.runs import load_model, merge, save_model
 from trimtune.tasks import FinetuneConfig, finetune
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import tiny_backbone  # noqa: E402
 DATA = "synthetic:classes=4,n=32,size=32"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_backbone(num_classes: int = 4) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return tt.create_backbone("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes,
-                              **TINY)
 
 
 def config(out, method: str = "snella", *, epochs: int = 2, **train) -> FinetuneConfig:
@@ -161,6 +156,7 @@ def cli(args: list, env_extra: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600, env=env)
 
 
+@pytest.mark.slow
 def test_same_seed_same_bits_head_included(tmp_path):
     """Two identical commands in fresh processes (other hash seeds, other torch RNG states
     before the run) write identical adapters; the model has 7 classes, the data 4: the new
@@ -253,6 +249,7 @@ def test_one_class_dataset_is_refused(tmp_path):
     assert not (tmp_path / "run" / "checkpoint").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_cli_writes_a_checkpoint_and_says_how_to_resume(tmp_path):
     import signal
     import time
@@ -298,7 +295,15 @@ def test_ema_is_what_is_selected_and_saved(tmp_path):
     for k, v in b.items():  # the saved adapter is the EMA average, not the trained weights
         key = k if k in ema_state else "module." + k
         assert torch.equal(v, ema_state[key]), k
-    assert plain.model is not None and avg.model is not None
+    # the model finetune returns is the one it saved: the EMA average for --ema
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = {}
+        for name, r in (("plain", plain), ("ema", avg)):
+            out[name] = r.model.eval()(x)
+            torch.testing.assert_close(load_model(tmp_path / name).eval()(x), out[name],
+                                       atol=1e-5, rtol=0)
+    assert not torch.allclose(out["plain"], out["ema"], atol=1e-4)
 
 
 @pytest.mark.parametrize("checkpoint", [False, True])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,9 @@ from trimtune.runs import load_model, merge, save_model
 from trimtune.tasks import FinetuneConfig, finetune
 from trimtune.tuners import iter_units
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import conftest  # noqa: E402
+
 NUM_CLASSES = 4
 DATA = "synthetic:classes=4,n=32,size=32"
 TEST = DATA + "@test"
@@ -37,9 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny_backbone(seed: int = 0) -> nn.Module:
     """A random-init 2-block ViT, built by name (so it carries ``trimtune_arch``)."""
-    torch.manual_seed(seed)
-    return tt.create_backbone("vit_tiny_patch16_224", pretrained=False,
-                              num_classes=NUM_CLASSES, **TINY)
+    return conftest.tiny_backbone(NUM_CLASSES, seed=seed)
 
 
 def config(method: str, out: Path, *, epochs: int = 3, max_steps: int | None = None,
@@ -297,8 +298,7 @@ def test_run_folder_baseline_and_no_test_data(tmp_path):
 
 
 def test_new_head_for_other_class_count(tmp_path):
-    torch.manual_seed(0)
-    model = tt.create_backbone("vit_tiny_patch16_224", pretrained=False, num_classes=7, **TINY)
+    model = conftest.tiny_backbone(7)
     r = finetune(model, DATA, config("linear", tmp_path / "run", epochs=1))
     assert r.model.num_classes == NUM_CLASSES
     torch.manual_seed(123)

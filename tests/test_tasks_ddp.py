@@ -21,7 +21,9 @@ from trimtune.checkpoint import torch_save_atomic
 from trimtune.tasks import FinetuneConfig, finetune
 from trimtune.tuners import iter_units
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import tiny_backbone  # noqa: E402
+
 DATA = "synthetic:classes=4,n=32,size=32"
 GLOBAL_BATCH = 8
 
@@ -29,8 +31,7 @@ GLOBAL_BATCH = 8
 def run_snella(out: Path, world: int) -> dict:
     """Fine-tune a seeded tiny ViT with SNELLA; no dropout / DropPath, so the two processes
     draw no random numbers that one process would draw differently."""
-    torch.manual_seed(0)
-    model = tt.create_backbone("vit_tiny_patch16_224", pretrained=False, num_classes=4, **TINY)
+    model = tiny_backbone()
     train = tt.TrainConfig(epochs=2, batch_size=GLOBAL_BATCH // world, lr=3e-3, min_lr=1e-5,
                            weight_decay=0.0, out_dir=out, progress=False, resume=False)
     cfg = FinetuneConfig(method="snella", rank=4, sparsity=0.5, train=train,
@@ -91,8 +92,7 @@ def test_snella_two_processes_match_one(tmp_path):
 
 def run_start_state() -> dict[str, torch.Tensor]:
     """Head and cls token of the seeded model before training."""
-    torch.manual_seed(0)
-    model = tt.create_backbone("vit_tiny_patch16_224", pretrained=False, num_classes=4, **TINY)
+    model = tiny_backbone()
     return {k: v for k, v in model.state_dict().items() if k.startswith(("head.", "cls_token"))}
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,14 +16,13 @@ from trimtune.lowrank.distill import (DistillConfig, DistillObjective, set_train
                                       teacher_weights, weight_perturbation)
 from trimtune.train import TrainConfig, fit
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import tiny_vit  # noqa: E402
 
 
 def teacher_vit(num_classes: int = 5):
-    import timm
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=num_classes,
-                             **TINY)
+    """The suite's tiny ViT at width 32 (full rank 32 below)."""
+    return tiny_vit(num_classes, embed_dim=32)
 
 
 def full_rank(teacher):

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -28,6 +29,7 @@ def warm_transient(transient_mb: int, persist_mb: int, steady_mb: int):
     return nn.Linear(1, 1), step
 
 
+@pytest.mark.slow
 def test_peak_counts_steady_steps_and_what_warmup_keeps(monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the child imports tests.measure
     kw = dict(transient_mb=400, persist_mb=60, steady_mb=100)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -12,7 +15,8 @@ from trimtune.errors import TrimtuneError
 from trimtune.models import arch_of, build_from_arch, create_backbone, load_weights
 
 ARCH = "vit_tiny_patch16_224"
-TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import TINY  # noqa: E402
 
 
 def tiny(**kw) -> nn.Module:

@@ -71,6 +71,7 @@ def chelsea(size: int) -> np.ndarray:
     return ((img - MEAN) / STD).transpose(2, 0, 1)[None].astype(np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [224, 518])
 def test_converted_backbone_matches_onnx_graph(cache, monkeypatch, onnx_backbone, size):
     # 518: the native grid, no resampling; 224: the ONNX input size, pos-embed resampled
@@ -84,6 +85,7 @@ def test_converted_backbone_matches_onnx_graph(cache, monkeypatch, onnx_backbone
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_zoo_model_head_data_config_and_rebuild(cache, monkeypatch):
     import timm
 
@@ -107,6 +109,7 @@ def test_zoo_model_head_data_config_and_rebuild(cache, monkeypatch):
     assert not torch.equal(rebuilt.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
 
 
+@pytest.mark.slow
 def test_cache_is_reused(fresh_cache, monkeypatch):
     st = fresh_cache / f"{ZOO_NAME}.safetensors"
     mtime = st.stat().st_mtime_ns
@@ -119,6 +122,7 @@ def test_cache_is_reused(fresh_cache, monkeypatch):
     assert calls == [] and st.stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "flip", "no_json", "garbage_json"])
 def test_damaged_cache_is_rebuilt(cache, fresh_cache, damage):
     st = fresh_cache / f"{ZOO_NAME}.safetensors"
@@ -146,6 +150,7 @@ def test_damaged_cache_is_rebuilt(cache, fresh_cache, damage):
     assert set(ref) == set(new) and all(torch.equal(ref[k], new[k]) for k in ref)
 
 
+@pytest.mark.slow
 def test_zoo_img_size_not_divisible(fresh_cache):
     with pytest.raises(TrimtuneError, match=r"not divisible.*14.*use 112 or 126"):
         create_backbone(ZOO_NAME, img_size=120)

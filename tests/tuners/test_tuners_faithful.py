@@ -105,6 +105,7 @@ def test_qkv_units_draw_independent_drop_path_masks():
     assert (kept[:, 0] != kept[:, 1]).any() and (kept[:, 1] != kept[:, 2]).any()
 
 
+@pytest.mark.slow
 def test_snella_last_training_forward_masks_are_the_saved_ones(tmp_path):
     """No reallocation after the last optimizer step: the sparsities used by the last training
     forward are those of the returned (evaluated, saved) model, for both schedule units; with

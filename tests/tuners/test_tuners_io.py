@@ -14,7 +14,7 @@ from trimtune.tuners import SnellaConfig, SnellConfig, attach, iter_units, load_
 from trimtune.tuners.io import save_adapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import TINY_VIT, tiny_vit  # noqa: E402
+from conftest import TINY, tiny_vit  # noqa: E402
 
 
 def trained_adapter(config):
@@ -80,7 +80,7 @@ def test_refuses_other_method(tmp_path):
 
 def test_refuses_other_base(tmp_path):
     save_adapter(trained_adapter(SnellConfig(r=4)), tmp_path / "ad")
-    other = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=5, **TINY_VIT)
+    other = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=5, **TINY)
     with pytest.raises(TrimtuneError, match="vit_tiny_patch16_224"):
         load_adapter(other, tmp_path / "ad")
     wider = tiny_vit(embed_dim=32)

@@ -21,7 +21,7 @@ from trimtune.tuners import SnellaConfig, SnellConfig, SnellLinear, registry
 from trimtune.tuners.targets import select_linears
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import TINY_VIT, tiny_vit  # noqa: E402
+from conftest import TINY, tiny_vit  # noqa: E402
 
 TARGETED = ("snella", "snell", "lora", "dora", "adalora", "masked-sparse")
 OPTIONS = {"snella": dict(r=4, init_sparsity=0.2), "snell": dict(r=4, sparsity=0.3),
@@ -170,7 +170,7 @@ def test_adapter_for_another_base_is_one_error(method, tmp_path):
     """trimtune's own adapter files (non-PEFT methods): another architecture, width or depth."""
     tt.save(perturb(attached(method)), tmp_path / "ad")
     others = {"another architecture": timm.create_model(
-                  "vit_small_patch16_224", pretrained=False, num_classes=5, **TINY_VIT),
+                  "vit_small_patch16_224", pretrained=False, num_classes=5, **TINY),
               "wider": tiny_vit(embed_dim=32), "deeper": tiny_vit(depth=3)}
     for what, other in others.items():
         with pytest.raises(TrimtuneError, match="load it onto (the base it was trained on|a "

@@ -55,21 +55,21 @@ def test_known_model_type_uses_peft_mapping_and_warns_what_it_leaves_out(builder
 
 
 def test_same_default_for_every_method():
-    """SNELLA (trimtune's tuner) and LoRA (PEFT's) adapt the same default layers."""
-    from trimtune.tuners import baselines
-    from trimtune.tuners.baselines import prepare_method
+    """SNELLA (trimtune's tuner) and LoRA (PEFT's) adapt the same default layers: those the one
+    rule (targets.select_linears) picks."""
+    import trimtune as tt
 
-    if hasattr(baselines, "TARGET_SUFFIXES"):
-        pytest.skip("baselines still has its own target rule (moved to targets.select_linears "
-                    "by the registry work)")
-
-    snella = attach(hf_llama(), SnellaConfig(r=2, modules_to_save=None, train_tokens=None),
-                    probe=False)
     with pytest.warns(UserWarning, match="covers 4 of"):
-        lora = prepare_method(hf_llama(), "lora", rank=2, modules_to_save=(), probe=False)[0]
+        rule = set(select_linears(hf_llama()))
+    with pytest.warns(UserWarning, match="covers 4 of"):
+        snella = attach(hf_llama(), SnellaConfig(r=2, modules_to_save=None, train_tokens=None),
+                        probe=False)
+    with pytest.warns(UserWarning, match="covers 4 of"):
+        lora = tt.attach(hf_llama(), "lora", r=2, modules_to_save=(), probe=False)
     lora_names = {n for n, m in lora.named_modules() if hasattr(m, "lora_A")}
-    assert {n for n, m in snella.named_modules() if isinstance(m, SnellLinear)} == lora_names
-    assert len(lora_names) == 4
+    snella_names = {n for n, m in snella.named_modules() if isinstance(m, SnellLinear)}
+    assert snella_names == lora_names == rule
+    assert len(rule) == 4 and all(n.endswith(("q_proj", "v_proj")) for n in rule)
 
 
 def test_partial_pattern_warns_naming_the_kinds_left_out():
