@@ -148,7 +148,8 @@ def main() -> None:
         ratio = med[n] / med["lora"] if "lora" in med else float("nan")
         print(f"| {n} | {med[n] * 1e3:.1f} | {min(times[n]) * 1e3:.1f} | "
               f"{max(times[n]) * 1e3:.1f} | {ratio:.2f} | {first[n]:.1f} |")
-    result = {"settings": vars(args), "device": dev, "median_ms": {n: v * 1e3 for n, v in med.items()},
+    result = {"settings": vars(args), "device": dev,
+              "median_ms": {n: v * 1e3 for n, v in med.items()},
               "times_ms": {n: [x * 1e3 for x in v] for n, v in times.items()},
               "first_step_s": first, "profiles": {}}
     for n in (args.profile.split(",") if args.profile else []):

@@ -224,7 +224,8 @@ def new_run_dir(root: str | os.PathLike = "runs", prefix: str = "train") -> Path
                             "processes (they must all write to the same folder)")
     root = Path(root)
     n = 1
-    while (root / f"{prefix}-{n:03d}").exists() or staging_path(root / f"{prefix}-{n:03d}").exists():
+    while any(p.exists() for p in (root / f"{prefix}-{n:03d}",
+                                   staging_path(root / f"{prefix}-{n:03d}"))):
         n += 1
     return root / f"{prefix}-{n:03d}"
 

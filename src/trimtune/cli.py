@@ -293,8 +293,8 @@ def cmd_export(a) -> int:
     with run_folder(a.out, overwrite=a.overwrite, whole=True, what="model") as work:
         export(a.source, work, a.format, opset=a.opset)
     out = Path(a.out)
-    how = ("timm.create_model('local-dir:%s', pretrained=True)" % out if a.format == "timm"
-           else "onnxruntime.InferenceSession('%s/model.onnx')" % out)
+    how = (f"timm.create_model('local-dir:{out}', pretrained=True)" if a.format == "timm"
+           else f"onnxruntime.InferenceSession('{out}/model.onnx')")
     print(f"exported ({a.format}, merged, checked) to {out}/: read it with {how}")
     return 0
 

@@ -125,7 +125,7 @@ def test_snella_last_training_forward_masks_are_the_saved_ones(tmp_path):
         model = attach(tiny_vit(), conf)
         seen: list[dict[str, float]] = []
 
-        def record(mod, args):
+        def record(mod, args, seen=seen, model=model):
             if mod.training:
                 seen.append({n: u.sparsity for n, u in iter_units(model)})
 
@@ -133,7 +133,7 @@ def test_snella_last_training_forward_masks_are_the_saved_ones(tmp_path):
         layer.register_forward_pre_hook(record)
         evals: list[tuple[dict, dict]] = []
 
-        def eval_fn(m):
+        def eval_fn(m, evals=evals, seen=seen):
             evals.append((dict(seen[-1]), {n: u.sparsity for n, u in iter_units(m)}))
             return {}
 

@@ -7,5 +7,6 @@ from .loop import fit
 from .objectives import ClassificationObjective
 from .sampler import EpochSampler
 
-__all__ = ["BestEpoch", "ClassificationObjective", "CollapseWatch", "LossWatch", "EpochSampler", "TrainConfig", "TrainResult",
-           "TrainState", "fit", "load_checkpoint", "save_checkpoint", "trainable_state"]
+__all__ = ["BestEpoch", "ClassificationObjective", "CollapseWatch", "EpochSampler", "LossWatch",
+           "TrainConfig", "TrainResult", "TrainState", "fit", "load_checkpoint",
+           "save_checkpoint", "trainable_state"]
