@@ -113,7 +113,7 @@ def seg_train_step(method: str, batch_size: int, img_size: int, rank: int, spars
 
     torch.manual_seed(0)
     m = segmenter(tt.create_backbone(MODEL, num_classes=0, img_size=img_size), num_classes)
-    m, callbacks = prepare(m, FinetuneConfig(method=method, rank=rank, sparsity=sparsity,
+    m, callbacks = prepare(m, FinetuneConfig(method=method, r=rank, target_sparsity=sparsity,
                                              task="segmentation"), total_steps=100)
     m.train()
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
@@ -217,7 +217,7 @@ def run_one(backbone, method: str, seed: int, data: str, a, spec: dict | None,
 
     num_classes = tt.load_dataset(data, "train").num_classes
     out = Path(a.work) / f"{method}-{seed}"
-    cfg = FinetuneConfig(method=method, rank=a.rank, sparsity=a.sparsity, task="segmentation",
+    cfg = FinetuneConfig(method=method, r=a.rank, target_sparsity=a.sparsity, task="segmentation",
                          train=tt.TrainConfig(epochs=a.epochs, batch_size=a.batch_size,
                                               lr=a.lr.get(method, LRS[method]),
                                               weight_decay=0.0 if method == "linear" else 0.05,

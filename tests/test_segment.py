@@ -34,7 +34,7 @@ def seg(tmp_path_factory) -> Path:
 
 
 def _cfg(method: str, out: Path, **kw) -> FinetuneConfig:
-    return FinetuneConfig(method=method, rank=4, sparsity=0.5, task="segmentation",
+    return FinetuneConfig(method=method, r=4, target_sparsity=0.5, task="segmentation",
                           train=tt.TrainConfig(epochs=2, batch_size=8, lr=3e-3, out_dir=out,
                                                progress=False, weight_decay=0.0), **kw)
 

@@ -176,8 +176,9 @@ def finetune_segmentation(model, data, cfg: Any, eval_data, test_data, spec: dic
     task.check_data(data, eval_data, test_data, cfg.train.seed)
     tc = cfg.train
     with run_folder(out, resume=bool(tc.resume), overwrite=tc.overwrite, main=main) as work:
+        # as trimtune.tasks: other DDP processes write nothing and train "into" the same folder
         return _finetune(task, model, data, cfg, eval_data, test_data, spec,
-                         work if main else None, final=out)
+                         work if main else None, final=out if main else work)
 
 
 def _finetune(task: SegmentationTask, model, data, cfg: Any, eval_data, test_data,
@@ -193,7 +194,9 @@ def _finetune(task: SegmentationTask, model, data, cfg: Any, eval_data, test_dat
     from .models import set_drop_path_rate
     from .runs import base_spec, save, save_model, state_sha256, with_identity
     from .finetune_config import FinetuneResult, prepare
-    from .train import BestEpoch, fit
+    from .train import BestEpoch
+    from .train.checkpointing import numerics
+    from .train.loop import fit_in
     from .tuners import registry
 
     tc = cfg.train
@@ -229,16 +232,19 @@ def _finetune(task: SegmentationTask, model, data, cfg: Any, eval_data, test_dat
 
     run_base = spec or base_spec(model)
     run_json = {"trimtune_version": __version__, "kind": "finetune", "config": cfg.to_dict(),
-                "base": run_base, "data": describe_data(data, train_ds)}
+                "base": run_base, "data": describe_data(data, train_ds),
+                "numerics": {**numerics(), "threads": tc.threads or torch.get_num_threads()}}
     if out and not tc.resume:
         write_json(out / "run.json", run_json)
     settings = {k: v for k, v in cfg.to_dict().items() if k != "train"}
     settings.update(data=describe_data(data, train_ds),
                     val_data=None if eval_ds is None else describe_data(eval_data, eval_ds),
                     base=run_base)
+    # the loop writes into the folder run_folder holds: one transaction per run
     tc_run = dataclasses.replace(tc, out_dir=out or final, overwrite=False)
-    result = fit(model, train_ds, task.objective(), tc_run, callbacks=[*callbacks, best],
-                 eval_fn=eval_fn if eval_ds is not None else None, settings=settings)
+    result = fit_in(out or final, model, train_ds, task.objective(), tc_run,
+                    callbacks=[*callbacks, best],
+                    eval_fn=eval_fn if eval_ds is not None else None, settings=settings)
     best.restore(model)
     if out and tc.resume:
         write_json(out / "run.json", run_json)
