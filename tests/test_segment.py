@@ -128,6 +128,16 @@ def test_cli_segmentation_and_bad_input(seg, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "best validation mIoU" in printed and "test mIoU" in printed
     assert isinstance(tt.load_model(str(out)), SegmentationModel)
+    test_miou = read_json(out / "results.json")["test_miou"]
+    assert main(["evaluate", "--model", str(out), "--data", f"seg:{seg}", "--split", "test"]) == 0
+    assert "mIoU" in capsys.readouterr().out and (out / "masks_test.png").is_file()
+    assert read_json(out / "eval_test.json")["miou"] == pytest.approx(test_miou)
+    merged = tmp_path / "merged"
+    assert main(["merge", str(out), "--out", str(merged)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(merged), "--data", f"seg:{seg}", "--split",
+                 "test"]) == 0
+    assert read_json(merged / "eval_test.json")["miou"] == pytest.approx(test_miou, abs=1e-6)
     bad = _break(seg, tmp_path)
     argv[argv.index(f"seg:{seg}@val")] = f"seg:{bad}@val"
     argv[-1] = tmp_path / "run2"

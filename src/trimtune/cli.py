@@ -257,6 +257,10 @@ def cmd_evaluate(a) -> int:
     if a.out:  # writes eval_SPLIT.json and a plot beside what is there (the model folder)
         _check_out(a, guard=False)
     model = load_model(a.model, weights=a.weights, img_size=a.img_size)
+    from .heads import SegmentationModel
+    if isinstance(model, SegmentationModel):  # mIoU and pixel accuracy (trimtune.segment)
+        from .segment import evaluate_command
+        return evaluate_command(model, a)
     ds = load_dataset(a.data, a.split, transform=build_transform(model, train=False),
                       seed=a.seed)
     if getattr(model, "num_classes", ds.num_classes) != ds.num_classes:

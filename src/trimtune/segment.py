@@ -136,6 +136,36 @@ class SegmentationTask:
                 "test_pixel_acc": test and test["pixel_acc"], "test": test}
 
 
+def evaluate_command(model: nn.Module, a: Any) -> int:
+    """``trimtune evaluate`` of a segmentation model: mIoU, pixel accuracy and per-class IoU on
+    ``a.data`` / ``a.split``, written to ``eval_SPLIT.json`` with a ``masks_SPLIT.png``. A run
+    folder's ``reduce_zero_label`` applies to its data."""
+    from .checkpoint import read_json, write_json
+    from .data.segmentation import seg_transform
+    from .measure.segmentation import evaluate_segmentation
+
+    options = {}
+    if Path(a.model, "run.json").is_file():
+        options = read_json(Path(a.model, "run.json")).get("config", {}).get("task_options", {})
+    cfg = type("Cfg", (), {"task_options": options, "protocol": "vtab"})()
+    ds = SegmentationTask(cfg).dataset(a.data, a.split, seg_transform(model), a.seed)
+    ds.validate()
+    if model.num_classes != ds.num_classes:
+        raise TrimtuneError(f"the model predicts {model.num_classes} classes but {a.data} has "
+                            f"{ds.num_classes}: evaluate a model fine-tuned on it")
+    r = evaluate_segmentation(model, ds, batch_size=a.batch_size)
+    print(f"mIoU: {r.miou:.4f}, pixel accuracy {r.pixel_acc:.4f} on {r.num_images} images "
+          f"({a.data}, {a.split})")
+    for n, iou in zip(r.classes or range(len(r.per_class_iou)), r.per_class_iou):
+        print(f"  {n!s:<20} {'-' if iou is None else f'{iou:.4f}'}")
+    out = Path(a.out) if a.out else (Path(a.model) if Path(a.model).is_dir() else Path("."))
+    write_json(out / f"eval_{a.split}.json", r.to_dict())
+    png = predicted_masks(model, ds, out / f"masks_{a.split}.png",
+                          title=f"{a.split}: mIoU {r.miou:.3f}")
+    print(f"predicted masks: {png}")
+    return 0
+
+
 def predicted_masks(model: nn.Module, ds, path: Path, n: int = 4, title: str | None = None,
                     models: dict[str, nn.Module] | None = None) -> Path:
     """A picture of the first ``n`` images of ``ds``: image, ground truth, predicted mask(s)
@@ -262,4 +292,5 @@ def _finetune(task: SegmentationTask, model, data, cfg: Any, eval_data, test_dat
                           history=getattr(result, "history", []))
 
 
-__all__ = ["SegmentationTask", "check_options", "finetune_segmentation", "predicted_masks"]
+__all__ = ["SegmentationTask", "check_options", "evaluate_command", "finetune_segmentation",
+           "predicted_masks"]
