@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import shutil
 import statistics
@@ -41,7 +42,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, Timer, log, machine_info, machine_markdown, md_table  # noqa: E402
 
-from trimtune.checkpoint import atomic_path, write_json  # noqa: E402
+from trimtune.checkpoint import (atomic_path, read_safetensors, write_json,  # noqa: E402
+                                 write_safetensors)
 
 MODEL = "dinov2_small.imgfocus"
 METHODS = ("linear", "lora", "snella", "full")
@@ -53,6 +55,10 @@ METHODS = ("linear", "lora", "snella", "full")
 #: 1e-4 (not piloted)
 LRS = {"linear": 1e-2, "lora": 3e-3, "snella": 3e-3, "full": 1e-4}
 MB = 2 ** 20
+#: the arguments that change the results (a --resume must match them)
+RESULT_ARGS = ("size", "train", "val", "test", "epochs", "batch_size", "rank", "sparsity", "seeds",
+               "lr", "warmup_epochs", "head_init", "calib_images", "distill_epochs", "threads",
+               "data_dir")
 
 
 # --------------------------------------------------------------------------- contention
@@ -200,13 +206,13 @@ def compressed_backbone(teacher, data: str, a) -> tuple[torch.nn.Module, dict]:
 
 
 def start_model(backbone, probe, num_classes: int, seed: int):
-    """A fresh segmentation model on a copy of ``backbone``; with ``probe`` (the linear run of
-    the same seed and backbone) its decode head starts from the probe's trained head (LP-FT)."""
+    """A fresh segmentation model on a copy of ``backbone``; with ``probe`` (the head state of
+    the linear run of the same seed and backbone) its decode head starts from it (LP-FT)."""
     from trimtune.heads import segmenter
 
     m = segmenter(copy.deepcopy(backbone), num_classes, seed=seed)
     if probe is not None:
-        m.head.load_state_dict(probe.head.state_dict())
+        m.head.load_state_dict(probe)
     return m
 
 
@@ -344,15 +350,20 @@ def report(rows: list[dict], memory: dict, comp: dict, cpu: dict, info: dict, a,
                   f"{comp['distill_epochs']} epoch(s) ({comp['distill_s']:.0f} s), seed 0, shared "
                   f"by every seed: {comp['params_compressed'] / 1e6:.2f}M parameters vs "
                   f"{comp['params_original'] / 1e6:.2f}M.", ""]
+    parts = cpu if isinstance(cpu, list) else [cpu]
+    contended = any(c.get("contended") for c in parts)
+    wall = sum(c.get("seconds") or 0 for c in parts)
+    runs = sum(r["seconds"] for r in rows)
     lines += ["## Machine and contention", "", machine_markdown(info),
-              f"- wall time: {cpu.get('seconds') or 0:.0f} s (budget of the reduced default: "
-              "25 minutes on 2 idle cores)",
-              "- other processes' CPU use during the run: mean "
-              f"{cpu.get('other_cores_mean', 0):.2f} cores, max "
-              f"{cpu.get('other_cores_max', 0):.2f} (5 s samples); "
-              f"**{'CONTENDED' if cpu.get('contended') else 'quiet'}** machine "
-              "(contended = others used > 0.25 cores on average or > 0.5 cores in > 10 % of "
-              "samples)", ""]
+              f"- wall time: {wall:.0f} s in {len(parts)} part(s) ({runs:.0f} s in the "
+              f"{len(rows)} fine-tuning runs); budget of the reduced default: 25 minutes on "
+              "2 idle cores",
+              *[f"- part {i + 1}: other processes used {c.get('other_cores_mean', 0):.2f} cores "
+                f"on average (max {c.get('other_cores_max', 0):.2f}, 5 s samples) over "
+                f"{c.get('seconds') or 0:.0f} s" for i, c in enumerate(parts)],
+              f"- **{'CONTENDED' if contended else 'quiet'}** machine (contended = other "
+              "processes used > 0.25 cores on average or > 0.5 cores in > 10 % of the samples "
+              "of a part)", ""]
     return "\n".join(lines)
 
 
@@ -382,29 +393,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mem-repeats", type=int, default=2, help="0: no memory measurement")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tag", default="cpu")
+    p.add_argument("--cache", default="runs/segbench",
+                   help="the compressed backbone, the probe heads and the picture's predictions")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already in the results JSON (same settings) and the "
+                        "cache; run only what is missing")
     a = p.parse_args(argv)
     a.lr = {k: float(v) for k, v in (s.split("=", 1) for s in a.lr)}
     torch.set_num_threads(a.threads)
     import trimtune as tt
     from trimtune.data import segdemo
     from trimtune.data.segmentation import seg_transform
-    from trimtune.segment import predicted_masks
 
     info = machine_info()
     stem = f"segmentation_{a.tag}"
-    rows, memory, comp, keep = [], {}, {}, {}
+    cache = Path(a.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(a).items() if k in RESULT_ARGS}
+    rows, memory, comp, parts = [], {}, {}, []
+    previous = RESULTS / f"{stem}.json"
+    if a.resume and previous.is_file():
+        old = json.loads(previous.read_text())
+        if {k: old["args"].get(k) for k in RESULT_ARGS} != settings:
+            raise SystemExit(f"--resume: {previous} was made with other settings; drop --resume")
+        rows, comp = old["rows"], old.get("compressed") or {}
+        parts = old.get("cpu_parts") or []
+        log(f"resume: {len(rows)} runs kept from {previous}")
     with tempfile.TemporaryDirectory() as work, CpuWatch() as cpu:
         a.work = work
 
         def save(done: bool) -> None:
             cpu.seconds = time.monotonic() - cpu.start
-            md = report(rows, memory, comp, cpu.summary(), info, a, done)
+            now = [*parts, cpu.summary()]
+            md = report(rows, memory, comp, now, info, a, done)
             RESULTS.mkdir(parents=True, exist_ok=True)
             with atomic_path(RESULTS / f"{stem}.md") as tmp:
                 tmp.write_text(md + "\n")
             write_json(RESULTS / f"{stem}.json", {
                 "machine": info, "args": {k: v for k, v in vars(a).items() if k != "work"},
-                "rows": rows, "memory": memory, "compressed": comp, "cpu": cpu.summary(),
+                "rows": rows, "memory": memory, "compressed": comp, "cpu_parts": now,
                 "complete": done})
 
         log(f"demo set: {a.data_dir}")
@@ -414,37 +441,74 @@ def main(argv: list[str] | None = None) -> int:
         teacher = tt.create_backbone(MODEL, num_classes=0, img_size=a.size)
         backbones = {"original": teacher}
         if "compressed" in a.backbones:
-            log("compress (c = 2) + distill")
-            backbones["compressed"], comp = compressed_backbone(teacher, data, a)
+            if a.resume and (cache / "compressed" / "trimtune.json").is_file() and comp:
+                backbones["compressed"] = tt.load_model(str(cache / "compressed"))
+                log("compressed backbone reused from the cache")
+            else:
+                log("compress (c = 2) + distill")
+                backbones["compressed"], comp = compressed_backbone(teacher, data, a)
+                tt.save_model(backbones["compressed"], cache / "compressed")
         spec = {"model": MODEL, "img_size": a.size, "num_classes": 0}
+        ds = tt.load_dataset(data, "test").with_transform(seg_transform(teacher))
+        shown = torch.stack([ds[i][0] for i in range(4)])
         order = sorted(a.methods, key=lambda m: m != "linear")  # the probe first
         for seed in a.seeds:
             for bb in a.backbones:
-                probe = None
                 for method in order:
+                    done = [r for r in rows if (r["backbone"], r["method"], r["seed"])
+                            == (bb, method, seed)]
+                    probe_file = cache / f"probe-{bb}-{seed}.safetensors"
+                    if done and (method != "linear" or probe_file.is_file()):
+                        continue
+                    probe = None
+                    if method != "linear" and a.head_init == "probe":
+                        probe = read_safetensors(probe_file)
                     row, model = run_one(backbones[bb], method, seed, data, a,
-                                         spec if bb == "original" else None,
-                                         probe if a.head_init == "probe" else None)
+                                         spec if bb == "original" else None, probe)
                     if method == "linear":
-                        probe = model
-                    rows.append({"backbone": bb, **row})
+                        write_safetensors(probe_file, {k: v.contiguous() for k, v in
+                                                       model.head.state_dict().items()})
+                    rows[:] = [r for r in rows if r not in done] + [{"backbone": bb, **row}]
                     log(f"seed {seed} {bb:>10} {method:>6}: test mIoU {row['test_miou']:.4f} "
                         f"(val {row['val_miou']:.4f}, {row['seconds']:.0f} s)")
-                    if seed == a.seeds[0]:
-                        keep[f"{method}@{bb}" if bb != "original" else method] = model
+                    if seed == a.seeds[0]:  # the picture's predictions, kept on disk
+                        with torch.inference_mode():
+                            pred = model.eval()(shown).argmax(1).to(torch.uint8)
+                        write_safetensors(cache / f"masks-{method}@{bb}.safetensors",
+                                          {"pred": pred})
+                    del model
                     save(False)
         if a.mem_repeats:
             try:
                 memory = measure_memory([m for m in ("lora", "snella") if m in a.methods], a)
             except Exception as e:  # noqa: BLE001 - the quality rows are still reported
                 log(f"memory measurement failed: {e}")
-        ds = tt.load_dataset(data, "test").with_transform(seg_transform(teacher))
-        predicted_masks(next(iter(keep.values())), ds, RESULTS / f"{stem}.png", n=4,
-                        title=f"test canvases, seed {a.seeds[0]}: predicted masks",
-                        models=keep)
+        preds = {}
+        for bb in a.backbones:
+            for method in a.methods:
+                f = cache / f"masks-{method}@{bb}.safetensors"
+                if f.is_file():
+                    name = method if bb == "original" else f"{method}@{bb}"
+                    preds[name] = list(read_safetensors(f)["pred"].numpy())
+        plot_predictions(ds, shown, preds, RESULTS / f"{stem}.png", teacher,
+                         title=f"test canvases, seed {a.seeds[0]}: predicted masks")
         save(True)
     print((RESULTS / f"{stem}.md").read_text())
     return 0
+
+
+def plot_predictions(ds, shown, preds, path, model, title):
+    import numpy as np
+
+    from trimtune.measure.segmentation import plot_masks
+
+    cfg = model.pretrained_cfg
+    mean = torch.tensor(cfg.get("mean", (0.5,) * 3)).view(3, 1, 1)
+    std = torch.tensor(cfg.get("std", (0.5,) * 3)).view(3, 1, 1)
+    images = [((x * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+              for x in shown]
+    truth = [np.asarray(ds[i][1]) for i in range(len(shown))]
+    plot_masks(images, truth, preds, ds.num_classes, path, title=title, classes=ds.classes)
 
 
 if __name__ == "__main__":
