@@ -483,6 +483,9 @@ class Study:
             rows.append([v, params, *cells, *lrs])
         diffs = []
         joins = tuple((v, v.partition("@")[0]) for v in variants if "@" in v)
+        # each option variant against the authors' default and against LoRA at its rank
+        joins += tuple(p for v in variants if "+" in v for p in (
+            (v, v.partition("+")[0]), (v, v.partition("+")[0].replace("snella", "lora"))))
         for t in tasks:
             for x, y in (("snella-r8", "lora-r8"), ("snella-r32", "lora-r32"), *joins,
                          ("snella-r8", "full"), ("snella-r32", "full"), ("snell-r8", "lora-r8")):
