@@ -8,14 +8,14 @@ test canvases disjoint halves of its test images. Backbone: DINOv2 ViT-S/14 from
 (``dinov2_small.imgfocus``) at the canvas size; head: DINOv2's linear head (BN + 1x1 conv on the
 last block's patch tokens, bilinear upsampling), trained by every method.
 
-Variants: ``linear`` (head only), ``lora``, ``snella``, ``full``, each on the original backbone
-and on the compressed one (PELA c = 2, whitened SVD calibrated on the training canvases, then a
-short distillation of the factorised layers on the unlabeled training canvases; ONE compressed
-backbone, made with seed 0, serves every seed). Seeds are paired: the same seed gives every variant the same head init, data order
-and adapter init. Selection: best validation mIoU over epochs; the test split is used once per
-run. Reported: test mIoU mean ± std over seeds, paired differences per seed, training memory of
-SNELLA vs LoRA (peak RSS rise in fresh processes, trimtune.measure.memory), a picture of
-predicted masks, and whether other processes used the CPU during the run (contention).
+Variants: ``linear`` (head only), ``lora``, ``snella``, ``full``, each on the original backbone and
+on the compressed one (PELA c = 2, whitened SVD calibrated on the training canvases, then a short
+distillation of the factorised layers on the unlabeled training canvases; ONE compressed backbone,
+made with seed 0, serves every seed). Seeds are paired: the same seed gives every variant the same
+head init, data order and adapter init. Selection: best validation mIoU over epochs; the test split
+is used once per run. Reported: test mIoU mean ± std over seeds, paired differences per seed,
+training memory of SNELLA vs LoRA (peak RSS rise in fresh processes, trimtune.measure.memory), a
+picture of predicted masks, and whether other processes used the CPU during the run (contention).
 
 Run (reduced default; about 15 minutes on an idle 2-core CPU, budget 25; ``--resume`` continues
 a run that was stopped, from the results JSON and the ``--cache`` folder):
