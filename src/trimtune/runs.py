@@ -130,6 +130,21 @@ def with_identity(spec: dict | None) -> dict | None:
     return spec
 
 
+def run_base_spec(model: nn.Module, spec: dict | None, out: Path | None, *, attached: bool,
+                  resume: bool) -> dict | None:
+    """The base a run folder names in run.json: ``spec`` with its files' hashes, or, for an
+    in-memory base that cannot be rebuilt from a name (compressed + distilled, a user's own
+    model), its weights kept in ``out/base`` (not rewritten on resume) and their hash, so
+    ``load_model(run_dir)`` gives back the tuned model and a changed base is refused."""
+    spec = with_identity(spec)
+    if out and spec is None:
+        base = registry.base_copy(model) if attached else model
+        if not (resume and (out / "base").is_dir()):
+            save_model(base, out / "base")
+        spec = {"model": "base", "weights_sha256": state_sha256(base)}
+    return spec
+
+
 def check_identity(spec: dict, run_dir: Path) -> None:
     """Refuse a base whose files are gone or changed since ``run_dir`` was trained on it."""
     for f, digest in (spec.get("sha256") or {}).items():

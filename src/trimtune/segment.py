@@ -222,7 +222,7 @@ def _finetune(task: SegmentationTask, model, data, cfg: Any, eval_data, test_dat
     from .data import describe_data
     from .measure.plots import plot_curves
     from .models import set_drop_path_rate
-    from .runs import base_spec, save, save_model, state_sha256, with_identity
+    from .runs import base_spec, run_base_spec, save
     from .finetune_config import FinetuneResult, prepare
     from .train import BestEpoch
     from .train.checkpointing import numerics
@@ -242,14 +242,7 @@ def _finetune(task: SegmentationTask, model, data, cfg: Any, eval_data, test_dat
     eval_ds = task.dataset(eval_data, "val", tf_eval, seed)
     test_ds = task.dataset(test_data, "test", tf_eval, seed)
 
-    spec = with_identity(spec)
-    if out and spec is None:
-        # an in-memory base (a user's segmentation model, a compressed + distilled backbone):
-        # its weights go into the run folder so load_model(run_dir) rebuilds the tuned model
-        base = registry.base_copy(model) if attached else model
-        if not (tc.resume and (out / "base").is_dir()):
-            save_model(base, out / "base")
-        spec = {"model": "base", "weights_sha256": state_sha256(base)}
+    spec = run_base_spec(model, spec, out, attached=attached, resume=tc.resume)
     if cfg.drop_path_rate:
         set_drop_path_rate(model.backbone, cfg.drop_path_rate)
     torch.manual_seed(seed)  # adapter init: same seed, same start

@@ -34,8 +34,7 @@ from .lowrank import DistillConfig, set_trainable
 from .measure import evaluate_model
 from .measure.plots import plot_confusion, plot_curves
 from .models import set_drop_path_rate
-from .runs import (base_spec, identity, input_size, load_model, save, save_model, state_sha256,
-                   with_identity)
+from .runs import base_spec, identity, input_size, load_model, run_base_spec, save
 from .train import BestEpoch, ClassificationObjective, CollapseWatch, TrainConfig, fit
 from .train.checkpointing import numerics
 from .train.loop import fit_in
@@ -142,15 +141,7 @@ def _finetune(model, data, cfg: FinetuneConfig, eval_data, test_data, spec, out:
     eval_ds = as_dataset(eval_data, "val", tf_eval, seed)
     test_ds = as_dataset(test_data, "test", tf_eval, seed)
 
-    spec = with_identity(spec)
-    if out and spec is None:
-        # an in-memory base (e.g. compressed + distilled) cannot be rebuilt from a name: keep
-        # its weights in the run folder so load_model(run_dir) gives back the tuned model;
-        # their hash is compared on resume (the folder is not rewritten before that)
-        base = registry.base_copy(model) if attached else model
-        if not (tc.resume and (out / "base").is_dir()):
-            save_model(base, out / "base")
-        spec = {"model": "base", "weights_sha256": state_sha256(base)}
+    spec = run_base_spec(model, spec, out, attached=attached, resume=tc.resume)
     if cfg.drop_path_rate:
         set_drop_path_rate(model, cfg.drop_path_rate)
     torch.manual_seed(seed)  # adapter init: same seed, same start (and on every DDP rank)

@@ -5,8 +5,9 @@ No segmentation data set installs offline, so this builds one from real images. 
 normalised, each resized to 28 s px (s uniform in ``scale``, default 1.2-2.0) and pasted at a
 random place; an item's foreground pixels (intensity > ``threshold`` x 255 after resizing)
 are painted over what lies below and labelled with the item's class + 1; the rest is
-background, label 0, drawn as dark noise (mean 16, s.d. 8). Training canvases use the source's training images only; validation
-and test canvases use disjoint halves of its test images, so no item is seen twice.
+background, label 0, drawn as dark noise (mean 16, s.d. 8). Training canvases use the
+source's training images only; validation and test canvases use disjoint halves of its test
+images, so no item is seen twice.
 
 Written in the ADE20K / mmseg layout that ``seg:PATH`` reads::
 
