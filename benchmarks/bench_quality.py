@@ -22,7 +22,8 @@ Protocol (identical for every variant; the test set is never used for any choice
 Ablation (``--ablation``, first task): SNELLA r = 8 at its selected lr, one component changed
 at a time: the authors' regularisation + schedule settings (branch dropout / drop-path and
 backbone drop-path 0.1, epoch schedule, init sparsity 0.01), the piecewise kernel, no
-allocator (fixed sparsity = the target), the epoch schedule alone, target sparsity 0.5 / 0.9,
+allocator (fixed sparsity = the target), no sparsity at all (the dense mixture-kernel update,
+SNELL at s = 0), the epoch schedule alone, target sparsity 0.5 / 0.9,
 and the full-derivative sparsifier (``squared``: trimtune's behaviour before it followed the
 authors' detached magnitude).
 
@@ -110,6 +111,8 @@ ABLATIONS = {
                              schedule_unit="epoch", init_sparsity=0.01),
     "piecewise-kernel": dict(kernel="piecewise"),
     "no-allocator": dict(method="snell", kernel="mixture"),
+    # no competition at all: the dense mixture-kernel update (the authors' SNELL at s = 0, KLoRA)
+    "no-sparsity": dict(method="snell", kernel="mixture", target_sparsity=0.0),
     "epoch-schedule": dict(schedule_unit="epoch"),
     "sparsity-0.5": dict(target_sparsity=0.5),
     "sparsity-0.9": dict(target_sparsity=0.9),
