@@ -84,8 +84,9 @@ def build_kwargs(model: str, method: str, batch: int, *, rank: int, img_size: in
     """
     name, _, comp = method.partition("@")
     comp, _, factor = comp.partition(":")
-    kw: dict[str, Any] = dict(model=model, method=name, rank=rank, batch_size=batch,
-                              img_size=img_size, pretrained=is_zoo(model), sparsity=sparsity)
+    kw: dict[str, Any] = dict(model=model, method=name, r=rank, batch_size=batch,
+                              img_size=img_size, pretrained=is_zoo(model),
+                              target_sparsity=sparsity)
     if comp:
         if not comp.startswith("c"):
             raise SystemExit(f"method {method!r}: write the compression as @c<ratio>, e.g. "

@@ -63,9 +63,9 @@ def build(name: str, args, device: torch.device):
     """One synchronised training step of variant ``name`` (the benchmarks' step builder,
     :func:`trimtune.train_step.build_train_step`, under the variant's compile setting)."""
     method, kw, comp = VARIANTS[name]
-    _, train_step = build_train_step(args.model, method=method, rank=args.rank,
+    _, train_step = build_train_step(args.model, method=method, r=args.rank,
                                      batch_size=args.batch, img_size=args.img_size,
-                                     pretrained=not args.random_init, sparsity=0.7,
+                                     pretrained=not args.random_init, target_sparsity=0.7,
                                      device=str(device), method_kwargs=kw)
 
     def step() -> None:

@@ -90,3 +90,25 @@ def test_an_adapter_saved_with_rank_loads(vit, tmp_path):
     (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(meta))
     again = load(copy.deepcopy(vit), tmp_path / "ad")
     assert again.trimtune_method["r"] == 4
+
+
+def test_compress_takes_r_and_the_old_rank(vit):
+    new = tt.compress(vit, r=4)
+    with pytest.warns(DeprecationWarning, match="rank= is deprecated, use r="):
+        old = tt.compress(vit, rank=4)
+    ranks = new.trimtune_lowrank["ranks"]
+    assert ranks == old.trimtune_lowrank["ranks"] and set(ranks.values()) == {4}
+
+
+def test_build_train_step_takes_r_and_target_sparsity():
+    from trimtune.train_step import build_train_step
+
+    kw = dict(method="snella", batch_size=1, img_size=32, pretrained=False, device="cpu")
+    new, _ = build_train_step("vit_tiny_patch16_224", r=4, target_sparsity=0.5, **kw)
+    with pytest.warns(DeprecationWarning, match="sparsity= is deprecated, use target_sparsity="):
+        old, _ = build_train_step("vit_tiny_patch16_224", rank=4, sparsity=0.5, **kw)
+
+    def cfg(m):
+        return next(iter(tt.tuners.adapter_configs(m).values()))
+    assert (cfg(new).r, cfg(new).target_sparsity) == (cfg(old).r, cfg(old).target_sparsity) \
+        == (4, 0.5)

@@ -127,7 +127,7 @@ def cmd_compress(a) -> int:
     if a.calib is not None and a.init == "svd":
         raise TrimtuneError("--calib is only read by --init whiten or asvd: add one of them, or "
                             "drop --calib for plain SVD")
-    student = lowrank.compress(model, ratio=a.ratio, energy=a.energy, rank=a.rank,
+    student = lowrank.compress(model, ratio=a.ratio, energy=a.energy, r=a.rank,
                                include=a.include, exclude=a.exclude, svd=a.svd, init=a.init,
                                calib=a.calib, calib_images=a.calib_images)
     desc = lowrank.describe(student)

@@ -247,7 +247,7 @@ def _pipeline(a: QuickstartSettings, out: Path, t_start: float) -> dict:
             src = str(out / "distilled") if "compressed" in label else a.model
             mem = measure_subprocess("trimtune.train_step:build_train_step", dict(
                 model=src, weights=a.weights, img_size=a.img_size, num_classes=nc,
-                method=r["method"], rank=a.r, batch_size=a.batch_size))
+                method=r["method"], r=a.r, batch_size=a.batch_size))
             row["train_mem_MB"] = mem["peak_bytes"] / 2**20
         table.append(row)
     elapsed = time.time() - t_start

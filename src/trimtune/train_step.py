@@ -14,11 +14,14 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from .errors import renamed
 
-def build_train_step(model: str, *, method: str = "snella", rank: int = 8,
+
+@renamed(rank="r", sparsity="target_sparsity")
+def build_train_step(model: str, *, method: str = "snella", r: int = 8,
                      batch_size: int = 8, num_classes: int = 10, img_size: int | None = None,
                      weights: str | None = None, pretrained: bool = True,
-                     compress_ratio: float | None = None, sparsity: float = 0.7,
+                     compress_ratio: float | None = None, target_sparsity: float = 0.7,
                      device: str | None = None, seed: int = 0,
                      target_modules: str | list[str] | None = None,
                      method_kwargs: dict | None = None):
@@ -31,7 +34,9 @@ def build_train_step(model: str, *, method: str = "snella", rank: int = 8,
     step: the allocator callback (importance EMA update and, with ``schedule_unit="step"``,
     the cross-layer reallocation), so its time and memory are part of the figure.
     ``target_modules`` replaces the default targets (the one rule, every method);
-    ``method_kwargs`` goes to ``FinetuneConfig.method_kwargs`` (e.g. SNELL's dropout)."""
+    ``method_kwargs`` goes to ``FinetuneConfig.method_kwargs`` (e.g. SNELL's dropout).
+    ``rank=`` / ``sparsity=``: the old spellings of ``r=`` / ``target_sparsity=``
+    (a DeprecationWarning, for one release)."""
     from .finetune_config import FinetuneConfig, prepare
     from .models import create_backbone
     from .runs import load_model
@@ -47,7 +52,7 @@ def build_train_step(model: str, *, method: str = "snella", rank: int = 8,
         m = compress(m, ratio=compress_ratio, inplace=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     m.to(dev)
-    m, callbacks = prepare(m, FinetuneConfig(method=method, r=rank, target_sparsity=sparsity,
+    m, callbacks = prepare(m, FinetuneConfig(method=method, r=r, target_sparsity=target_sparsity,
                                              target_modules=target_modules,
                                              method_kwargs=dict(method_kwargs or {})),
                            total_steps=100)

@@ -11,7 +11,7 @@ Which rank (one policy, plus per-layer ``overrides``):
 
 - ``ratio=c``: the authors' rule ``r = floor(in * out / (c * (in + out)))``;
 - ``energy=e``: the smallest r whose singular values keep a fraction e of ``||W||_F^2``;
-- ``rank=r``: a fixed rank (clamped to ``min(in, out)``).
+- ``r=r``: a fixed rank (clamped to ``min(in, out)``; ``rank=``: the old spelling, deprecated).
 
 A layer whose rank would not save parameters (``r * (in + out) >= in * out``) stays dense unless
 ``keep_dense_if_no_saving=False``.
@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import TrimtuneError
+from ..errors import TrimtuneError, renamed
 from ..models.probe import Probe, check_forward_path, route_through_modules
 from .io import get_arch, route_save_pretrained
 from .layers import (LowRankLinear, activation_scale, factorised_layers, gram_eigh_many,
@@ -155,9 +155,9 @@ def rank_for(in_features: int, out_features: int, *, ratio: float | None = None,
 
 def _check_policy(ratio, energy, rank, overrides, svd) -> dict[str, Any]:
     if energy is not None and rank is not None:
-        raise TrimtuneError("give one rank policy: energy=... or rank=..., not both")
+        raise TrimtuneError("give one rank policy: energy=... or r=..., not both")
     if (energy is not None or rank is not None) and ratio not in (None, 2.0):
-        raise TrimtuneError("give one rank policy: ratio=..., energy=... or rank=..., not several")
+        raise TrimtuneError("give one rank policy: ratio=..., energy=... or r=..., not several")
     if energy is not None:
         if not (isinstance(energy, (int, float)) and 0 < energy <= 1):
             raise TrimtuneError(f"energy={energy!r} must be in (0, 1] (fraction of the squared "
@@ -165,7 +165,7 @@ def _check_policy(ratio, energy, rank, overrides, svd) -> dict[str, Any]:
         policy: dict[str, Any] = {"type": "energy", "energy": float(energy)}
     elif rank is not None:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-            raise TrimtuneError(f"rank={rank!r} must be a positive integer: e.g. rank=64")
+            raise TrimtuneError(f"r={rank!r} must be a positive integer rank: e.g. r=64")
         policy = {"type": "rank", "rank": rank}
     else:
         ratio = 2.0 if ratio is None else ratio
@@ -186,12 +186,13 @@ def _check_policy(ratio, energy, rank, overrides, svd) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- compress
+@renamed(rank="r")
 def compress(
     model: nn.Module,
     ratio: float | None = 2.0,
     *,
     energy: float | None = None,
-    rank: int | None = None,
+    r: int | None = None,
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
     overrides: Mapping[str, int] | None = None,
@@ -216,7 +217,8 @@ def compress(
         ratio: compression ratio c of the authors' rule ``r = floor(in*out / (c*(in+out)))``.
         energy: instead of ``ratio``: keep the smallest r with ``sum(S[:r]^2) >= energy *
             ||W||_F^2``; in (0, 1].
-        rank: instead of ``ratio``: a fixed rank, clamped to ``min(in, out)``.
+        r: instead of ``ratio``: a fixed rank, clamped to ``min(in, out)`` (``rank=``: the
+            old spelling, a DeprecationWarning, for one release).
         include: which linears are candidates, by the tuners' rule (PEFT's ``target_modules``:
             a string is a regex over the whole name, a list names or name suffixes); when
             given, no default skips (:func:`select_layers`).
@@ -253,14 +255,15 @@ def compress(
         ``model.trimtune_spectra`` holds the singular values for :func:`plot_spectra`), or
         ``(model, spectra)`` when ``return_spectra``.
     """
+    rank = r
     policy = _check_policy(ratio, energy, rank, overrides, svd)
     if is_compressed(model):
         raise TrimtuneError("this model is already compressed: compress the original model, or "
-                            "pass rank/overrides to compress again from a dense model")
+                            "pass r/overrides to compress again from a dense model")
     chosen, skip = select_layers(model, include, exclude, min_out_features)
     if energy is not None and any(m.weight.is_meta for m in chosen.values()):
         raise TrimtuneError("the energy policy needs real weights, not a meta-device model: "
-                            "use ratio= or rank= to plan ranks on the meta device")
+                            "use ratio= or r= to plan ranks on the meta device")
     override_pats = list((overrides or {}).items())
     for pat, _ in override_pats:
         if not any(re.search(pat, n) for n in chosen):
