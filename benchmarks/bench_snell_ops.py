@@ -5,10 +5,10 @@ that background load hits every variant alike:
 
 1. the exact k-th value of |dW| (a 768 x 3072 mixture-kernel update, sparsity 0.7) by
    ``torch.kthvalue``, the sampled bracket refined exactly, ``torch.sort`` and ``torch.topk``
-   of the smaller side (``snell.kth_smallest``);
+   of the smaller side (``sparsifier.kth_smallest``);
 2. forward + backward of one fused ``SnellLinear`` (768 -> 3072, mixture kernel, r = 8): the
-   compiled path (``trimtune.tuners.compiled``), the eager closed-form backward
-   (``snell.delta_vjp``) and autograd through the recomputed update;
+   compiled path (``trimtune.tuners.snell.compiled``), the eager closed-form backward
+   (``autograd.delta_vjp``) and autograd through the recomputed update;
 3. for every ``--models`` x ``--batches``: one AdamW training step
    (``trimtune.train_step.build_train_step``, SNELLA allocator included) of PEFT lora, snella on the
    eager path (``TRIMTUNE_COMPILE=0``) and snella on the compiled path (``TRIMTUNE_COMPILE=auto``),
@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import log, machine_info, machine_markdown, md_table, write_results  # noqa: E402
 
 from trimtune.train_step import build_train_step  # noqa: E402
-from trimtune.tuners import snell  # noqa: E402
-from trimtune.tuners.snell_tuner import SnellLinear  # noqa: E402
-from trimtune.tuners.kernels import create_kernel  # noqa: E402
+from trimtune.tuners.snell import autograd, delta, sparsifier  # noqa: E402
+from trimtune.tuners.snell.layer import SnellLinear  # noqa: E402
+from trimtune.tuners.snell.kernels import create_kernel  # noqa: E402
 
 
 def timed(fns: dict, reps: int, device: torch.device) -> dict[str, float]:
@@ -67,18 +67,19 @@ def timed(fns: dict, reps: int, device: torch.device) -> dict[str, float]:
 def mixture_update(device: torch.device) -> torch.Tensor:
     """|dW| of a freshly initialised 768 x 3072 mixture unit (the real value distribution)."""
     torch.manual_seed(0)
-    u = snell.SparseDelta(768, 3072, 8, create_kernel("mixture", 2), sparsity=0.7).to(device)
+    u = delta.SparseDelta(768, 3072, 8, create_kernel("mixture", 2), sparsity=0.7).to(device)
     with torch.no_grad():
         return u.dense_delta().abs().flatten()
 
 
 def threshold_ops(device: torch.device, reps: int) -> dict[str, float]:
     v = mixture_update(device)
-    k = snell.num_zeroed(0.7, v.numel())
-    return timed({"kthvalue": lambda: snell.kth_smallest(v, k, "kthvalue"),
-                  "sample + exact refine": lambda: snell.kth_smallest(v, k, "sample"),
+    k = sparsifier.num_zeroed(0.7, v.numel())
+    return timed({"kthvalue": lambda: sparsifier.kth_smallest(v, k, "kthvalue"),
+                  "sample + exact refine": lambda: sparsifier.kth_smallest(v, k, "sample"),
                   "sort": lambda: v.sort().values[k - 1],
-                  "topk (smaller side)": lambda: snell.kth_smallest(v, k, "topk")}, reps, device)
+                  "topk (smaller side)": lambda: sparsifier.kth_smallest(v, k, "topk")},
+                 reps, device)
 
 
 def with_compile(setting: str, f):
@@ -99,20 +100,20 @@ def with_compile(setting: str, f):
 def layer_backward(device: torch.device, reps: int, tokens: int) -> dict[str, float]:
     def make() -> nn.Module:
         torch.manual_seed(0)
-        u = snell.SparseDelta(768, 3072, 8, create_kernel("mixture", 2), sparsity=0.7)
+        u = delta.SparseDelta(768, 3072, 8, create_kernel("mixture", 2), sparsity=0.7)
         return SnellLinear.from_units(nn.Linear(768, 3072), [u]).to(device)
 
     layers = {"compiled": make(), "closed form": make(), "autograd": make()}
     x = torch.randn(tokens, 768, device=device)
-    real = snell.closed_form_supported
+    real = autograd.closed_form_supported
 
     def run(name: str):
         def f() -> None:
-            snell.closed_form_supported = real if name != "autograd" else (lambda k: False)
+            autograd.closed_form_supported = real if name != "autograd" else (lambda k: False)
             try:
                 layers[name](x.clone().requires_grad_(True)).square().mean().backward()
             finally:
-                snell.closed_form_supported = real
+                autograd.closed_form_supported = real
         return with_compile("1" if name == "compiled" else "0", f)
 
     return timed({n: run(n) for n in layers}, reps, device)
@@ -128,7 +129,7 @@ def compile_rss() -> dict[str, float]:
             return next(int(ln.split()[1]) / 1024 for ln in f if ln.startswith("VmRSS"))
 
     torch.manual_seed(0)
-    u = snell.SparseDelta(384, 1536, 8, create_kernel("mixture", 2), sparsity=0.7)
+    u = delta.SparseDelta(384, 1536, 8, create_kernel("mixture", 2), sparsity=0.7)
     layer = SnellLinear.from_units(nn.Linear(384, 1536), [u])
     x = torch.randn(64, 384, requires_grad=True)
     with_compile("0", lambda: layer(x).sum().backward())()

@@ -46,7 +46,7 @@ VARIANTS = {
 
 @contextmanager
 def compile_setting(value: str | None):
-    """``TRIMTUNE_COMPILE`` = ``value`` inside (read by trimtune.tuners.compiled per call)."""
+    """``TRIMTUNE_COMPILE`` = ``value`` inside (read by trimtune.tuners.snell.compiled per call)."""
     old = os.environ.get("TRIMTUNE_COMPILE")
     if value is not None:
         os.environ["TRIMTUNE_COMPILE"] = value

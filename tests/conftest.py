@@ -7,8 +7,8 @@ import timm
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# the compiled SNELL path (trimtune.tuners.compiled, default "auto": large CPU units) compiles for
-# tens of seconds on its first call; the suite tests it explicitly (tests/tuners/
+# the compiled SNELL path (trimtune.tuners.snell.compiled, default "auto": large CPU units)
+# compiles for tens of seconds on its first call; the suite tests it explicitly (tests/tuners/
 # test_tuners_compiled.py sets TRIMTUNE_COMPILE itself) and runs everything else eager
 os.environ.setdefault("TRIMTUNE_COMPILE", "0")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -66,7 +66,7 @@ def test_snella_step_runs_the_allocator():
 
     model, step = build_train_step("vit_tiny_patch16_224", method="snella", batch_size=1,
                                    img_size=32, pretrained=False)
-    from trimtune.tuners.allocator import cubic_budget, find_units
+    from trimtune.tuners.snell.allocator import cubic_budget, find_units
 
     units = find_units(model).values()
     step()

@@ -18,7 +18,7 @@ from trimtune.checkpoint import read_json
 from trimtune.cli import build_parser, main
 from trimtune.data import build_transform, load_dataset
 from trimtune.runs import load_model, save_model
-from trimtune.tuners.kernels import KERNELS
+from trimtune.tuners.snell.kernels import KERNELS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import tiny_backbone  # noqa: E402

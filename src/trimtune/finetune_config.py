@@ -20,7 +20,7 @@ from .errors import TrimtuneError, renamed
 from .names import METHODS, SNELL_METHODS
 from .train import TrainConfig
 from .tuners import SnellaConfig, SnellConfig, registry
-from .tuners.snell_tuner import is_fused_qkv
+from .tuners.snell.layer import is_fused_qkv
 from .tuners.targets import select_linears
 
 

@@ -22,7 +22,7 @@ from .lowrank.io import factorise_like, weights_file
 from .models import arch_of, build_from_arch, create_backbone
 from .train import trainable_state
 from .tuners import SnellConfig, adapter_configs, load_adapter, registry, save_adapter
-from .tuners.io import base_arch
+from .tuners.snell.io import base_arch
 
 ADAPTER = "adapter"
 

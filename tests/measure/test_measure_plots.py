@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from trimtune.measure.plots import MAX_INCHES, evenly, plot_confusion, plot_curves
-from trimtune.tuners.allocator import SnellaAllocator
+from trimtune.tuners.snell.allocator import SnellaAllocator
 
 
 def test_evenly_keeps_first_and_last_and_at_most_n():

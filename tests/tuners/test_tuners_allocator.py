@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from trimtune.tuners.config import SnellaConfig
+from trimtune.tuners.snell.config import SnellaConfig
 from trimtune.errors import TrimtuneError
-from trimtune.tuners.allocator import (
+from trimtune.tuners.snell.allocator import (
     SnellaAllocator,
     allocate_budget,
     cubic_budget,
@@ -20,7 +20,7 @@ from trimtune.tuners.allocator import (
 
 
 class Unit(nn.Module):
-    """Stand-in for trimtune.tuners.snell.SparseDelta (same contract attribute names)."""
+    """Stand-in for trimtune.tuners.snell.delta.SparseDelta (same contract attribute names)."""
 
     def __init__(self, d_in: int, d_out: int, r: int = 4) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""The compiled SNELL path (trimtune.tuners.compiled) and the sampled exact threshold.
+"""The compiled SNELL path (trimtune.tuners.snell.compiled) and the sampled exact threshold.
 
 The fused point-wise formulation is traced by TorchDynamo with the ``eager`` backend here
 (the same graph Inductor would compile, without the C++ build: seconds, not minutes); one test
@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from trimtune.tuners import compiled, snell
-from trimtune.tuners.kernels import create_kernel
-from trimtune.tuners.snell import SparseDelta, kth_smallest
-from trimtune.tuners.snell_tuner import SnellLinear
+from trimtune.tuners.snell import autograd, compiled, sparsifier
+from trimtune.tuners.snell.kernels import create_kernel
+from trimtune.tuners.snell.delta import SparseDelta
+from trimtune.tuners.snell.sparsifier import kth_smallest
+from trimtune.tuners.snell.layer import SnellLinear
 
 
 @pytest.fixture
@@ -56,7 +57,7 @@ def test_compiled_path_equals_eager_closed_form(traced, monkeypatch, kernel, lea
     # outputs and every gradient of the fused layer, compiled vs the eager closed form (itself
     # tested against autograd and the authors' expressions), float64; block=8: 3 row blocks
     if block:
-        monkeypatch.setitem(snell.BACKWARD_BLOCK_ELEMENTS, "cpu", block)
+        monkeypatch.setitem(autograd.BACKWARD_BLOCK_ELEMENTS, "cpu", block)
     layer = qkv_layer(kernel, learnable, segments, mode, s)
     twin = copy.deepcopy(layer)
     x = torch.randn(2, 3, 6, dtype=torch.float64)
@@ -202,13 +203,13 @@ def test_sampled_kth_equals_kthvalue_ties_included(n):
         for k in sorted({1, max(1, n // 3), max(1, n // 2), (7 * n) // 10 or 1, n}):
             want = v.kthvalue(k).values
             assert kth_smallest(v, k, "sample") == want, (n, k)
-            if n >= snell.SAMPLE_MIN_NUMEL:
+            if n >= sparsifier.SAMPLE_MIN_NUMEL:
                 assert kth_smallest(v, k, "auto") == want  # CPU, large: the sampled path
 
 
 def test_sampled_kth_falls_back_when_the_bracket_misses(monkeypatch):
     # a sample that misrepresents the data (every sampled entry huge): still exact
-    monkeypatch.setattr(snell, "_SAMPLES", 10)
+    monkeypatch.setattr(sparsifier, "_SAMPLES", 10)
     v = torch.zeros(1000)
     v[::100] = 1e6 + torch.arange(10.0)
     v[1] = float("nan")

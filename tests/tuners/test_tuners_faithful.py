@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from trimtune.tuners import SnellaAllocator, SnellaConfig, SnellConfig, attach, iter_units
-from trimtune.tuners.kernels import create_kernel
-from trimtune.tuners.snell import SparseDelta, num_zeroed
-from trimtune.tuners.snell_tuner import SnellLinear
+from trimtune.tuners.snell.kernels import create_kernel
+from trimtune.tuners.snell.delta import SparseDelta
+from trimtune.tuners.snell.sparsifier import num_zeroed
+from trimtune.tuners.snell.layer import SnellLinear
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import tiny_vit  # noqa: E402

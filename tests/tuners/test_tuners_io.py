@@ -11,7 +11,7 @@ import torch
 from trimtune.checkpoint import read_json
 from trimtune.errors import TrimtuneError
 from trimtune.tuners import SnellaConfig, SnellConfig, attach, iter_units, load_adapter, merge
-from trimtune.tuners.io import save_adapter
+from trimtune.tuners.snell.io import save_adapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import TINY, tiny_vit  # noqa: E402

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from trimtune.errors import TrimtuneError
-from trimtune.tuners.kernels import (
+from trimtune.tuners.snell.kernels import (
     InnerProductKernel,
     MixtureKernel,
     PiecewiseLinearKernel,

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from trimtune.errors import TrimtuneError
-from trimtune.tuners.kernels import create_kernel
-from trimtune.tuners.snell_tuner import SnellLinear
-from trimtune.tuners.snell import (SparseDelta, kth_smallest, magnitude_threshold,
-                                   sparsify)
+from trimtune.tuners.snell.kernels import create_kernel
+from trimtune.tuners.snell.layer import SnellLinear
+from trimtune.tuners.snell.delta import SparseDelta
+from trimtune.tuners.snell.sparsifier import kth_smallest, magnitude_threshold, sparsify
 
 
 def unit(d_in=6, d_out=10, rank=4, kernel="piecewise", sparsity=0.5, mode="code", seed=0,
@@ -207,12 +207,12 @@ def test_fused_equals_unfused_outputs_and_gradients(kernel, mode, n_units, bias)
 @pytest.mark.parametrize("fused,block", [(True, None), (True, 8), (False, None)])
 def test_closed_form_backward_equals_autograd(monkeypatch, kernel, learnable, segments, mode, s,
                                               fused, block):
-    # the hand-written kernel backward (snell.delta_vjp) against autograd through the same
+    # the hand-written kernel backward (autograd.delta_vjp) against autograd through the same
     # expression, with coinciding rows (clamped distances) in one unit; block=8: the fused
     # backward rebuilds each 6 x 4 unit update in row blocks of 2 (3 blocks per unit)
     import copy
 
-    from trimtune.tuners import snell
+    from trimtune.tuners.snell import autograd as snell
 
     if block:
         monkeypatch.setitem(snell.BACKWARD_BLOCK_ELEMENTS, "cpu", block)
@@ -326,7 +326,7 @@ def test_fused_saved_for_backward_scales_with_batch_and_rank_not_weight():
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_one_threshold_per_unit_per_step_and_none_at_zero_sparsity(monkeypatch, fused):
-    import trimtune.tuners.snell as snell
+    import trimtune.tuners.snell.sparsifier as snell
 
     calls = []
     real = snell.magnitude_threshold

@@ -19,7 +19,7 @@ from trimtune.tuners import (
     attach,
     iter_units,
 )
-from trimtune.tuners.peft_registration import ensure_peft_types
+from trimtune.tuners.snell.peft_types import ensure_peft_types
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import tiny_vit  # noqa: E402

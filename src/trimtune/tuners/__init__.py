@@ -9,32 +9,42 @@ SNELL / SNELLA are PEFT tuners too (importing this package registers them with P
 ``peft.get_peft_model(model, SnellaConfig(...))``, ``PeftModel.from_pretrained``.
 """
 
-from .config import DEFAULT_TARGETS, SnellaConfig, SnellConfig, config_from_dict
-from .inject import (
-    adapter_configs,
-    detach,
-    format_summary,
-    iter_snell_layers,
-    iter_units,
-    trainable_summary,
-)
-from .snell_tuner import SnellaModel, SnellaTrainerCallback, SnellLinear, SnellModel
-from .targets import select_linears, select_modules
-from .io import load_adapter, save_adapter
-from .kernels import (
+from .snell import (
+    DEFAULT_TARGETS,
     InnerProductKernel,
     Kernel,
     MixtureKernel,
     PiecewiseLinearKernel,
     RBFKernel,
     SigmoidKernel,
+    SnellaAllocator,
+    SnellaConfig,
+    SnellaModel,
+    SnellaTrainerCallback,
+    SnellConfig,
+    SnellLinear,
+    SnellModel,
+    SparseDelta,
+    adapter_configs,
+    allocate_budget,
+    config_from_dict,
     create_kernel,
+    cubic_budget,
+    detach,
+    find_units,
+    format_summary,
+    iter_snell_layers,
+    iter_units,
+    load_adapter,
+    magnitude_threshold,
     safe_cdist,
+    save_adapter,
+    sparsify,
+    trainable_summary,
 )
-from .snell import SparseDelta, magnitude_threshold, sparsify
+from .targets import select_linears, select_modules
 
-# written beside this package by another engineer: the SNELLA allocator and the baselines
-from .allocator import SnellaAllocator, allocate_budget, cubic_budget, find_units  # noqa: E402
+# the baselines
 from .baselines import (  # noqa: E402
     AdaLoraCallback,
     adalora_orth_loss,

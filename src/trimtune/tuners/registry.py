@@ -25,10 +25,10 @@ from ..errors import TrimtuneError
 from ..models.probe import Probe
 from ..names import METHOD_SUMMARIES, METHODS, SNELL_METHODS
 from . import baselines
-from .config import SnellaConfig, SnellConfig
-from .inject import adapter_configs
-from .inject import attach as attach_snell
-from .inject import merge as unload_peft
+from .snell.config import SnellaConfig, SnellConfig
+from .snell.attach import adapter_configs
+from .snell.attach import attach as attach_snell
+from .snell.attach import merge as unload_peft
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def _snell_config(name: str, config: Any, options: dict[str, Any]) -> SnellConfi
 
 
 def _snella_callbacks(model: nn.Module) -> list:
-    from .allocator import SnellaAllocator
+    from .snell.allocator import SnellaAllocator
 
     cfgs = [c for c in adapter_configs(model).values() if isinstance(c, SnellaConfig)]
     return [SnellaAllocator(model, cfgs[0])] if cfgs else []
@@ -236,7 +236,7 @@ def base_copy(model: nn.Module) -> nn.Module:
     """A copy of the base under the attached method (adapters removed, nothing merged)."""
     import copy
 
-    from .inject import detach
+    from .snell.attach import detach
 
     base = copy.deepcopy(model)
     base.__dict__.pop(_CALLBACKS, None)

@@ -1,7 +1,7 @@
 """Fused, compiled kernels of the SNELL / SNELLA update (``torch.compile`` / Inductor).
 
-The eager closed form (:func:`trimtune.tuners.snell.recompute_delta` /
-:func:`~trimtune.tuners.snell.delta_vjp`) runs one ATen op per element-wise step: distances,
+The eager closed form (:func:`trimtune.tuners.snell.autograd.recompute_delta` /
+:func:`~.autograd.delta_vjp`) runs one ATen op per element-wise step: distances,
 kernel, softmax, mask and their backward are ~20 passes over the (d_in, d_out) update per layer
 per step. Written here as point-wise expressions over the factors (the distance of segment
 ``p`` is a sum over its ``r / P`` columns, unrolled), Inductor fuses them into a few C++ loops
@@ -29,7 +29,7 @@ SNELLA / LoRA 1.44x -> 1.25x on DINOv2-S (112 px, batch 32) and 1.76x -> 1.48x o
 The first call of a graph compiles (tens of seconds on 2 CPU cores; Inductor caches the code
 on disk for later processes); a failure to compile (no C++ compiler, ...) is reported once and
 the eager path is used from then on. Distances here are ``sqrt(sum_c (a_c - b_c)^2)`` (exact
-differences, not the expanded form of :func:`~trimtune.tuners.kernels.safe_cdist`): forward
+differences, not the expanded form of :func:`~.kernels.safe_cdist`): forward
 and backward of a unit always take the same path, so the recomputed mask matches the threshold.
 """
 

@@ -1,21 +1,21 @@
-"""SNELL and SNELLA as Hugging Face PEFT tuners: a layer on ``BaseTunerLayer``, a model on
-``BaseTuner``, registered under ``PeftType.SNELL`` / ``PeftType.SNELLA``.
+"""The SNELL / SNELLA PEFT layer (on ``BaseTunerLayer``); its tuner model (``BaseTuner``,
+registered under ``PeftType.SNELL`` / ``PeftType.SNELLA``) is :mod:`.model`.
 
     import peft, trimtune as tt
     pm = peft.get_peft_model(model, tt.SnellaConfig(r=8, target_modules="all-linear"))
     pm.save_pretrained("out");  peft.PeftModel.from_pretrained(fresh_model, "out")
     plain = pm.merge_and_unload()
 
-The maths is trimtune's own (:mod:`trimtune.tuners.snell`): per adapter a layer holds one
-:class:`~trimtune.tuners.snell.SparseDelta` per unit (three for a fused ``qkv``: separate q, k,
-v updates, as the authors), and runs base layer and update in ONE matmul through
-:class:`~trimtune.tuners.snell.FusedSnellFunction` whenever that is exact (no active branch
-dropout / drop-path, always in eval mode). Each unit's sparsity is a buffer (``zeroed``), so it
-is saved and loaded with the adapter.
+The maths is trimtune's own (:mod:`.delta`, :mod:`.autograd`): per adapter a layer holds one
+:class:`~trimtune.tuners.snell.delta.SparseDelta` per unit (three for a fused ``qkv``:
+separate q, k, v updates, as the authors), and runs base layer and update in ONE matmul through
+:class:`~trimtune.tuners.snell.autograd.FusedSnellFunction` whenever that is exact (no active
+branch dropout / drop-path, always in eval mode). Each unit's sparsity is a buffer
+(``zeroed``), so it is saved and loaded with the adapter.
 
-This module is shaped like a PEFT tuner package (``config`` is :mod:`trimtune.tuners.config`,
-the PeftType shim :mod:`trimtune.tuners.peft_registration`); it is the one implementation
-behind :func:`trimtune.tuners.attach` too.
+The package :mod:`trimtune.tuners.snell` is shaped like a PEFT tuner package (``config``,
+``layer``, ``model``, the PeftType shim ``peft_types``); it is the one implementation behind
+:func:`trimtune.tuners.attach` too.
 """
 
 from __future__ import annotations
@@ -26,17 +26,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
-from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from timm.layers import DropPath
 from torch import nn
 
-from ..errors import TrimtuneError
-from .config import SnellaConfig, SnellConfig
+from ...errors import TrimtuneError
+from .autograd import FusedSnellFunction
+from .config import SnellConfig
+from .delta import SparseDelta
 from .kernels import create_kernel
-from .peft_registration import PREFIX, register
-from .snell import FusedSnellFunction, SparseDelta
-from .targets import matches, select_linears
 
 _ADAPTER_DICTS = ("snell_units", "snell_dropout", "snell_drop_path")
 
@@ -230,140 +228,4 @@ class SnellLinear(nn.Module, SnellLayer):
         return "snell." + super().__repr__()
 
 
-class SnellModel(BaseTuner):
-    """Creates a SNELL model (``peft.get_peft_model(model, SnellConfig(...))``).
-
-    Target selection is trimtune's one rule (:func:`trimtune.tuners.targets.select_linears`,
-    PEFT's semantics plus factorised layers); a pattern that matches nothing is an error that
-    names the closest module names. ``train_tokens`` (the cls token) train in full and are
-    saved with the adapter.
-    """
-
-    prefix: str = PREFIX
-    tuner_layer_cls = SnellLayer
-    #: PEFT's per-model-type defaults (trimtune resolves None itself: targets.default_targets)
-    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-
-    def _prepare_adapter_config(self, peft_config: SnellConfig, model_config: dict
-                                ) -> SnellConfig:
-        return peft_config  # None target_modules: resolved per model in _prepare_model
-
-    def _prepare_model(self, peft_config: SnellConfig, model: nn.Module) -> None:
-        self._snell_targets = set(select_linears(
-            model, peft_config.target_modules, exclude=peft_config.exclude_modules,
-            modules_to_save=peft_config.modules_to_save))
-
-    def _check_target_module_exists(self, peft_config: SnellConfig, key: str) -> bool:
-        targets = getattr(self, "_snell_targets", None)
-        if targets is None:  # outside inject_adapter (e.g. inspect_matched_modules)
-            targets = set(select_linears(self.model, peft_config.target_modules,
-                                         exclude=peft_config.exclude_modules,
-                                         modules_to_save=peft_config.modules_to_save))
-        return key in targets
-
-    def _create_and_replace(self, peft_config: SnellConfig, adapter_name: str, target: nn.Module,
-                            target_name: str, parent: nn.Module, current_key: str,
-                            **optional_kwargs: Any) -> None:
-        if isinstance(target, SnellLayer):
-            target.update_layer(adapter_name, peft_config, current_key,
-                                inference_mode=peft_config.inference_mode)
-            return
-        if isinstance(target, BaseTunerLayer):
-            raise TrimtuneError(f"{current_key} already carries a {type(target).__name__} adapter"
-                                " of another method: one PEFT method per model")
-        new = SnellLinear(target, adapter_name, peft_config, current_key)
-        if adapter_name not in self.active_adapters:
-            new.requires_grad_(False)  # an added adapter is not automatically trainable
-        self._replace_module(parent, target_name, new, target)
-
-    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        super()._mark_only_adapters_as_trainable(model)
-        for a in self.active_adapters:
-            tokens = getattr(self.peft_config.get(a), "train_tokens", None)
-            if tokens and not self.peft_config[a].inference_mode:
-                for n, p in model.named_parameters():
-                    if matches(n, tokens):
-                        p.requires_grad_(True)
-
-    @classmethod
-    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict,
-                                unwanted_adapter_names):
-        out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict,
-                                              unwanted_adapter_names)
-        tokens = getattr(config, "train_tokens", None)
-        if tokens:
-            out.update({k: v for k, v in state_dict.items() if matches(k, tokens)})
-        return out
-
-    @classmethod
-    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        """``...qkv.snell_units.<adapter>.0.snell_A`` -> ``...qkv.snell_units.0.snell_A``."""
-        pat = rf"\.({'|'.join(_ADAPTER_DICTS)})\.{re.escape(adapter_name)}(?=\.|$)"
-        return re.sub(pat, r".\1", key)
-
-
-class SnellaModel(SnellModel):
-    """Creates a SNELLA model: SNELL layers whose sparsities a
-    :class:`~trimtune.tuners.allocator.SnellaAllocator` reallocates during training (with HF
-    Trainer: :class:`SnellaTrainerCallback`)."""
-
-
-register({"snell": SnellConfig, "snella": SnellaConfig},
-         {"snell": SnellModel, "snella": SnellaModel})
-
-
-def _trainer_callback_base() -> type:
-    from transformers import TrainerCallback
-
-    return TrainerCallback
-
-
-class SnellaTrainerCallback(_trainer_callback_base()):
-    """The SNELLA allocator as a Hugging Face ``TrainerCallback``.
-
-        cb = SnellaTrainerCallback(pm.peft_config["default"])
-        trainer = Trainer(model=pm, ..., callbacks=[cb])
-
-    Importance scores are folded in after each optimizer step (gradients still present) and
-    the budget reallocated on the allocator's schedule; the schedule length is the Trainer's
-    ``max_steps``.
-    """
-
-    def __init__(self, config: SnellaConfig, model: nn.Module | None = None) -> None:
-        from .allocator import SnellaAllocator
-
-        if not isinstance(config, SnellaConfig):
-            raise TrimtuneError(f"SnellaTrainerCallback needs a SnellaConfig, got "
-                                f"{type(config).__name__}: SNELL has no allocator")
-        self.allocator = SnellaAllocator(model, config)
-
-    class _State:
-        def __init__(self, model: nn.Module, hf_state: Any, step: int) -> None:
-            self.model = model
-            self.step = step
-            self.total_steps = int(hf_state.max_steps)
-            epochs = max(1, int(getattr(hf_state, "num_train_epochs", 1) or 1))
-            self.steps_per_epoch = max(1, -(-self.total_steps // epochs))
-            self.epoch = int(hf_state.epoch or 0)
-
-    def _call(self, hook: str, state: Any, model: nn.Module | None, step: int) -> None:
-        fn = getattr(self.allocator, hook, None)
-        if fn is not None:
-            fn(self._State(model if model is not None else self.allocator.model, state, step))
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._call("on_train_start", state, model, state.global_step)
-
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        self._call("on_step_start", state, model, state.global_step)
-
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        # HF calls this after optimizer.step(), before zero_grad and before global_step += 1
-        self._call("after_optimizer_step", state, model, state.global_step + 1)
-
-    def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        self._call("on_epoch_end", state, model, state.global_step)
-
-
-__all__ = ["SnellLayer", "SnellLinear", "SnellModel", "SnellaModel", "SnellaTrainerCallback",
-           "is_fused_qkv"]
+__all__ = ["SnellLayer", "SnellLinear", "is_fused_qkv"]

@@ -10,11 +10,11 @@ from typing import Any
 
 from peft import PeftConfig
 
-from ..errors import TrimtuneError
+from ...errors import TrimtuneError
 from .kernels import KERNELS
-from .peft_registration import PeftType
-from .snell import SPARSIFY, check_sparsity
-from .targets import DEFAULT_TARGETS  # noqa: F401 - re-exported: the timm default pattern
+from .peft_types import PeftType
+from .sparsifier import SPARSIFY, check_sparsity
+from ..targets import DEFAULT_TARGETS  # noqa: F401 - re-exported: the timm default pattern
 
 
 @dataclass

@@ -21,10 +21,10 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from torch import nn
 
-from ..checkpoint import read_json, read_safetensors, write_json, write_safetensors
-from ..errors import TrimtuneError
+from ...checkpoint import read_json, read_safetensors, write_json, write_safetensors
+from ...errors import TrimtuneError
 from .config import SnellConfig, config_from_dict
-from .inject import adapter_configs, attach, iter_snell_layers
+from .attach import adapter_configs, attach, iter_snell_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -79,7 +79,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     state = get_peft_model_state_dict(base, adapter_name=adapter_name,
                                       save_embedding_layers=False)
     state = {k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k: v for k, v in state.items()}
-    from .. import __version__
+    from ... import __version__
 
     meta = {"format": "pt", "trimtune_version": __version__,
             "trimtune_format": str(FORMAT_VERSION),

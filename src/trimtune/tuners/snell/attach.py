@@ -1,9 +1,9 @@
 """Attach SNELL / SNELLA to any model in place; merge, detach, count trainables.
 
-:func:`attach` is a thin call into the PEFT tuner (:mod:`trimtune.tuners.snell_tuner`,
+:func:`attach` is a thin call into the PEFT tuner (:mod:`.layer`,
 ``peft.inject_adapter_in_model``): the model stays the user's own module (a timm or
 transformers model, never a ``PeftModel``), its targets become
-:class:`~trimtune.tuners.snell_tuner.SnellLinear` layers, and ``model.peft_config`` records
+:class:`~.layer.SnellLinear` layers, and ``model.peft_config`` records
 ``{adapter_name: config}`` as PEFT does. :func:`merge` / :func:`detach` undo it for any PEFT
 method injected this way (PEFT's own unloading rule).
 """
@@ -18,11 +18,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from ..errors import TrimtuneError
-from ..models.probe import Probe, check_forward_path, route_through_modules
+from ...errors import TrimtuneError
+from ...models.probe import Probe, check_forward_path, route_through_modules
 from .config import SnellConfig
-from .snell import SparseDelta
-from .snell_tuner import SnellLinear
+from .delta import SparseDelta
+from .layer import SnellLinear
 
 _WAS_TRAINABLE = "_trimtune_was_trainable"
 

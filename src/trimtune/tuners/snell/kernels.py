@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import TrimtuneError
-from ..names import KERNELS
+from ...errors import TrimtuneError
+from ...names import KERNELS
 
 
 def safe_cdist(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_path
-from ..errors import TrimtuneError
+from ...checkpoint import atomic_path
+from ...errors import TrimtuneError
 
 __all__ = ["cubic_budget", "allocate_budget", "find_units", "SnellaAllocator"]
 
@@ -150,7 +150,7 @@ class SnellaAllocator:
 
     Args:
         model: the adapted model; if ``None`` it is taken from ``state.model`` at train start.
-        config: a :class:`~trimtune.tuners.config.SnellaConfig` (fields ``init_sparsity``,
+        config: a :class:`~trimtune.tuners.snell.config.SnellaConfig` (fields ``init_sparsity``,
             ``target_sparsity``, ``schedule_unit``, ``t_init``, ``t_final``, ``interval``,
             ``beta1``, ``beta2``, ``size_aware``).
         total_steps: total optimizer steps; defaults to ``state.total_steps``.
@@ -413,7 +413,7 @@ class SnellaAllocator:
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
-        from ..measure.plots import MAX_INCHES, evenly  # readable at any length
+        from ...measure.plots import MAX_INCHES, evenly  # readable at any length
         names = list(self.history[0][1])
         cols = [self.history[i] for i in evenly(len(self.history), 300)]
         grid = torch.tensor([[sp.get(n, float("nan")) for _, sp in cols] for n in names])
