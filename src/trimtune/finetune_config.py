@@ -1,5 +1,6 @@
 """What a fine-tuning run is: :class:`FinetuneConfig` (method + train + task settings), the
-tuner config and options it gives its method, the rank check, :func:`prepare` (attach the
+tuner config and options it gives its method and the rank check (both the method's own, asked
+of :mod:`trimtune.tuners.registry`), :func:`prepare` (attach the
 method, return its callbacks) and :class:`FinetuneResult`.
 
 Below :mod:`trimtune.runs` (which rebuilds a run's method from run.json with :func:`prepare`) and
@@ -9,7 +10,6 @@ Below :mod:`trimtune.runs` (which rebuilds a run's method from run.json with :fu
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,11 +17,9 @@ from typing import Any
 from torch import nn
 
 from .errors import TrimtuneError, renamed
-from .names import METHODS, SNELL_METHODS
+from .names import METHODS
 from .train import TrainConfig
-from .tuners import SnellaConfig, SnellConfig, registry
-from .tuners.snell.layer import is_fused_qkv
-from .tuners.targets import select_linears
+from .tuners import registry
 
 
 @renamed(rank="r", sparsity="target_sparsity")
@@ -79,8 +77,7 @@ class FinetuneConfig:
                                 "e.g. 0.1 (the authors') or 0")
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
-        if self.method in SNELL_METHODS:  # the tuner config checks its own fields, now
-            tuner_config(self)
+        tuner_config(self)  # the method's config checks its own fields, now
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -98,69 +95,19 @@ class FinetuneConfig:
         return cls(**d)
 
 
-def tuner_config(cfg: FinetuneConfig) -> SnellConfig:
-    """The :class:`~trimtune.tuners.SnellConfig` / ``SnellaConfig`` a SNELL-family run uses."""
-    common = {"r": cfg.r, "dropout": cfg.branch_dropout, "drop_path": cfg.branch_drop_path,
-              "target_modules": cfg.target_modules, **cfg.method_kwargs}  # method_kwargs win
-    if cfg.kernel:
-        common["kernel"] = cfg.kernel
-    klass = SnellConfig if cfg.method == "snell" else SnellaConfig
-    known = {f.name for f in dataclasses.fields(klass)}
-    for k in cfg.method_kwargs:
-        if k not in known:
-            import difflib
-            near = difflib.get_close_matches(k, sorted(known), n=3)
-            raise TrimtuneError(f"unknown {cfg.method} option {k!r} in method_kwargs"
-                                + (f"; did you mean {', '.join(near)}?" if near else "")
-                                + f" ({klass.__name__} fields: see "
-                                  f"help(trimtune.{klass.__name__}))")
-    if cfg.method == "snell":
-        return SnellConfig(sparsity=cfg.target_sparsity, **common)
-    return SnellaConfig(target_sparsity=cfg.target_sparsity, init_sparsity=cfg.init_sparsity,
-                        schedule_unit=cfg.schedule_unit, interval=cfg.alloc_interval,
-                        t_init=cfg.t_init, t_final=cfg.t_final, **common)
-
-
-def _baseline_options(cfg: FinetuneConfig, total_steps: int | None) -> dict[str, Any]:
-    kw = {"r": cfg.r, "target_modules": cfg.target_modules, **cfg.method_kwargs}
-    if cfg.method == "masked-sparse":
-        kw["density"] = cfg.density if cfg.density is not None else 1.0 - cfg.target_sparsity
-    if cfg.method == "adalora" and total_steps:
-        kw["total_step"] = total_steps
-    return kw
+def tuner_config(cfg: FinetuneConfig, total_steps: int | None = None) -> Any:
+    """What ``cfg.method`` attaches with for this run (its registry entry's ``from_finetune``):
+    a :class:`~trimtune.tuners.SnellConfig` / ``SnellaConfig`` for SNELL / SNELLA, keyword
+    options for the baselines."""
+    return registry.get(cfg.method).from_finetune(cfg, total_steps)
 
 
 def check_rank(model: nn.Module, cfg: FinetuneConfig) -> None:
     """Refuse a rank above ``min(d_in, d_out)`` of a target layer (a SNELL / SNELLA unit, a
-    LoRA / DoRA / AdaLoRA linear): it only adds memory (r x (d_in + d_out) per layer), never
-    expressiveness, and a huge one exhausts the machine before the first step."""
-    if cfg.method in SNELL_METHODS:
-        tcfg = tuner_config(cfg)
-        layers = []
-        for name in select_linears(model, tcfg.target_modules, exclude=tcfg.exclude_modules,
-                                   modules_to_save=tcfg.modules_to_save):
-            lin = model.get_submodule(name)
-            split = 3 if tcfg.split_qkv and is_fused_qkv(name) and lin.out_features % 3 == 0 \
-                else 1
-            layers.append((name, lin.in_features, lin.out_features // split))
-        rank = cfg.r
-    elif cfg.method in ("lora", "dora", "adalora"):
-        layers = [(n, m.in_features, m.out_features) for n in
-                  select_linears(model, cfg.method_kwargs.get("target_modules",
-                                                              cfg.target_modules))
-                  for m in [model.get_submodule(n)]]
-        rank = cfg.method_kwargs.get("init_r") or (
-            math.ceil(1.5 * cfg.r) if cfg.method == "adalora" else cfg.r)
-    else:
-        return
-    if rank < 1:
-        raise TrimtuneError(f"r={cfg.r}: give a rank of 1 or more, e.g. 8")
-    name, d_in, d_out = min(layers, key=lambda t: min(t[1], t[2]))
-    if rank > min(d_in, d_out):
-        raise TrimtuneError(
-            f"rank {rank} is above min(d_in, d_out) = {min(d_in, d_out)} of target layer {name} "
-            f"({d_in} -> {d_out}{' per unit' if cfg.method in SNELL_METHODS else ''}): it would "
-            f"only add memory; use r={min(d_in, d_out)} (--r {min(d_in, d_out)}) or less")
+    LoRA / DoRA / AdaLoRA linear): the method's own check (its registry entry's ``check``)."""
+    check = registry.get(cfg.method).check
+    if check is not None:
+        check(model, cfg)
 
 
 def prepare(model: nn.Module, cfg: FinetuneConfig, *, total_steps: int | None = None
@@ -171,10 +118,11 @@ def prepare(model: nn.Module, cfg: FinetuneConfig, *, total_steps: int | None = 
     attached = registry.method_of(model)
     if attached is None:
         check_rank(model, cfg)
-        if cfg.method in SNELL_METHODS:
-            registry.attach(model, tuner_config(cfg))
+        made = tuner_config(cfg, total_steps)
+        if isinstance(made, dict):
+            registry.attach(model, cfg.method, **made)
         else:
-            registry.attach(model, cfg.method, **_baseline_options(cfg, total_steps))
+            registry.attach(model, made)
     elif attached != cfg.method:
         raise TrimtuneError(f"the model already has {attached} attached but the config says "
                             f"method={cfg.method!r}: pass FinetuneConfig(method={attached!r}) "

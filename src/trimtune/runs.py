@@ -188,13 +188,6 @@ def _base_numel(model: nn.Module) -> int:
                if not any(n.startswith(t) and not n.startswith(t + "base_layer.") for t in layers))
 
 
-#: the recorded options (``model.trimtune_method``) that rebuild a method's trained tensors
-_REBUILD = {"lora": ("r", "alpha", "target_modules"),
-            "dora": ("r", "alpha", "target_modules"),
-            "adalora": ("r", "alpha", "target_modules", "init_r"),
-            "masked-sparse": ("target_modules",)}
-
-
 def load(model: nn.Module, path: str | Path) -> nn.Module:
     """The inverse of :func:`save`, for any method: attach the saved method to ``model`` (in
     place) and load its tensors. SNELL / SNELLA (PEFT adapters): :func:`load_adapter`.
@@ -223,7 +216,8 @@ def load(model: nn.Module, path: str | Path) -> nn.Module:
                             "trained on (architecture, num_classes, compression)")
     if "rank" in meta and "r" not in meta:  # written before the rank was r (trimtune 0.1)
         meta["r"] = meta.pop("rank")
-    options = {k: meta[k] for k in _REBUILD.get(method, ()) if meta.get(k) is not None}
+    options = {k: meta[k] for k in registry.get(method).rebuild_options
+               if meta.get(k) is not None}
     try:
         registry.attach(model, method, **options)
         _, unexpected = model.load_state_dict(state, strict=False)

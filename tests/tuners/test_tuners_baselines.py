@@ -12,7 +12,7 @@ from torch import nn
 
 from trimtune.errors import TrimtuneError
 from trimtune.tuners.registry import merge
-from trimtune.tuners.baselines import (
+from trimtune.tuners.simple import (
     prepare_method,
     target_linears,
     trainable_parameters,

@@ -9,51 +9,22 @@ SNELL / SNELLA are PEFT tuners too (importing this package registers them with P
 ``peft.get_peft_model(model, SnellaConfig(...))``, ``PeftModel.from_pretrained``.
 """
 
-from .snell import (
-    DEFAULT_TARGETS,
-    InnerProductKernel,
-    Kernel,
-    MixtureKernel,
-    PiecewiseLinearKernel,
-    RBFKernel,
-    SigmoidKernel,
-    SnellaAllocator,
-    SnellaConfig,
-    SnellaModel,
-    SnellaTrainerCallback,
-    SnellConfig,
-    SnellLinear,
-    SnellModel,
-    SparseDelta,
-    adapter_configs,
-    allocate_budget,
-    config_from_dict,
-    create_kernel,
-    cubic_budget,
-    detach,
-    find_units,
-    format_summary,
-    iter_snell_layers,
-    iter_units,
-    load_adapter,
-    magnitude_threshold,
-    safe_cdist,
-    save_adapter,
-    sparsify,
-    trainable_summary,
-)
+from .snell import (DEFAULT_TARGETS, InnerProductKernel, Kernel, MixtureKernel,
+                    PiecewiseLinearKernel, RBFKernel, SigmoidKernel, SnellaAllocator,
+                    SnellaConfig, SnellaModel, SnellaTrainerCallback, SnellConfig, SnellLinear,
+                    SnellModel, SparseDelta, adapter_configs, allocate_budget, config_from_dict,
+                    create_kernel, cubic_budget, detach, find_units, format_summary,
+                    iter_snell_layers, iter_units, load_adapter, magnitude_threshold, safe_cdist,
+                    save_adapter, sparsify, trainable_summary)
 from .targets import select_linears, select_modules
 
-# the baselines
-from .baselines import (  # noqa: E402
-    AdaLoraCallback,
-    adalora_orth_loss,
-    prepare_method,
-    target_linears,
-    trainable_parameters,
-)
-# the one attach and the one merge, for every method
+from .simple import prepare_method, target_linears, trainable_parameters
+from .peft_methods import AdaLoraCallback, adalora_orth_loss
+# the one attach and the one merge, for every method (each method registered itself above)
 from .registry import REGISTRY, Method, attach, callbacks, merge, method_of  # noqa: E402
+from .registry import check_complete as _check_complete  # noqa: E402
+
+_check_complete()
 
 __all__ = [
     "DEFAULT_TARGETS", "SnellConfig", "SnellaConfig", "config_from_dict",

@@ -1,8 +1,11 @@
 """The one registry of fine-tuning methods.
 
 One :class:`Method` per name of :data:`trimtune.names.METHODS` (the torch-free list the CLI
-offers): its config class, how it attaches, which training callbacks it needs, how it merges
-and what its adapter holds. Everything that dispatches on a method name asks here::
+offers), filled by :func:`register_method` in the module that defines the method
+(:mod:`.snell.attach`, :mod:`.peft_methods`, :mod:`.simple`; ``trimtune.tuners`` imports them):
+its config class, how it attaches, which training callbacks it needs, how a
+:class:`~trimtune.finetune_config.FinetuneConfig` becomes its config, its rank check and the
+options a saved run rebuilds it from. Everything that dispatches on a method name asks here::
 
     model, callbacks = registry.attach(model, "lora", r=8)           # a name + options
     model, callbacks = registry.attach(model, SnellaConfig(r=8))      # or a config object
@@ -13,22 +16,27 @@ Targets follow the one rule of :mod:`trimtune.tuners.targets` for every method.
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ..errors import TrimtuneError
 from ..models.probe import Probe
-from ..names import METHOD_SUMMARIES, METHODS, SNELL_METHODS
-from . import baselines
-from .snell.config import SnellaConfig, SnellConfig
-from .snell.attach import adapter_configs
-from .snell.attach import attach as attach_snell
-from .snell.attach import merge as unload_peft
+from ..names import METHOD_SUMMARIES, METHODS
+from .adapters import adapter_configs, detach, drop_method_state
+from .adapters import merge as unload_peft
+
+
+def _no_callbacks(model: nn.Module) -> list:
+    return []
+
+
+def _never(config: Any) -> bool:
+    return False
 
 
 @dataclass(frozen=True)
@@ -36,115 +44,80 @@ class Method:
     """One fine-tuning method.
 
     Attributes:
-        name: the CLI / config name.
-        summary: what trains, one line.
+        name: the CLI / config name (one of :data:`trimtune.names.METHODS`).
         config_class: the config its :attr:`attach` takes (None: keyword options only).
         holds: what its saved adapter holds.
         peft: its adapter is a Hugging Face PEFT adapter (``PeftModel.from_pretrained``).
-        attach: ``(model, config_or_None, **options) -> (model, callbacks)``, in place.
+        attach: ``(model, config_or_None, *, probe, **options) -> (model, callbacks)``, in
+            place.
+        from_finetune: ``(FinetuneConfig, total_steps or None) ->`` what :attr:`attach` takes
+            for a run: a config object, or a dict of keyword options.
         callbacks: ``model -> callbacks`` for a model this method was attached to.
+        owns_config: ``config -> bool``: the config object stands for this method.
+        check: ``(model, FinetuneConfig) -> None``: refuse settings that do not fit the model
+            (the rank check), before attaching; None: nothing to check.
+        rebuild_options: the recorded options (``model.trimtune_method``, written into a saved
+            adapter) that rebuild the method's trained tensors on load.
+        summary: what trains, one line (default :data:`trimtune.names.METHOD_SUMMARIES`).
     """
 
     name: str
-    summary: str
     config_class: type | None
     holds: str
     peft: bool
     attach: Callable[..., tuple[nn.Module, list]]
-    callbacks: Callable[[nn.Module], list]
+    from_finetune: Callable[[Any, int | None], Any]
+    callbacks: Callable[[nn.Module], list] = _no_callbacks
+    owns_config: Callable[[Any], bool] = _never
+    check: Callable[[nn.Module, Any], None] | None = None
+    rebuild_options: tuple[str, ...] = ()
+    summary: str = ""
 
 
 _CALLBACKS = "trimtune_callbacks"
+#: name -> Method, in the order of :data:`trimtune.names.METHODS`
+REGISTRY: dict[str, Method] = {}
 
 
-def _no_callbacks(model: nn.Module) -> list:
-    return []
+def register_method(method: Method) -> Method:
+    """Add ``method`` to :data:`REGISTRY` (once per name; its name must be one of
+    :data:`trimtune.names.METHODS`, the list the CLI offers without importing torch)."""
+    if method.name not in METHODS:
+        raise TrimtuneError(f"method {method.name!r} is not in trimtune.names.METHODS: add it "
+                            "there (the CLI's torch-free list) with its one-line summary")
+    if method.name in REGISTRY:
+        raise TrimtuneError(f"method {method.name!r} is registered twice")
+    if not method.summary:
+        object.__setattr__(method, "summary", METHOD_SUMMARIES[method.name])
+    REGISTRY[method.name] = method
+    ordered = sorted(REGISTRY.items(), key=lambda kv: METHODS.index(kv[0]))
+    REGISTRY.clear()
+    REGISTRY.update(ordered)
+    return method
 
 
-# ----------------------------------------------------------------------------- SNELL / SNELLA
-def _snell_config(name: str, config: Any, options: dict[str, Any]) -> SnellConfig:
-    klass = SnellaConfig if name == "snella" else SnellConfig
-    if config is None:
-        if "rank" in options:
-            if "r" in options:
-                raise TrimtuneError(f"{name}: rank= and r= both given; rank is the old spelling "
-                                    "of r: pass r= only")
-            warnings.warn(f"{name}: rank= is deprecated, use r= (same meaning)",
-                          DeprecationWarning, stacklevel=4)
-            options["r"] = options.pop("rank")
-        try:
-            return klass(**options)
-        except TypeError as e:
-            raise TrimtuneError(f"{name}: {e}; the options are {klass.__name__}'s fields") from e
-    if options:
-        raise TrimtuneError(f"{name}: give options in the config or as keywords, not both "
-                            f"({sorted(options)})")
-    if type(config) is not klass:
-        raise TrimtuneError(f"method {name!r} takes a {klass.__name__}, got "
-                            f"{type(config).__name__}")
-    return config
+def check_complete() -> None:
+    """Every name of :data:`trimtune.names.METHODS` has its registered :class:`Method`."""
+    missing = [n for n in METHODS if n not in REGISTRY]
+    if missing:
+        raise TrimtuneError(f"methods named in trimtune.names.METHODS but never registered: "
+                            f"{', '.join(missing)}")
 
 
-def _snella_callbacks(model: nn.Module) -> list:
-    from .snell.allocator import SnellaAllocator
-
-    cfgs = [c for c in adapter_configs(model).values() if isinstance(c, SnellaConfig)]
-    return [SnellaAllocator(model, cfgs[0])] if cfgs else []
-
-
-def _attach_snell(name: str) -> Callable[..., tuple[nn.Module, list]]:
-    def attach(model: nn.Module, config: Any = None, *, probe: Probe = True,
-               **options: Any) -> tuple[nn.Module, list]:
-        cfg = _snell_config(name, config, options)
-        attach_snell(model, cfg, probe=probe)
-        return model, (_snella_callbacks(model) if name == "snella" else [])
-
-    return attach
-
-
-# ----------------------------------------------------------------------------- baselines
-def _attach_baseline(name: str) -> Callable[..., tuple[nn.Module, list]]:
-    def attach(model: nn.Module, config: Any = None, *, probe: Probe = True,
-               **options: Any) -> tuple[nn.Module, list]:
-        if config is not None:
-            return baselines.attach_peft_config(model, config, probe=probe, **options)
-        return baselines.prepare_method(model, name, probe=probe, **options)
-
-    return attach
-
-
-_HOLDS = {
-    "snella": "per unit snell_A, snell_B, kernel scalars and the zeroed count; head copy; "
-              "cls token",
-    "snell": "per unit snell_A, snell_B, kernel scalars and the zeroed count; head copy; "
-             "cls token",
-    "lora": "lora_A, lora_B of every target; the head",
-    "dora": "lora_A, lora_B and the magnitude vector of every target; the head",
-    "adalora": "lora_A, lora_E, lora_B and the rank mask of every target; the head",
-    "full": "every trained tensor",
-    "linear": "the head",
-    "bitfit": "every bias and the head",
-    "masked-sparse": "the masked target weights and the head",
-}
-
-
-def _build() -> dict[str, Method]:
-    from peft import AdaLoraConfig, LoraConfig
-
-    table: dict[str, Method] = {}
-    for name in METHODS:
-        snell = name in SNELL_METHODS
-        config_class = {"snella": SnellaConfig, "snell": SnellConfig, "lora": LoraConfig,
-                        "dora": LoraConfig, "adalora": AdaLoraConfig}.get(name)
-        table[name] = Method(
-            name=name, summary=METHOD_SUMMARIES[name], config_class=config_class,
-            holds=_HOLDS[name], peft=snell,
-            attach=_attach_snell(name) if snell else _attach_baseline(name),
-            callbacks=_snella_callbacks if name == "snella" else _no_callbacks)
-    return table
-
-
-REGISTRY: dict[str, Method] = _build()
+def refuse_rank(cfg: Any, rank: int, layers: Sequence[tuple[str, int, int]],
+                per_unit: bool = False) -> None:
+    """The rank check of every method with a rank: ``rank`` (what the method will build from
+    ``cfg.r``) at least 1 and at most ``min(d_in, d_out)`` of every ``(name, d_in, d_out)``
+    target: above, it only adds memory (r x (d_in + d_out) per layer), never expressiveness,
+    and a huge one exhausts the machine before the first step."""
+    if rank < 1:
+        raise TrimtuneError(f"r={cfg.r}: give a rank of 1 or more, e.g. 8")
+    name, d_in, d_out = min(layers, key=lambda t: min(t[1], t[2]))
+    if rank > min(d_in, d_out):
+        raise TrimtuneError(
+            f"rank {rank} is above min(d_in, d_out) = {min(d_in, d_out)} of target layer {name} "
+            f"({d_in} -> {d_out}{' per unit' if per_unit else ''}): it would "
+            f"only add memory; use r={min(d_in, d_out)} (--r {min(d_in, d_out)}) or less")
 
 
 def get(name: str) -> Method:
@@ -158,13 +131,9 @@ def get(name: str) -> Method:
 
 def method_of_config(config: Any) -> str:
     """The method name a config object stands for."""
-    if isinstance(config, SnellConfig):
-        return config.method
-    kind = str(getattr(getattr(config, "peft_type", None), "value", "")).lower()
-    if kind == "lora":
-        return "dora" if getattr(config, "use_dora", False) else "lora"
-    if kind in REGISTRY:
-        return kind
+    for name, entry in REGISTRY.items():
+        if entry.owns_config(config):
+            return name
     raise TrimtuneError(f"a {type(config).__name__} is not a method trimtune runs: use one of "
                         f"{', '.join(REGISTRY)} (their config classes: SnellaConfig, "
                         "SnellConfig, peft.LoraConfig, peft.AdaLoraConfig)")
@@ -226,24 +195,22 @@ def merge(model: nn.Module) -> nn.Module:
     if name is None:
         raise TrimtuneError("this model has no adapter: nothing to merge (attach one with "
                             "trimtune.attach)")
-    if name in ("lora", "dora", "adalora") or adapter_configs(model):
+    if adapter_configs(model) or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
         model = unload_peft(model)
     model.__dict__.pop(_CALLBACKS, None)
-    return baselines.drop_method_state(model)
+    return drop_method_state(model)
 
 
 def base_copy(model: nn.Module) -> nn.Module:
     """A copy of the base under the attached method (adapters removed, nothing merged)."""
     import copy
 
-    from .snell.attach import detach
-
     base = copy.deepcopy(model)
     base.__dict__.pop(_CALLBACKS, None)
     if adapter_configs(base):
         base = detach(base)
-    return baselines.drop_method_state(base)
+    return drop_method_state(base)
 
 
-__all__ = ["Method", "REGISTRY", "attach", "base_copy", "callbacks", "get", "merge", "method_of",
-           "method_of_config"]
+__all__ = ["Method", "REGISTRY", "attach", "base_copy", "callbacks", "check_complete", "get",
+           "merge", "method_of", "method_of_config", "refuse_rank", "register_method"]
