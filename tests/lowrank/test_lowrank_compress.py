@@ -13,7 +13,7 @@ from trimtune.lowrank import (LowRankLinear, compress, factorised_layers, is_com
                               rank_for)
 from trimtune.lowrank.layers import gram, gram_eigh, gram_eigh_many
 
-FULL = dict(rank=10**6, keep_dense_if_no_saving=False)  # rank clamped to min(in, out)
+FULL = dict(r=10**6, keep_dense_if_no_saving=False)  # rank clamped to min(in, out)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -34,7 +34,7 @@ def test_full_rank_reproduces_outputs(vit, images):
 
 @torch.no_grad()
 def test_to_dense_matches_factorised(vit, images):
-    lr = compress(vit, rank=7).eval()
+    lr = compress(vit, r=7).eval()
     for m in factorised_layers(lr).values():
         x = torch.randn(3, 5, m.in_features)  # (B, N, in)
         dense = m.to_dense()
@@ -46,7 +46,7 @@ def test_to_dense_matches_factorised(vit, images):
 @torch.no_grad()
 def test_eckart_young_error_and_balanced_factors(vit):
     r = 11
-    lr = compress(vit, rank=r)
+    lr = compress(vit, r=r)
     orig = dict(vit.named_modules())
     for name, m in factorised_layers(lr).items():
         w = orig[name].weight.double()
@@ -141,8 +141,8 @@ def test_default_skips_and_no_saving_layers_stay_dense():
     assert set(factorised_layers(lr)) == {"wide"}
     assert "fc" in lr.trimtune_lowrank["kept_dense"]
     with pytest.raises(TrimtuneError, match="keep_dense_if_no_saving"):
-        compress(model, rank=64)
-    lr = compress(model, rank=64, keep_dense_if_no_saving=False)
+        compress(model, r=64)
+    lr = compress(model, r=64, keep_dense_if_no_saving=False)
     assert lr.trimtune_lowrank["ranks"] == {"fc": 64, "wide": 64}
 
 
@@ -163,7 +163,7 @@ def test_selection_is_the_tuners_rule(vit):
     from trimtune.tuners.targets import select_linears
 
     for pats in (["fc1"], ["attn.qkv", "mlp.fc2"], r".*blocks\.1\.mlp\.fc\d"):
-        lr = compress(vit, include=pats, rank=4)
+        lr = compress(vit, include=pats, r=4)
         assert list(lr.trimtune_lowrank["ranks"]) == select_linears(vit, pats, warn=False)
     with pytest.raises(TrimtuneError, match=r"include='fc1' matches no linear layer.*closest "
                                             r"module names: .*fc1"):
@@ -226,10 +226,10 @@ def test_dinov2_small_fused_qkv_layer_scale():
     (dict(ratio=0.5), "ratio"),
     (dict(energy=0.0), "energy"),
     (dict(energy=1.5), "energy"),
-    (dict(rank=0), "rank"),
-    (dict(rank=-3), "rank"),
-    (dict(rank=2.5), "rank"),
-    (dict(energy=0.9, rank=4), "one rank policy"),
+    (dict(r=0), "rank"),
+    (dict(r=-3), "rank"),
+    (dict(r=2.5), "rank"),
+    (dict(energy=0.9, r=4), "one rank policy"),
     (dict(include="nothing_like_this"), "matches no linear"),
     (dict(exclude=["qkv", "nope$"]), "matches no linear"),
     (dict(include=["qkv"], exclude=["qkv"]), "no linear layer left"),
@@ -287,7 +287,7 @@ def test_parallel_decompositions_equal_per_layer_and_share_no_storage(vit):
     of a per-layer decomposition; the copy holds new tensors only (the original is
     untouched); the caller's torch thread count is restored."""
     threads = torch.get_num_threads()
-    lr = compress(vit, rank=9)
+    lr = compress(vit, r=9)
     orig = dict(vit.named_modules())
     for name, m in factorised_layers(lr).items():
         ref = LowRankLinear.from_linear(orig[name], 9, svd="gram")

@@ -48,7 +48,7 @@ def test_compare_reports_error_and_ratios(vit, images):
     c = compare(vit, compress(vit, ratio=1.5), images)
     assert 0 < c["param_ratio"] < 1 and 0 < c["flop_ratio"] < 1
     assert 0 < c["rel_error"] < 1 and -1 <= c["cosine"] <= 1
-    full = compare(vit, compress(vit, rank=10**6, keep_dense_if_no_saving=False), images)
+    full = compare(vit, compress(vit, r=10**6, keep_dense_if_no_saving=False), images)
     assert full["rel_error"] < 1e-5 and full["param_ratio"] > 1
 
 

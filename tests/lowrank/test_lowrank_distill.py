@@ -27,7 +27,7 @@ def teacher_vit(num_classes: int = 5):
 
 def full_rank(teacher):
     """Exact factorisation of every linear (rank = min(in, out)): same function as the teacher."""
-    return compress(teacher, rank=32, exclude=["head"], keep_dense_if_no_saving=False)
+    return compress(teacher, r=32, exclude=["head"], keep_dense_if_no_saving=False)
 
 
 @pytest.fixture
@@ -182,7 +182,7 @@ def text_batch():
 
 def test_transformers_vit_full_rank_student_matches_and_low_rank_learns(x):
     teacher = hf_vit_classifier()
-    student = compress(teacher, rank=32, exclude=["classifier"],
+    student = compress(teacher, r=32, exclude=["classifier"],
                        keep_dense_if_no_saving=False).eval()
     assert len(factorised_layers(student)) == 12
     obj = DistillObjective(teacher, final_weight=1.0, logits_weight=1.0, ce_weight=1.0,

@@ -18,7 +18,7 @@ from trimtune.lowrank.layers import (activation_scale, truncated_svd, weighted_t
                                      whitening_factor)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-FULL = dict(rank=10**6, keep_dense_if_no_saving=False)
+FULL = dict(r=10**6, keep_dense_if_no_saving=False)
 
 
 def calib_images(n: int = 48, size: int = 32, seed: int = 1) -> torch.Tensor:
@@ -50,8 +50,8 @@ def out_error(layer: LowRankLinear, w: torch.Tensor, x: torch.Tensor) -> float:
 @torch.no_grad()
 def test_whitening_minimises_output_error(vit):
     r, calib = 6, calib_images()
-    svd = compress(vit, rank=r)
-    white = compress(vit, rank=r, init="whiten", calib=calib, damp=1e-12)
+    svd = compress(vit, r=r)
+    white = compress(vit, r=r, init="whiten", calib=calib, damp=1e-12)
     orig = dict(vit.named_modules())
     xs = layer_inputs(vit, factorised_layers(white), calib)
     for name, m in factorised_layers(white).items():
@@ -76,8 +76,8 @@ def test_whitened_factors_do_not_grow_with_the_calibration_set(vit):
     factors, and .second's input keeps the scale of the original layer's input (the summed
     Gram matrix made it shrink with the square root of the number of tokens)."""
     calib = calib_images()
-    once = compress(vit, rank=6, init="whiten", calib=calib)
-    twice = compress(vit, rank=6, init="whiten", calib=torch.cat([calib, calib]))
+    once = compress(vit, r=6, init="whiten", calib=calib)
+    twice = compress(vit, r=6, init="whiten", calib=torch.cat([calib, calib]))
     layers = factorised_layers(once)
     xs = layer_inputs(vit, layers, calib)
     for name, m in layers.items():
@@ -143,19 +143,19 @@ def test_damping_path_is_finite():
 @torch.no_grad()
 def test_too_few_images_damped_with_a_warning(vit, images):
     with pytest.warns(UserWarning, match="rank-deficient.*more calibration images"):
-        c = compress(vit, rank=6, init="whiten", calib=calib_images(1))
+        c = compress(vit, r=6, init="whiten", calib=calib_images(1))
     assert torch.isfinite(c.eval()(images)).all()
     rec = c.trimtune_lowrank["init"]
     assert rec["calib_images"] == 1 and rec["calib_tokens"] == 17  # 16 patches + cls
     # a Gram matrix the first damping cannot factorise: more damping, said once, still finite
     with pytest.warns(UserWarning) as got:
-        c = compress(vit, rank=6, init="whiten", calib=torch.zeros(2, 3, 32, 32), damp=1e-300)
+        c = compress(vit, r=6, init="whiten", calib=torch.zeros(2, 3, 32, 32), damp=1e-300)
     assert any("damped more" in str(w.message) for w in got)
     assert c.trimtune_lowrank["init"]["damped"]
     assert torch.isfinite(c.eval()(images)).all()
     with warnings.catch_warnings():  # enough images: no warning
         warnings.simplefilter("error")
-        compress(vit, rank=6, init="whiten", calib=calib_images(24))
+        compress(vit, r=6, init="whiten", calib=calib_images(24))
 
 
 @torch.no_grad()
@@ -178,7 +178,7 @@ def test_calibration_forms_and_streaming(vit):
     assert info["images"] == 9 and st[next(iter(layers))].rows == 9 * 17
     # a dataset spec, read with the model's transform; the model is left as it was
     vit.train()
-    c = compress(vit, rank=6, init="asvd", calib="synthetic:classes=4,n=32,size=32",
+    c = compress(vit, r=6, init="asvd", calib="synthetic:classes=4,n=32,size=32",
                  calib_images=12)
     assert vit.training
     assert c.trimtune_lowrank["init"] == {"method": "asvd", "calib": "synthetic:classes=4,n=32,"
@@ -223,7 +223,7 @@ def test_record_saved_and_old_files_load(vit, images, tmp_path):
 def test_bad_inputs_leave_the_model_untouched(vit, kwargs, words):
     before = {k: v.clone() for k, v in vit.state_dict().items()}
     with pytest.raises(TrimtuneError, match=words) as e:
-        compress(vit, rank=6, inplace=True, **kwargs)
+        compress(vit, r=6, inplace=True, **kwargs)
     assert "\n" not in str(e.value)
     assert not factorised_layers(vit)
     assert all(torch.equal(before[k], v) for k, v in vit.state_dict().items())

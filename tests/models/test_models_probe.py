@@ -185,7 +185,7 @@ def test_layer_read_by_weight_is_refused_and_model_left_as_it_was():
                        probe=x)
     assert isinstance(model.fc, nn.Linear) and all(p.requires_grad for p in model.parameters())
     with pytest.raises(TrimtuneError, match="probe forward .* failed.*AttributeError"):
-        compress(model, rank=2, include="fc", probe=x)
+        compress(model, r=2, include="fc", probe=x)
     attach(model, SnellaConfig(r=2, target_modules=["fc"]), probe=False)  # the user's call
 
 
