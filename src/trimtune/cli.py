@@ -210,6 +210,7 @@ def target_modules_arg(values: list[str] | None) -> str | list[str] | None:
 
 
 def cmd_finetune(a) -> int:
+    from .names import SNELL_METHODS
     from .tasks import FinetuneConfig, finetune
     _check_out(a)
     _apply_recipe(a)
@@ -221,7 +222,7 @@ def cmd_finetune(a) -> int:
                          t_init=a.t_init, t_final=a.t_final, train=_train_config(a, a.out),
                          method_kwargs={k: getattr(a, k) for k in (
                              "kernel_lr_scale", "b_lr_scale", "init_scale")}
-                         if a.method in ("snell", "snella") else {},
+                         if a.method in SNELL_METHODS else {},
                          target_modules=target_modules_arg(a.target_modules), task=a.task,
                          task_options={"head": a.seg_head, "reduce_zero_label":
                                        a.reduce_zero_label} if a.task == "segmentation" else {})
