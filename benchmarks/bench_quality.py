@@ -142,6 +142,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ablations", default=",".join(ABLATIONS), help="which ablations")
     ap.add_argument("--ablation-after", default="snella-r8",
                     help="run the ablation once this variant is done (snella-r8 or later)")
+    ap.add_argument("--ablation-base", default="snella-r8",
+                    help="the SNELLA variant each ablation changes one component of, at its "
+                    "selected lr (e.g. snella-r8+klr, the fast recipe's)")
     ap.add_argument("--img-size", type=int, default=None, help="resolution (preset)")
     ap.add_argument("--epochs", type=int, default=None, help="epochs per run (preset)")
     ap.add_argument("--seeds", default=None, help="comma list of seeds (preset)")
@@ -204,7 +207,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--widen {a.widen}: give 0 (no widening) or more")
     a.ablation_list = [v.strip() for v in a.ablations.split(",") if v.strip()] \
         if a.ablation else []
-    bad = [v for v in a.variant_list if v not in VARIANTS] + [
+    bad = [v for v in a.variant_list + [a.ablation_base] if v not in VARIANTS] + [
         v for v in a.ablation_list if v not in ABLATIONS]
     if bad:
         ap.error(f"unknown variant/ablation {bad}: choose from {list(VARIANTS)} / "
@@ -500,12 +503,13 @@ class Study:
         abl_rows = []
         if a.ablation_list:
             t = tasks[0]
-            for name in ["snella-r8"] + [f"snella-r8:{x}" for x in a.ablation_list]:
+            ab = a.ablation_base
+            for name in [ab] + [f"{ab}:{x}" for x in a.ablation_list]:
                 sel = self.selected(t, name)
                 accs = [100 * r["test_top1"] for r in sel.values()]
                 if not accs:
                     continue
-                d = self.paired(t, name, "snella-r8") if ":" in name else []
+                d = self.paired(t, name, ab) if ":" in name else []
                 abl_rows.append([name, f"{statistics.fmean(accs):.2f}",
                                  f"{statistics.stdev(accs):.2f}" if len(accs) > 1 else "—",
                                  (f"{statistics.fmean(d):+.2f} ± {statistics.stdev(d):.2f}"
@@ -567,8 +571,9 @@ class Study:
                + (":" if warned else "."), ""]
         md += [f"- `{k}`: {w}" for k, w in warned[:40]] + ([""] if warned else [])
         if abl_rows:
-            md += [f"## SNELLA ablation ({tasks[0]}, r = 8, at snella-r8's selected lr)", "",
-                   md_table(["variant", "test % mean", "std", "paired vs snella-r8", "n"],
+            md += [f"## SNELLA ablation ({tasks[0]}, r = 8, at {a.ablation_base}'s selected lr)",
+                   "",
+                   md_table(["variant", "test % mean", "std", f"paired vs {a.ablation_base}", "n"],
                             abl_rows), ""]
         md += [f"Compute: {n_runs} runs, {wall / 60:.1f} min of run wall time; 1-minute load "
                f"average during the runs {min(loads, default=0):.1f} to "
@@ -599,12 +604,13 @@ def widened(grid: list[float], best: float) -> list[float] | None:
 
 def run_ablation(study: Study, a, grids: dict) -> None:
     task = a.task_list[0]
-    if not study.selected(task, "snella-r8"):
-        study.study(task, "snella-r8", grids)
-    lr = next(iter(study.selected(task, "snella-r8").values()))["lr"]
+    ab = a.ablation_base
+    if not study.selected(task, ab):
+        study.study(task, ab, grids)
+    lr = next(iter(study.selected(task, ab).values()))["lr"]
     for abl in a.ablation_list:
-        log(f"{task} / snella-r8:{abl} at lr {lr:g}")
-        study.study(task, f"snella-r8:{abl}", grids, lr=lr)
+        log(f"{task} / {ab}:{abl} at lr {lr:g}")
+        study.study(task, f"{ab}:{abl}", grids, lr=lr)
 
 
 def main(argv=None) -> int:

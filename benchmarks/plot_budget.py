@@ -41,15 +41,24 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     variants = [v for v in a.variants.split(",") if v]
     points: dict[str, list[tuple[int, float, float, int, str]]] = {v: [] for v in variants}
+    paired: list[list[str]] = []  # each variant minus the first, per budget, on the same seeds
     for tag in [t for t in a.tags.split(",") if t]:
         path = RESULTS / f"quality_{tag}.json"
         if not path.is_file():
             ap.error(f"{path} does not exist: run bench_quality.py --tag {tag} first")
         d = json.loads(path.read_text())
         epochs, seeds = d["args"]["epochs"], d["args"]["seed_list"]
+        first = selected(d["runs"], a.task, variants[0], seeds[0])
         for v in variants:
             sel = selected(d["runs"], a.task, v, seeds[0])
             accs = [100 * r["test_top1"] for r in sel.values()]
+            common = sorted(set(sel) & set(first))
+            if v != variants[0] and common:
+                diffs = [100 * (sel[k]["test_top1"] - first[k]["test_top1"]) for k in common]
+                paired.append([f"{v} - {variants[0]}", str(epochs),
+                               f"{statistics.fmean(diffs):+.2f}",
+                               f"{statistics.stdev(diffs):.2f}" if len(diffs) > 1 else "—",
+                               " / ".join(f"{x:+.2f}" for x in diffs), str(len(diffs))])
             if accs:
                 lr = next(iter(sel.values()))["lr"]
                 points[v].append((epochs, statistics.fmean(accs),
@@ -68,9 +77,12 @@ def main(argv=None) -> int:
                     marker="o", capsize=3, label=v)
         rows += [[v, str(e), f"{m:.2f} ± {s:.2f}", str(n), lr] for e, m, s, n, lr in pts]
     ax.set_xscale("log")
+    ticks = sorted({p[0] for pts in points.values() for p in pts})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("epochs (log scale)")
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title(f"{a.task}: accuracy vs budget (mean ± std over seeds)")
+    ax.set_ylabel("test top-1 (%), mean ± std over seeds")
+    ax.set_title(f"{a.task}: accuracy vs budget")
     ax.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / f"budget_{a.out}.png", dpi=120)
@@ -78,6 +90,8 @@ def main(argv=None) -> int:
           f"`python benchmarks/plot_budget.py {' '.join(argv or sys.argv[1:])}` — from "
           + ", ".join(f"`quality_{t}.json`" for t in a.tags.split(",") if t) + ".", "",
           md_table(["variant", "epochs", "test % mean ± std", "seeds", "lr"], rows), "",
+          "Paired differences (test points, same images and seed):", "",
+          md_table(["difference", "epochs", "mean", "std", "per seed", "n"], paired), "",
           f"![budget](budget_{a.out}.png)", ""]
     (RESULTS / f"budget_{a.out}.md").write_text("\n".join(md))
     print("\n".join(md))
