@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import trimtune as tt
-from trimtune.checkpoint import read_json
+from trimtune.checkpoint import read_json, write_safetensors
 from trimtune.runs import load, save
+from trimtune.train import trainable_state
 from trimtune.tuners import prepare_method
 
 
@@ -84,10 +85,14 @@ def test_snella_sparsity_is_its_start_and_a_contradiction_is_refused():
 def test_an_adapter_saved_with_rank_loads(vit, tmp_path):
     model, _ = prepare_method(copy.deepcopy(vit), "lora", r=4)
     save(model, tmp_path / "ad", method="lora")
-    meta = read_json(tmp_path / "ad" / "adapter_config.json")
+    meta = read_json(tmp_path / "ad" / "trimtune_adapter.json")
     assert meta["r"] == 4
-    meta["rank"] = meta.pop("r")  # as trimtune 0.1 wrote it
+    # as trimtune 0.1 wrote it: rank, not r; its record as adapter_config.json, the tensors
+    # under the model's own names (not yet a PEFT folder)
+    meta["rank"] = meta.pop("r")
+    (tmp_path / "ad" / "trimtune_adapter.json").unlink()
     (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(meta))
+    write_safetensors(tmp_path / "ad" / "adapter_model.safetensors", trainable_state(model))
     again = load(copy.deepcopy(vit), tmp_path / "ad")
     assert again.trimtune_method["r"] == 4
 

@@ -22,9 +22,13 @@ from .lowrank.io import factorise_like, weights_file
 from .models import arch_of, build_from_arch, create_backbone
 from .train import trainable_state
 from .tuners import SnellConfig, adapter_configs, load_adapter, registry, save_adapter
+from .tuners.peft_methods import load_peft_tensors, lora_config, save_peft_adapter
 from .tuners.snell.io import base_arch
 
 ADAPTER = "adapter"
+#: trimtune's record of a LoRA / DoRA / AdaLoRA adapter (method, options, base), beside PEFT's
+#: own ``adapter_config.json`` (PEFT warns of keys it does not know there)
+RECORD = "trimtune_adapter.json"
 
 
 def input_size(model: nn.Module) -> int | None:
@@ -160,16 +164,24 @@ def check_identity(spec: dict, run_dir: Path) -> None:
 
 def save(model: nn.Module, out_dir: str | Path, *, method: str | None = None) -> Path:
     """Adapter-only save, for any method (the one save). SNELL / SNELLA: a PEFT adapter folder
-    (:func:`trimtune.tuners.save_adapter`); other methods: their trained tensors (LoRA factors,
-    biases, head...) in the same two files, enough to rebuild them on the base in run.json."""
+    (:func:`trimtune.tuners.save_adapter`); LoRA / DoRA / AdaLoRA: a PEFT adapter folder too
+    (:func:`~trimtune.tuners.peft_methods.save_peft_adapter`, the head as ``modules_to_save``)
+    plus trimtune's record in ``trimtune_adapter.json``; other methods: their trained tensors
+    (biases, head...) and the record in the same two files, enough to rebuild them on the base
+    in run.json."""
     out_dir = Path(out_dir)
     if any(isinstance(c, SnellConfig) for c in adapter_configs(model).values()):
         return save_adapter(model, out_dir)
-    state = trainable_state(model)
-    write_safetensors(out_dir / "adapter_model.safetensors", state,
-                      metadata={"format": "pt", "trimtune_version": __version__})
+    metadata = {"format": "pt", "trimtune_version": __version__}
+    if lora_config(model) is not None:
+        state = save_peft_adapter(model, out_dir, metadata)
+        record_file = RECORD
+    else:
+        state = trainable_state(model)
+        write_safetensors(out_dir / "adapter_model.safetensors", state, metadata=metadata)
+        record_file = "adapter_config.json"
     record = dict(getattr(model, "trimtune_method", None) or {})
-    write_json(out_dir / "adapter_config.json", {
+    write_json(out_dir / record_file, {
         **record, "method": method or registry.method_of(model),
         "base": {"arch": base_arch(model), "num_params": _base_numel(model)},
         "num_tensors": len(state),
@@ -197,13 +209,17 @@ def load(model: nn.Module, path: str | Path) -> nn.Module:
     """
     path = Path(path)
     meta = read_json(path / "adapter_config.json")
-    if meta.get("peft_type"):
+    peft_saved = bool(meta.get("peft_type")) and (path / RECORD).is_file()
+    if meta.get("peft_type") and not peft_saved:
         return load_adapter(model, path)
+    if peft_saved:  # LoRA / DoRA / AdaLoRA saved by PEFT's rules; the record beside it
+        meta = read_json(path / RECORD)
     method = meta.get("method")
     if method not in registry.REGISTRY:
-        raise TrimtuneError(f"{path / 'adapter_config.json'} names method {method!r}, not one of"
-                            f" {', '.join(registry.REGISTRY)}: load it with the tool that wrote it")
-    state = read_safetensors(path / "adapter_model.safetensors")
+        where = path / (RECORD if peft_saved else "adapter_config.json")
+        raise TrimtuneError(f"{where} names method {method!r}, not one of "
+                            f"{', '.join(registry.REGISTRY)}: load it with the tool that wrote it")
+    state = {} if peft_saved else read_safetensors(path / "adapter_model.safetensors")
     base = meta.get("base") or {}
     want, have = base.get("arch"), base_arch(model)
     if want and have and want != have:
@@ -220,8 +236,12 @@ def load(model: nn.Module, path: str | Path) -> nn.Module:
                if meta.get(k) is not None}
     try:
         registry.attach(model, method, **options)
+        if peft_saved:
+            return load_peft_tensors(model, path)
         _, unexpected = model.load_state_dict(state, strict=False)
     except (RuntimeError, TrimtuneError) as e:  # torch: size mismatch; no such target layer
+        if str(e).startswith(f"adapter {path} "):  # load_peft_tensors said it all
+            raise
         why = str(e).split("size mismatch for ", 1)[-1].split("\n")[0][:160]
         raise TrimtuneError(f"adapter {path} does not fit this model ({why}): load it onto "
                             "the base it was trained on") from e
@@ -261,6 +281,9 @@ def load_run(run_dir: str | Path) -> nn.Module:
     try:
         if registry.get(cfg.method).peft:
             load_adapter(model, adapter)
+        elif (adapter / RECORD).is_file():  # LoRA / DoRA / AdaLoRA, saved by PEFT's rules
+            model, _ = prepare(model, cfg, total_steps=1)
+            load_peft_tensors(model, adapter)
         else:
             state = read_safetensors(adapter / "adapter_model.safetensors")
             model, _ = prepare(model, cfg, total_steps=1)

@@ -14,26 +14,39 @@ tuner class, kept inside the returned callback): the model stays a plain ``nn.Mo
 AdaLoRA's orthogonality regulariser lives in ``PeftModel.forward`` in PEFT; with a plain model
 add :func:`adalora_orth_loss` to the objective's loss if you want it (the default objective
 does not).
+
+A run is saved by PEFT's rules (:func:`save_peft_adapter`, the one writer of
+:mod:`.peft_folder`): ``PeftModel.from_pretrained(<the same base>, folder)`` opens it, the
+modules trained in full (the head) as PEFT's ``modules_to_save``. AdaLoRA is saved unpruned
+(``rank_pattern`` left out: the budget's masked ``lora_E`` entries are zeros in the tensors).
+:func:`load_peft_tensors` reads such a folder back onto a model the method is attached to.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from peft import AdaLoraConfig, LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
+from ..checkpoint import read_safetensors
 from ..errors import TrimtuneError
 from ..models.probe import Probe, route_through_modules
+from .adapters import adapter_configs
+from .peft_folder import PEFT_PREFIX, WEIGHTS_NAME, write_peft_folder
 from .registry import refuse_rank
 from .simple import (_train_modules, baseline_options, probe_or_undo, register_baseline,
                      target_linears)
 from .targets import select_linears
 
-__all__ = ["AdaLoraCallback", "adalora_orth_loss", "attach_peft_config"]
+__all__ = ["AdaLoraCallback", "adalora_orth_loss", "attach_peft_config", "load_peft_tensors",
+           "lora_config", "save_peft_adapter"]
 
 _ADALORA_PLACEHOLDER_STEPS = 10**9  # replaced by the real total at train start
 
@@ -173,6 +186,78 @@ def adalora_orth_loss(model: nn.Module) -> torch.Tensor:
     if not terms:
         raise TrimtuneError("no AdaLoRA factors found; prepare the model with method='adalora'")
     return torch.stack(terms).mean()
+
+
+# ---------------------------------------------------------------------------- save / load
+def lora_config(model: nn.Module, adapter_name: str = "default") -> Any | None:
+    """The LoRA / DoRA / AdaLoRA config attached to ``model`` (None: another method)."""
+    cfg = adapter_configs(model).get(adapter_name)
+    return cfg if isinstance(cfg, (LoraConfig, AdaLoraConfig)) else None
+
+
+def _trained_in_full(model: nn.Module) -> list[str]:
+    """The modules PEFT must keep whole (its ``modules_to_save``): those owning a trained
+    parameter or a saved buffer outside the PEFT layers (the head; normalisation
+    statistics): what trimtune's own format kept of them."""
+    tuner = [n + "." for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    names |= {n for n, _ in model.named_buffers()} & set(model.state_dict())
+    owners = {n.rpartition(".")[0] for n in names if not any(n.startswith(t) for t in tuner)}
+    return sorted(owners)
+
+
+def save_peft_adapter(model: nn.Module, path: str | Path, metadata: dict[str, str],
+                      adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """Write the LoRA / DoRA / AdaLoRA adapter of ``model`` as PEFT writes it, the modules
+    trained in full as its ``modules_to_save``; returns the tensors written."""
+    cfg = lora_config(model, adapter_name)
+    if cfg is None:
+        raise TrimtuneError("this model has no LoRA / DoRA / AdaLoRA adapter to save")
+    # AdaLoRA's allocated rank_pattern would make PEFT prune through its tuner (not kept on a
+    # plain model) and rewrite the live pattern's keys: saved unpruned, the pattern left as is
+    pattern = getattr(cfg, "rank_pattern", None)
+    if isinstance(cfg, AdaLoraConfig):
+        cfg.rank_pattern = None
+    try:
+        state = get_peft_model_state_dict(model, adapter_name=adapter_name,
+                                          save_embedding_layers=False)
+    finally:
+        if isinstance(cfg, AdaLoraConfig):
+            cfg.rank_pattern = pattern
+    full = _trained_in_full(model)
+    own = model.state_dict()
+    state.update({k: v for k, v in own.items() if k.rpartition(".")[0] in full})
+    state = {k: v.detach().clone() for k, v in state.items()}
+    extra = {"rank_pattern": None} if isinstance(cfg, AdaLoraConfig) else {}
+    write_peft_folder(path, state, cfg, metadata, modules_to_save=full or None, **extra)
+    return state
+
+
+def load_peft_tensors(model: nn.Module, path: str | Path, adapter_name: str = "default"
+                      ) -> nn.Module:
+    """Load a folder written by :func:`save_peft_adapter` onto ``model``, which has the same
+    method attached (in place): PEFT's own key rule for the adapter, the modules kept whole
+    under their own names.
+
+    Raises:
+        TrimtuneError: tensors the model does not have, or trained tensors the folder lacks.
+    """
+    path = Path(path)
+    tensors = {k.removeprefix(PEFT_PREFIX): v
+               for k, v in read_safetensors(path / WEIGHTS_NAME).items()}
+    own = model.state_dict()
+    whole = {k: v for k, v in tensors.items() if k in own}
+    result = set_peft_model_state_dict(
+        model, {k: v for k, v in tensors.items() if k not in own}, adapter_name=adapter_name)
+    model.load_state_dict(whole, strict=False)
+    unexpected = list(result.unexpected_keys)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(k for k in result.missing_keys if k in trained and k not in whole)
+    if unexpected or missing:
+        raise TrimtuneError(f"adapter {path} does not fit this model (unexpected tensors "
+                            f"{unexpected[:3]}, trained tensors missing {missing[:3]}): load it "
+                            "onto the base it was trained on")
+    return model
 
 
 # ---------------------------------------------------------------------------- the registry

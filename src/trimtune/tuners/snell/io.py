@@ -21,14 +21,12 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from torch import nn
 
-from ...checkpoint import read_json, read_safetensors, write_json, write_safetensors
+from ...checkpoint import read_json, read_safetensors
 from ...errors import TrimtuneError
+from ..peft_folder import CONFIG_NAME, PEFT_PREFIX, WEIGHTS_NAME, write_peft_folder
 from .config import SnellConfig, config_from_dict
 from .attach import adapter_configs, attach, iter_snell_layers
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 FORMAT_VERSION = 2
 
 
@@ -78,17 +76,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     path = Path(path)
     state = get_peft_model_state_dict(base, adapter_name=adapter_name,
                                       save_embedding_layers=False)
-    state = {k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k: v for k, v in state.items()}
     from ... import __version__
 
     meta = {"format": "pt", "trimtune_version": __version__,
             "trimtune_format": str(FORMAT_VERSION),
             "trimtune_base": json.dumps(base_fingerprint(base), sort_keys=True)}
-    write_safetensors(path / WEIGHTS_NAME, state, metadata=meta)
-    d = cfg.to_dict()
-    d["peft_type"] = cfg.peft_type.value
-    write_json(path / CONFIG_NAME, d)
-    return path
+    return write_peft_folder(path, state, cfg, meta)
 
 
 def _read_base(path: Path) -> dict[str, Any] | None:
