@@ -34,6 +34,18 @@ def tiny_backbone(num_classes: int = 4, *, seed: int = 0, **kw) -> torch.nn.Modu
     return tt.create_backbone(ARCH, pretrained=False, num_classes=num_classes, **{**TINY, **kw})
 
 
+def move_off_init(model: torch.nn.Module, scale: float = 0.05, seed: int = 1
+                  ) -> torch.nn.Module:
+    """Stand-in for training: every trainable tensor moves by ``scale`` x N(0, 1) noise from its
+    own generator (the global RNG is left alone); returns ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn(p.shape, generator=g))
+    return model
+
+
 @pytest.fixture
 def vit():
     return tiny_vit()

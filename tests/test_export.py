@@ -9,7 +9,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import tiny_vit  # noqa: E402
+from conftest import move_off_init, tiny_vit  # noqa: E402
 
 from trimtune.cli import main  # noqa: E402
 from trimtune.errors import TrimtuneError  # noqa: E402
@@ -22,12 +22,7 @@ from trimtune.tuners import SnellaConfig, attach  # noqa: E402
 def trained_snella(model):
     """An attached SNELLA adapter with non-zero factors and a changed head (as after training)."""
     attach(model, SnellaConfig(r=4, init_sparsity=0.3))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
+    return move_off_init(model).eval()
 
 
 def test_timm_local_dir_reads_the_merged_model_head_included(tmp_path, images, one_thread):
@@ -91,10 +86,7 @@ def test_transformers_from_pretrained_reads_the_merged_model(tmp_path, one_threa
         intermediate_size=128, num_labels=5))
     attach(model, SnellaConfig(r=4, target_modules=r".*\.(q_proj|v_proj|fc1|fc2)",
                                modules_to_save=["classifier"]))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    move_off_init(model, seed=0)
     x = torch.randn(2, 3, 32, 32)
     model.eval()
     with torch.no_grad():

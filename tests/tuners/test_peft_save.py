@@ -19,7 +19,7 @@ from trimtune.tasks import FinetuneConfig, finetune
 from trimtune.train import trainable_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import tiny_backbone  # noqa: E402
+from conftest import move_off_init, tiny_backbone  # noqa: E402
 
 DATA = "synthetic:classes=4,n=32,size=32"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,13 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tuned(method: str, **options) -> torch.nn.Module:
     """``method`` attached to the tiny base, every trained tensor moved off its init."""
-    model = tt.attach(tiny_backbone(), method, r=4, **options)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
+    return move_off_init(tt.attach(tiny_backbone(), method, r=4, **options), 0.1).eval()
 
 
 def images() -> torch.Tensor:

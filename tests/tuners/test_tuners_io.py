@@ -14,16 +14,12 @@ from trimtune.tuners import SnellaConfig, SnellConfig, attach, iter_units, load_
 from trimtune.tuners.snell.io import save_adapter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import TINY, tiny_vit  # noqa: E402
+from conftest import TINY, move_off_init, tiny_vit  # noqa: E402
 
 
 def trained_adapter(config):
     model = attach(tiny_vit(), config)
-    torch.manual_seed(1)
-    with torch.no_grad():  # stand-in for training: every trainable tensor changes
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    move_off_init(model)  # stand-in for training: every trainable tensor changes
     for i, (_, u) in enumerate(iter_units(model)):
         u.sparsity = 0.1 + 0.05 * i  # as the allocator would leave them
     return model.eval()

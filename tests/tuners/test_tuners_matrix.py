@@ -21,7 +21,7 @@ from trimtune.tuners import SnellaConfig, SnellConfig, SnellLinear, registry
 from trimtune.tuners.targets import select_linears
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import TINY, tiny_vit  # noqa: E402
+from conftest import TINY, move_off_init, tiny_vit  # noqa: E402
 
 TARGETED = ("snella", "snell", "lora", "dora", "adalora", "masked-sparse")
 OPTIONS = {"snella": dict(r=4, init_sparsity=0.2), "snell": dict(r=4, sparsity=0.3),
@@ -54,12 +54,7 @@ def attached(method: str) -> nn.Module:
 
 
 def perturb(model: nn.Module, seed: int = 1) -> nn.Module:
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    return model
+    return move_off_init(model, seed=seed)
 
 
 def test_registry_is_the_one_list():

@@ -22,7 +22,7 @@ from trimtune.tuners import (
 from trimtune.tuners.snell.peft_types import ensure_peft_types
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import tiny_vit  # noqa: E402
+from conftest import move_off_init, tiny_vit  # noqa: E402
 
 
 def hf_vit(num_labels: int = 3):
@@ -36,11 +36,7 @@ def hf_vit(num_labels: int = 3):
 
 def perturb(model, seed=1):
     """Stand-in for training: every trainable tensor moves; unit sparsities differ."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
+    move_off_init(model, seed=seed)
     for i, (_, u) in enumerate(iter_units(model)):
         u.sparsity = 0.1 + 0.03 * i
     return model
