@@ -24,7 +24,8 @@ from typing import Any
 
 from trimtune.checkpoint import atomic_path, write_json
 
-RESULTS = Path(__file__).resolve().parent / "results"
+#: where results go; TRIMTUNE_RESULTS redirects them (benchmarks/quality_pool.py's single runs)
+RESULTS = Path(os.environ.get("TRIMTUNE_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def cpu_name() -> str:

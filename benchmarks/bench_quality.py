@@ -113,6 +113,9 @@ ABLATIONS = {
     "no-allocator": dict(method="snell", kernel="mixture"),
     # no competition at all: the dense mixture-kernel update (the authors' SNELL at s = 0, KLoRA)
     "no-sparsity": dict(method="snell", kernel="mixture", target_sparsity=0.0),
+    # ... and no kernel either: SNELL's inner-product update A B^T, dense (LoRA's form with
+    # SNELL's factor init and lr options): the ladder LoRA -> inner-dense -> no-sparsity -> SNELLA
+    "inner-dense": dict(method="snell", kernel="inner", target_sparsity=0.0),
     "epoch-schedule": dict(schedule_unit="epoch"),
     "sparsity-0.5": dict(target_sparsity=0.5),
     "sparsity-0.9": dict(target_sparsity=0.9),
@@ -180,6 +183,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--work", default="runs/bench_quality", help="scratch run folders")
     ap.add_argument("--tag", default="cpu", help="results file: quality_<tag>.*")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: rewrite quality_<tag>.{md,png} from its JSON (runs and "
+                         "machine as recorded; e.g. after benchmarks/quality_pool.py)")
     ap.add_argument("--resume", action="store_true",
                     help="keep the runs already in quality_<tag>.json")
     a = ap.parse_args(argv)
@@ -207,7 +213,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--widen {a.widen}: give 0 (no widening) or more")
     a.ablation_list = [v.strip() for v in a.ablations.split(",") if v.strip()] \
         if a.ablation else []
-    bad = [v for v in a.variant_list + [a.ablation_base] if v not in VARIANTS] + [
+    # an ablation named in --variants ("snella-r8+klr:no-sparsity") gets its own lr grid
+    bad = [v for v in a.variant_list + [a.ablation_base]
+           if v.partition(":")[0] not in VARIANTS or
+           (v.partition(":")[2] and v.partition(":")[2] not in ABLATIONS)] + [
         v for v in a.ablation_list if v not in ABLATIONS]
     if bad:
         ap.error(f"unknown variant/ablation {bad}: choose from {list(VARIANTS)} / "
@@ -270,11 +279,13 @@ class Study:
         self.searched: dict[tuple[str, str], list[float]] = {}  # (task, variant) -> grid run
         self.t0 = time.time()
         prev = RESULTS / f"quality_{a.tag}.json"
-        if a.resume and prev.is_file():
+        if (a.resume or a.report_only) and prev.is_file():
             old = json.loads(prev.read_text())
             self.runs = old.get("runs", {})
             # the backbones' record, for the report when every @c run is already done
             self.compressed_info = old.get("compressed_backbones", {})
+            if a.report_only:  # the machine the runs ran on
+                self.info = old.get("machine", info)
             log(f"resuming: {len(self.runs)} runs already done")
 
     # ------------------------------------------------------------------ data
@@ -531,6 +542,7 @@ class Study:
                                "—" if pick is None else f"{pick:g}", where])
         warned = [(k, r["warnings"][0]) for k, r in self.runs.items() if r.get("warnings")]
         loads = [r["load_avg"] for r in self.runs.values() if "load_avg" in r]
+        cores = self.info.get("cores") or os.cpu_count() or 1
         grid_text = "; ".join(k + ": " + ", ".join(f"{x:g}" for x in v)
                               for k, v in self.grids.items())
         md = [f"# Fine-tuning quality: {a.model} at {a.img_size}px, seeds {a.seed_list}"
@@ -577,9 +589,12 @@ class Study:
                             abl_rows), ""]
         md += [f"Compute: {n_runs} runs, {wall / 60:.1f} min of run wall time; 1-minute load "
                f"average during the runs {min(loads, default=0):.1f} to "
-               f"{max(loads, default=0):.1f} on {os.cpu_count()} cores"
+               f"{max(loads, default=0):.1f} on {cores} cores"
                + (" (the machine was shared with other jobs: wall times are upper bounds)"
-                  if max(loads, default=0) > (os.cpu_count() or 1) + 0.5 else "") + ".", "",
+                  if max(loads, default=0) > cores + 0.5 else "") + "."
+               + (f" Runs went {self.info['pool_workers']} at a time "
+                  "(benchmarks/quality_pool.py), sharing the machine: wall times are upper "
+                  "bounds." if self.info.get("pool_workers") else ""), "",
                "## Machine", "", machine_markdown(self.info), ""]
         notes = RESULTS / f"quality_{a.tag}_notes.md"  # hand-written reading of the figures
         if notes.is_file():
@@ -616,10 +631,27 @@ def run_ablation(study: Study, a, grids: dict) -> None:
 def main(argv=None) -> int:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
+    prev = RESULTS / f"quality_{a.tag}.json"
+    if a.report_only:
+        if not prev.is_file():
+            print(f"--report-only: {prev} does not exist; give the --tag of a finished or "
+                  "partial study", file=sys.stderr)
+            return 2
+        recorded = json.loads(prev.read_text())
+        for k, v in recorded["args"].items():  # the study as it was run
+            if k not in ("report_only", "resume", "tag"):
+                setattr(a, k, v)
     grids = dict(DEFAULT_LRS)
     if a.lrs:
         grids.update({k: tuple(v) for k, v in json.loads(a.lrs).items()})
     info = machine_info()
+    if a.report_only:
+        final = bool(recorded.get("complete"))
+        study = Study(a, None, info)
+        study.grids = grids
+        study.save(final=final)
+        print("\n" + study.report(final)[0])
+        return 0
     log(f"backbone {a.model} at {a.img_size}px; tasks {a.task_list}; seeds {a.seed_list}")
     base = tt.create_backbone(a.model, num_classes=10, img_size=a.img_size)
     study = Study(a, base, info)

@@ -138,7 +138,18 @@ def cached_weights(name: str) -> Path:
         _VALIDATED[str(st_path)] = stamp
         return st_path
     _logger.info("trimtune: converting %s into %s (%s)", name, st_path, problem)
-    sd = entry.convert()
+    return store_weights(name, entry.convert())
+
+
+def store_weights(name: str, sd: dict[str, torch.Tensor]) -> Path:
+    """Write ``sd`` (the entry's state dict at its native size) as its validated cache file.
+
+    Used by :func:`cached_weights` after converting, and to install weights carried to another
+    machine (``benchmarks/device_pack.py``). Refuses a state dict of another layout.
+    """
+    entry = ZOO[name]
+    root = cache_dir()
+    st_path, meta_path = root / f"{name}.safetensors", root / f"{name}.json"
     want = expected_shapes(entry)
     got = {k: tuple(v.shape) for k, v in sd.items()}
     if got != want:
