@@ -503,6 +503,8 @@ class Study:
         # each option variant against the authors' default and against LoRA at its rank
         joins += tuple(p for v in variants if "+" in v for p in (
             (v, v.partition("+")[0]), (v, v.partition("+")[0].replace("snella", "lora"))))
+        # an ablation given its own grid in --variants, against the variant it ablates
+        joins += tuple((v, v.partition(":")[0]) for v in variants if ":" in v)
         for t in tasks:
             for x, y in (("snella-r8", "lora-r8"), ("snella-r32", "lora-r32"), *joins,
                          ("snella-r8", "full"), ("snella-r32", "full"), ("snell-r8", "lora-r8")):
