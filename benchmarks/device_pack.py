@@ -3,9 +3,9 @@
 The device tool moves at most 64 MiB per call; DINOv2-S in float32 is 88 MB and Fashion-MNIST's
 train images 26 MB. So:
 
-* weights: each float32 is rounded to its top 24 bits (sign, exponent, 15 + 1 mantissa bits;
-  relative error <= 2**-17, below the 3e-5 agreement of the conversion with the ONNX graph),
-  stored as three byte planes, the exponent plane zlib-compressed (53 MB);
+* weights: each float32 is rounded to its top 24 bits (sign, exponent, 15 mantissa bits;
+  relative error <= 2**-16 = 1.5e-5, below the 3e-5 agreement of the conversion with the ONNX
+  graph), stored as three byte planes, the exponent plane zlib-compressed (53 MB);
 * Fashion-MNIST: the test files as shipped; the train images with every image that the few-shot
   draws of ``--seeds`` do not use set to zero (same file layout and indices, so the same seeds
   draw the same images), gzip'ed (~1 MB); a SHA-256 of each seed's draw is kept and checked;
@@ -48,6 +48,40 @@ def _draw_digest(seed: int) -> str:
     return h.hexdigest()
 
 
+def encode(sd: dict) -> tuple[dict, bytes, bytes, bytes]:
+    """A float32 state dict -> (header, exponent plane zlib'ed, two mantissa planes): each value
+    rounded to its top 24 bits (to nearest; relative error <= 2**-16)."""
+    keys = sorted(sd)
+    flat = np.concatenate([sd[k].float().numpy().ravel() for k in keys]).view(np.uint32)
+    rounded = (flat.astype(np.uint64) + 0x80).astype(np.uint32) & np.uint32(0xFFFFFF00)
+    if not (np.isfinite(rounded.view(np.float32)) == np.isfinite(flat.view(np.float32))).all():
+        raise ValueError("rounding to 24 bits overflowed a weight to inf")
+    planes = rounded.view(np.uint8).reshape(-1, 4)  # little-endian: byte 3 = sign + exponent
+    a, b = flat.view(np.float32), rounded.view(np.float32)
+    rel = float(np.max(np.abs(a - b) / np.maximum(np.abs(a), 1e-30))) if a.size else 0.0
+    header = {"keys": keys, "shapes": [list(sd[k].shape) for k in keys],
+              "numel": int(flat.size), "max_rel_error": rel}
+    return (header, zlib.compress(planes[:, 3].tobytes(), 9), planes[:, 2].tobytes(),
+            planes[:, 1].tobytes())
+
+
+def decode(header: dict, hi: bytes, mid: bytes, lo: bytes) -> dict:
+    """:func:`encode`'s inverse (the lowest mantissa byte is zero)."""
+    import torch
+
+    planes = np.zeros((header["numel"], 4), np.uint8)
+    planes[:, 3] = np.frombuffer(zlib.decompress(hi), np.uint8)
+    planes[:, 2] = np.frombuffer(mid, np.uint8)
+    planes[:, 1] = np.frombuffer(lo, np.uint8)
+    flat = torch.from_numpy(planes.reshape(-1).view(np.float32).copy())
+    sd, i = {}, 0
+    for k, shape in zip(header["keys"], header["shapes"]):
+        m = int(np.prod(shape)) if shape else 1
+        sd[k] = flat[i:i + m].reshape(shape).clone()
+        i += m
+    return sd
+
+
 def pack(out: Path, seeds: list[int], wheel: str | None) -> None:
     from safetensors.torch import load_file
 
@@ -55,20 +89,11 @@ def pack(out: Path, seeds: list[int], wheel: str | None) -> None:
     from trimtune.models import zoo
 
     out.mkdir(parents=True, exist_ok=True)
-    sd = load_file(str(zoo.cached_weights(MODEL)))
-    keys = sorted(sd)
-    flat = np.concatenate([sd[k].float().numpy().ravel() for k in keys]).view(np.uint32)
-    rounded = (flat.astype(np.uint64) + 0x80).astype(np.uint32) & np.uint32(0xFFFFFF00)
-    ok = np.isfinite(rounded.view(np.float32)) == np.isfinite(flat.view(np.float32))
-    assert ok.all(), "rounding overflowed a weight"
-    planes = rounded.view(np.uint8).reshape(-1, 4)  # little-endian: byte 3 = sign + exponent
-    (out / "w_hi.zlib").write_bytes(zlib.compress(planes[:, 3].tobytes(), 9))
-    (out / "w_mid.bin").write_bytes(planes[:, 2].tobytes())
-    (out / "w_lo.bin").write_bytes(planes[:, 1].tobytes())
-    a, b = flat.view(np.float32), rounded.view(np.float32)
-    rel = float(np.max(np.abs(a - b) / np.maximum(np.abs(a), 1e-30)))
-    header = {"keys": keys, "shapes": [list(sd[k].shape) for k in keys],
-              "numel": int(flat.size), "max_rel_error": rel}
+    header, hi, mid, lo = encode(load_file(str(zoo.cached_weights(MODEL))))
+    (out / "w_hi.zlib").write_bytes(hi)
+    (out / "w_mid.bin").write_bytes(mid)
+    (out / "w_lo.bin").write_bytes(lo)
+    rel = header["max_rel_error"]
     src = Path(builtin.FASHION_MNIST_DIR)
     fm = out / "fashion-mnist"
     fm.mkdir(exist_ok=True)
@@ -97,23 +122,12 @@ def pack(out: Path, seeds: list[int], wheel: str | None) -> None:
 
 
 def unpack(src: Path, dataset_dir: Path | None) -> int:
-    import torch
-
     from trimtune.data import builtin
     from trimtune.models import zoo
 
     header = json.loads((src / "header.json").read_text())
-    n = header["numel"]
-    planes = np.zeros((n, 4), np.uint8)
-    planes[:, 3] = np.frombuffer(zlib.decompress((src / "w_hi.zlib").read_bytes()), np.uint8)
-    planes[:, 2] = np.frombuffer((src / "w_mid.bin").read_bytes(), np.uint8)
-    planes[:, 1] = np.frombuffer((src / "w_lo.bin").read_bytes(), np.uint8)
-    flat = torch.from_numpy(planes.reshape(-1).view(np.float32).copy())
-    sd, i = {}, 0
-    for k, shape in zip(header["keys"], header["shapes"]):
-        m = int(np.prod(shape)) if shape else 1
-        sd[k] = flat[i:i + m].reshape(shape).clone()
-        i += m
+    sd = decode(header, *((src / f).read_bytes() for f in ("w_hi.zlib", "w_mid.bin",
+                                                            "w_lo.bin")))
     print("weights ->", zoo.store_weights(MODEL, sd))
     if dataset_dir is not None:
         builtin.FASHION_MNIST_DIR = dataset_dir

@@ -14,6 +14,7 @@ def _load(name: str):
     sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
@@ -176,3 +177,68 @@ def test_quality_bad_grid_is_exit_2(lrs, capsys):
     with pytest.raises(SystemExit) as e:
         q.parse_args(["--lrs", lrs])
     assert e.value.code == 2 and "--lrs" in capsys.readouterr().err
+
+
+# ---- device_pack: the weights carried to a lent GPU, rounded to 24 bits -----------------------
+def test_device_pack_round_trip_keeps_24_bits():
+    import torch
+
+    dp = _load("device_pack")
+    g = torch.Generator().manual_seed(0)
+    sd = {"b.weight": torch.randn(7, 5, generator=g) * 1e-3, "a.bias": torch.randn(5,
+                                                                                    generator=g),
+          "c.scalar": torch.tensor(3.14159), "d.big": torch.tensor([3.4e38, -1e-30, 0.0])}
+    header, hi, mid, lo = dp.encode(sd)
+    back = dp.decode(header, hi, mid, lo)
+    assert sorted(back) == sorted(sd) and header["max_rel_error"] <= 2 ** -16
+    for k, v in sd.items():
+        assert back[k].shape == v.shape and back[k].dtype == torch.float32
+        rel = ((back[k] - v).abs() / v.abs().clamp_min(1e-30)).max().item()
+        assert rel <= 2 ** -16, k
+        assert (back[k].view(torch.int32) & 0xFF).eq(0).all()  # the dropped byte
+    assert not torch.equal(back["a.bias"], sd["a.bias"])  # rounded, not copied
+
+
+# ---- quality_pool: bench_quality's protocol over parallel runs -------------------------------
+def test_quality_pool_chain_searches_first_seed_then_runs_the_pick():
+    qp = _load("quality_pool")
+    c = qp.Chain({"tag": "t"}, "lora-r8", [1e-3, 3e-3, 1e-2], [0, 1, 2])
+    assert c.method == "lora"
+    first = c.ready(widen=1)
+    assert first == [(0, 1e-3), (0, 3e-3), (0, 1e-2)]
+    assert sorted(c.speculative()) == sorted((s, lr) for s in (1, 2) for lr in c.grid)
+    c.running.update(first)
+    assert c.ready(widen=1) == []  # the grid is still running: nothing else may start
+    for lr, val in ((1e-3, 0.5), (3e-3, 0.6), (1e-2, 0.7)):  # the top edge wins
+        c.running.discard((0, lr))
+        c.rows[(0, lr)] = {"best_val_acc": val}
+    assert c.ready(widen=1) == [(0, 0.0333)] and c.pick is None  # widened past the edge
+    c.rows[(0, 0.0333)] = {"best_val_acc": 0.65}
+    assert c.ready(widen=1) == [(1, 1e-2), (2, 1e-2)] and c.pick == 1e-2
+    assert c.speculative() == [] and not c.done()
+    c.rows[(1, 1e-2)] = c.rows[(2, 1e-2)] = {"best_val_acc": 0.7}
+    assert c.done()
+
+
+def test_quality_pool_reports_only_what_val_chose(tmp_path):
+    import argparse
+
+    qp = _load("quality_pool")
+    a = argparse.Namespace(plan="smoke", workers=2, threads=1, device="cpu", widen=0,
+                           speculate=True, deadline_s=1.0, scratch=str(tmp_path / "s"),
+                           results_dir=str(tmp_path))
+    pool = qp.Pool(a)
+    c = pool.chains[0]  # linear, grid [1e-3, 1e-2], seeds [0, 1]
+    row = {"task": c.group["task"], "variant": c.variant, "best_val_acc": 0.5,
+           "val_curve": [0.5], "train_wall_s": 1.0, "trainable_params": 1, "test_top1": 0.4,
+           "test_wall_s": 1.0}
+    for seed, lr, val in ((0, 1e-3, 0.4), (0, 1e-2, 0.6), (1, 1e-3, 0.9), (1, 1e-2, 0.5)):
+        c.rows[(seed, lr)] = dict(row, seed=seed, lr=lr, best_val_acc=val)
+    assert c.ready(widen=0) == [] and c.pick == 1e-2 and c.done()
+    pool.write()
+    runs = json.loads((tmp_path / "quality_pool_smoke.json").read_text())["runs"]
+    t = c.group["task"]
+    assert sorted(runs) == sorted([f"{t}|linear|0|0.001", f"{t}|linear|0|0.01",
+                                   f"{t}|linear|1|0.01"])  # seed 1 at 1e-3: speculative, dropped
+    assert "test_top1" not in runs[f"{t}|linear|0|0.001"]  # a grid lr val did not pick
+    assert runs[f"{t}|linear|0|0.01"]["test_top1"] == 0.4
