@@ -116,6 +116,9 @@ ABLATIONS = {
     # ... and no kernel either: SNELL's inner-product update A B^T, dense (LoRA's form with
     # SNELL's factor init and lr options): the ladder LoRA -> inner-dense -> no-sparsity -> SNELLA
     "inner-dense": dict(method="snell", kernel="inner", target_sparsity=0.0),
+    # ... started at zero as LoRA (B = 0): is SNELL's random start what costs it against LoRA?
+    "inner-dense-zero-b": dict(method="snell", kernel="inner", target_sparsity=0.0,
+                               method_kwargs={"b_init_scale": 0.0}),
     "epoch-schedule": dict(schedule_unit="epoch"),
     "sparsity-0.5": dict(target_sparsity=0.5),
     "sparsity-0.9": dict(target_sparsity=0.9),
@@ -254,8 +257,12 @@ def variant_config(name: str, a) -> dict:
     base, _, abl = name.partition(":")
     cfg = {"target_sparsity": a.sparsity, **VARIANTS[base]}
     cfg.pop("compressed", None)
-    if abl:
-        cfg.update(ABLATIONS[abl])
+    if abl:  # one change: its method options join the base's (snella-r8+klr keeps klr)
+        change = dict(ABLATIONS[abl])
+        kw = {**cfg.get("method_kwargs", {}), **change.pop("method_kwargs", {})}
+        cfg.update(change)
+        if kw:
+            cfg["method_kwargs"] = kw
     return cfg
 
 
@@ -503,8 +510,11 @@ class Study:
         # each option variant against the authors' default and against LoRA at its rank
         joins += tuple(p for v in variants if "+" in v for p in (
             (v, v.partition("+")[0]), (v, v.partition("+")[0].replace("snella", "lora"))))
-        # an ablation given its own grid in --variants, against the variant it ablates
+        # an ablation given its own grid in --variants, against the variant it ablates; an
+        # option added to another (+klr+b4), against that one (+klr) when it is in the study
         joins += tuple((v, v.partition(":")[0]) for v in variants if ":" in v)
+        joins += tuple((v, v.rpartition("+")[0]) for v in variants
+                       if v.count("+") > 1 and v.rpartition("+")[0] in variants)
         for t in tasks:
             for x, y in (("snella-r8", "lora-r8"), ("snella-r32", "lora-r32"), *joins,
                          ("snella-r8", "full"), ("snella-r32", "full"), ("snell-r8", "lora-r8")):

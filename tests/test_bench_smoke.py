@@ -242,3 +242,12 @@ def test_quality_pool_reports_only_what_val_chose(tmp_path):
                                    f"{t}|linear|1|0.01"])  # seed 1 at 1e-3: speculative, dropped
     assert "test_top1" not in runs[f"{t}|linear|0|0.001"]  # a grid lr val did not pick
     assert runs[f"{t}|linear|0|0.01"]["test_top1"] == 0.4
+
+
+def test_quality_ablation_keeps_the_base_options():
+    q = _load("bench_quality")
+    a = q.parse_args(["--variants", "snella-r8+klr:inner-dense-zero-b"])
+    cfg = q.variant_config("snella-r8+klr:inner-dense-zero-b", a)
+    assert cfg["method"] == "snell" and cfg["kernel"] == "inner" and cfg["target_sparsity"] == 0
+    assert cfg["method_kwargs"] == {"kernel_lr_scale": 0.01, "b_init_scale": 0.0}
+    assert q.lr_grid("snella-r8+klr:inner-dense-zero-b", q.DEFAULT_LRS) == q.DEFAULT_LRS["snella"]

@@ -221,7 +221,7 @@ def cmd_finetune(a) -> int:
                          schedule_unit=a.schedule_unit, alloc_interval=a.alloc_interval,
                          t_init=a.t_init, t_final=a.t_final, train=_train_config(a, a.out),
                          method_kwargs={k: getattr(a, k) for k in (
-                             "kernel_lr_scale", "b_lr_scale", "init_scale")}
+                             "kernel_lr_scale", "b_lr_scale", "init_scale", "b_init_scale")}
                          if a.method in SNELL_METHODS else {},
                          target_modules=target_modules_arg(a.target_modules), task=a.task,
                          task_options={"head": a.seg_head, "reduce_zero_label":
@@ -582,7 +582,9 @@ def _add_recipe_flags(p) -> None:
                         "gamma, beta (authors 1; a small value keeps a high lr from collapsing "
                         "the run)"),
                        ("b_lr_scale", "lr multiplier of the factor B (LoRA+; authors 1)"),
-                       ("init_scale", "multiplier of the factors' init (authors 1)")):
+                       ("init_scale", "multiplier of the factors' init (authors 1)"),
+                       ("b_init_scale", "a further multiplier of B's init; 0 = LoRA's zero "
+                        "start, snell at --sparsity 0 only (authors 1)")):
         v = FAST.get(flag, 1.0)
         g.add_argument(f"--{flag.replace('_', '-')}", type=float, default=v,
                        help=f"snell / snella: {what}; default {v:g} (fast), authors 1")

@@ -67,6 +67,33 @@ def test_init_scale_scales_the_factors():
         torch.testing.assert_close(ub.snell_B, 0.25 * ua.snell_B)
 
 
+def test_b_init_scale_zero_starts_snell_at_the_base_model_and_still_trains():
+    torch.manual_seed(0)
+    m = tiny_vit()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        before = m(x)
+    cfg = tt.SnellConfig(r=4, kernel="inner", sparsity=0.0, b_init_scale=0.0,
+                         modules_to_save=[])
+    tt.attach(m, cfg)
+    units = _units(m)
+    assert units and all(u.snell_B.abs().max() == 0 and u.snell_A.abs().max() > 0
+                         for u in units)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), before)  # LoRA's start: the update is exactly zero
+    m(x).square().mean().backward()
+    assert all(u.snell_B.grad is not None and u.snell_B.grad.abs().max() > 0 for u in units)
+
+
+@pytest.mark.parametrize("cfg", [dict(method="snella"), dict(method="snell", sparsity=0.5)])
+def test_b_init_scale_zero_with_a_squared_update_is_refused(cfg):
+    kind = tt.SnellaConfig if cfg.pop("method") == "snella" else tt.SnellConfig
+    with pytest.raises(TrimtuneError, match="no gradient at dW = 0.*--sparsity 0"):
+        kind(r=4, b_init_scale=0.0, **cfg)
+    with pytest.raises(TrimtuneError, match="b_init_scale=-1.0: give a multiplier >= 0"):
+        kind(r=4, b_init_scale=-1.0, **cfg)
+
+
 @pytest.mark.parametrize("bad", [0, -1.0, "x", True])
 def test_bad_multiplier_is_one_clear_error(bad):
     for name in ("kernel_lr_scale", "b_lr_scale", "init_scale"):

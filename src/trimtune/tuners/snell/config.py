@@ -65,6 +65,10 @@ class SnellConfig(PeftConfig):
         b_lr_scale: learning-rate multiplier of ``snell_B`` (the LoRA+ idea: the factor on the
             output side learns faster, e.g. 4).
         init_scale: multiplier of the factors' kaiming-uniform init (a smaller first update).
+        b_init_scale: a further multiplier of ``snell_B``'s init; ``0`` starts the update at
+            zero as LoRA does (B = 0). Only where the update is not squared (SNELL at sparsity
+            0, ``sparsify="none"``): ``dW |dW|`` has no gradient at ``dW = 0``, so a squared
+            update started at zero would never train, and that is refused.
     """
 
     r: int = 8
@@ -85,6 +89,7 @@ class SnellConfig(PeftConfig):
     kernel_lr_scale: float = 1.0
     b_lr_scale: float = 1.0
     init_scale: float = 1.0
+    b_init_scale: float = 1.0
 
     method = "snell"
     _peft_type = PeftType.SNELL
@@ -111,6 +116,16 @@ class SnellConfig(PeftConfig):
                 raise TrimtuneError(f"{name}={v!r}: give a positive multiplier (1.0 = the "
                                     "authors' behaviour, e.g. 0.01 or 4)")
             setattr(self, name, float(v))
+        v = self.b_init_scale
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise TrimtuneError(f"b_init_scale={v!r}: give a multiplier >= 0 (1.0 = the authors' "
+                                "init, 0 = LoRA's zero start)")
+        self.b_init_scale = float(v)
+        if self.b_init_scale == 0 and self.unit_sparsify != "none":
+            raise TrimtuneError(
+                f"b_init_scale=0 with the {self.unit_sparsify!r} sparsifier: its update dW |dW| "
+                "has no gradient at dW = 0, so the adapter would never train; use it with SNELL "
+                "at sparsity 0 (--method snell --sparsity 0), or give b_init_scale > 0")
         for name in ("dropout", "drop_path"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:

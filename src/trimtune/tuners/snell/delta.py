@@ -87,7 +87,7 @@ class SparseDelta(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, rank: int, kernel: Kernel,
                  sparsity: float = 0.0, sparsify: str = "code", recompute: bool = True,
-                 init_scale: float = 1.0) -> None:
+                 init_scale: float = 1.0, b_init_scale: float = 1.0) -> None:
         super().__init__()
         if sparsify not in SPARSIFY:
             raise TrimtuneError(f"unknown sparsify mode {sparsify!r}: use one of "
@@ -100,6 +100,7 @@ class SparseDelta(nn.Module):
         self.sparsify_mode = sparsify
         self.recompute = recompute
         self.init_scale = float(init_scale)
+        self.b_init_scale = float(b_init_scale)
         # k = entries zeroed, a buffer: saved with the adapter (state dict, PEFT), never cast to
         # a float dtype; `sparsity` is its float view k / (d_in d_out) (the allocator sets it)
         self.register_buffer("zeroed", torch.zeros((), dtype=torch.long))
@@ -132,7 +133,8 @@ class SparseDelta(nn.Module):
 
     def reset_parameters(self) -> None:
         """``kaiming_uniform_(a=sqrt(5))`` on the 3-D (P, d, r/P) view, as the authors (times
-        ``init_scale``, 1 by default)."""
+        ``init_scale``, 1 by default; ``snell_B`` also times ``b_init_scale``, 0 = LoRA's zero
+        start)."""
         p = max(1, self.kernel.segments)
         for f in (self.snell_A, self.snell_B):
             f3 = torch.empty(p, f.shape[0], self.rank // p)
@@ -141,6 +143,8 @@ class SparseDelta(nn.Module):
                 f.copy_(f3.transpose(0, 1).reshape(f.shape))
                 if self.init_scale != 1.0:
                     f.mul_(self.init_scale)
+                if f is self.snell_B and self.b_init_scale != 1.0:
+                    f.mul_(self.b_init_scale)
 
     def set_lr_scales(self, b: float = 1.0, kernel: float = 1.0) -> None:
         """Learning-rate multipliers of ``snell_B`` and of the kernel's parameters, as

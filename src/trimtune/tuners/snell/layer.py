@@ -86,7 +86,8 @@ class SnellLayer(BaseTunerLayer):
                              create_kernel(config.kernel, config.segments,
                                            config.learnable_coeffs),
                              sparsity=config.initial_sparsity, sparsify=config.unit_sparsify,
-                             recompute=config.recompute, init_scale=config.init_scale)
+                             recompute=config.recompute, init_scale=config.init_scale,
+                             b_init_scale=config.b_init_scale)
                  for _ in range(n)]
         for u in units:  # per-parameter lr multipliers, read by the training loop
             u.set_lr_scales(b=config.b_lr_scale, kernel=config.kernel_lr_scale)
