@@ -584,7 +584,7 @@ def _add_recipe_flags(p) -> None:
                        ("b_lr_scale", "lr multiplier of the factor B (LoRA+; authors 1)"),
                        ("init_scale", "multiplier of the factors' init (authors 1)"),
                        ("b_init_scale", "a further multiplier of B's init; 0 = LoRA's zero "
-                        "start, snell at --sparsity 0 only (authors 1)")):
+                        "start, snell at --sparsity 0 only")):
         v = FAST.get(flag, 1.0)
         g.add_argument(f"--{flag.replace('_', '-')}", type=float, default=v,
                        help=f"snell / snella: {what}; default {v:g} (fast), authors 1")
