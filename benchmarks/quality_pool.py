@@ -149,6 +149,7 @@ class Pool:
         self.procs: dict[subprocess.Popen, tuple[Chain, int, float, str]] = {}
         self.info = machine_info()
         self.n = 0
+        self.failed = 0
 
     def launch(self, c: Chain, seed: int, lr: float) -> None:
         self.n += 1
@@ -175,7 +176,7 @@ class Pool:
                     f"see {self.scratch / (tag + '.log')}")
                 tail = (self.scratch / f"{tag}.log").read_text()[-1500:]
                 print(tail, file=sys.stderr)
-                self.failed = getattr(self, "failed", 0) + 1
+                self.failed += 1
                 c.rows[(seed, lr)] = {"failed": True, "best_val_acc": -1.0}
                 continue
             runs = json.loads(path.read_text())["runs"]
@@ -185,7 +186,8 @@ class Pool:
                 f"test {row.get('test_top1', float('nan')):.4f}, {row['train_wall_s']:.0f}s")
             self.write()
 
-    def write(self, final: bool = False) -> None:
+    def write(self) -> None:
+        """Each group's ``quality_<tag>.json``: what val chose, complete or not."""
         sys.path.insert(0, str(HERE))
         import bench_quality
 
@@ -238,7 +240,7 @@ class Pool:
                         p.kill()
                 self.procs.clear()
                 break
-            if getattr(self, "failed", 0) and not any(
+            if self.failed and not any(
                     not r.get("failed") for c in self.chains for r in c.rows.values()):
                 log("the first runs failed and none succeeded: stopping (see above)")
                 for p in self.procs:
@@ -256,11 +258,11 @@ class Pool:
                         break
                     self.launch(c, seed, lr)
             time.sleep(1.0)
-        self.write(final=True)
+        self.write()
         done = sum(c.done() for c in self.chains)
         log(f"{done} of {len(self.chains)} (group, variant) studies complete in "
-            f"{time.time() - t0:.0f}s; {getattr(self, 'failed', 0)} runs failed")
-        return 0 if not getattr(self, "failed", 0) else 1
+            f"{time.time() - t0:.0f}s; {self.failed} runs failed")
+        return 0 if not self.failed else 1
 
 
 def main(argv=None) -> int:
