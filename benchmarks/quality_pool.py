@@ -35,6 +35,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import bench_quality  # noqa: E402
 from _common import RESULTS, log, machine_info  # noqa: E402
 
 GRID3 = {"lora": [1e-3, 3e-3, 1e-2], "snella": [1e-3, 3e-3, 1e-2], "snell": [1e-3, 3e-3, 1e-2],
@@ -80,10 +81,7 @@ class Chain:
 
     @property
     def method(self) -> str:
-        sys.path.insert(0, str(HERE))
-        from bench_quality import VARIANTS
-
-        return VARIANTS[self.variant.partition(":")[0]]["method"]
+        return bench_quality.VARIANTS[self.variant.partition(":")[0]]["method"]
 
     def ready(self, widen: int) -> list[tuple[int, float]]:
         """Runs that can start now."""
@@ -93,11 +91,9 @@ class Chain:
                     and (s0, lr) not in self.running]
             if todo or any(k[0] == s0 for k in self.running):
                 return todo
-            from bench_quality import widened
-
             vals = {lr: self.rows[(s0, lr)]["best_val_acc"] for lr in self.grid}
             best = max(vals, key=lambda lr: (vals[lr], -lr))
-            more = widened(self.grid, best)
+            more = bench_quality.widened(self.grid, best)
             if more is not None and self.widened < widen:
                 self.widened += 1
                 self.grid = more
@@ -121,14 +117,10 @@ class Chain:
 
 def bench_args(group: dict, variants: list[str], seeds: list[int], lrs: dict, a) -> list[str]:
     """bench_quality's command-line for ``group`` (the whole study, or one run of it)."""
-    argv = ["--tasks", group["task"], "--variants", ",".join(variants),
+    return ["--tasks", group["task"], "--variants", ",".join(variants),
             "--seeds", ",".join(map(str, seeds)), "--epochs", str(group["epochs"]),
-            "--img-size", str(group["img_size"]), "--test-images", str(group.get("test_images",
-                                                                                   0)),
-            "--lrs", json.dumps(lrs), "--device", a.device, "--batch-size", "32"]
-    if group.get("model"):
-        argv += ["--model", group["model"]]
-    return argv
+            "--img-size", str(group["img_size"]), "--test-images", "0",
+            "--lrs", json.dumps(lrs), "--device", a.device]
 
 
 class Pool:
@@ -188,9 +180,6 @@ class Pool:
 
     def write(self) -> None:
         """Each group's ``quality_<tag>.json``: what val chose, complete or not."""
-        sys.path.insert(0, str(HERE))
-        import bench_quality
-
         for tag, g in self.groups.items():
             chains = [c for c in self.chains if c.group["tag"] == tag]
             runs = {}
