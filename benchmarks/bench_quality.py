@@ -103,6 +103,10 @@ VARIANTS = {
     "snella-r8+soft": dict(method="snella", r=8, method_kwargs={"sparsify": "soft"}),
     "snella-r8+klr+soft": dict(method="snella", r=8, method_kwargs={
         "kernel_lr_scale": 0.01, "sparsify": "soft"}),
+    # the budget fixed from step 0 (init sparsity = --sparsity): the allocator only moves it
+    # between layers, no dense-to-sparse ramp (the ladder's costly component, issue 22)
+    "snella-r8+klr+fixed": dict(method="snella", r=8, fixed_budget=True,
+                                method_kwargs={"kernel_lr_scale": 0.01}),
 }
 
 #: ablation name -> changes to snella-r8 (run at snella-r8's selected lr)
@@ -257,6 +261,8 @@ def variant_config(name: str, a) -> dict:
     base, _, abl = name.partition(":")
     cfg = {"target_sparsity": a.sparsity, **VARIANTS[base]}
     cfg.pop("compressed", None)
+    if cfg.pop("fixed_budget", False):
+        cfg["init_sparsity"] = cfg["target_sparsity"]
     if abl:  # one change: its method options join the base's (snella-r8+klr keeps klr)
         change = dict(ABLATIONS[abl])
         kw = {**cfg.get("method_kwargs", {}), **change.pop("method_kwargs", {})}
