@@ -107,6 +107,9 @@ VARIANTS = {
     # between layers, no dense-to-sparse ramp (the ladder's costly component, issue 22)
     "snella-r8+klr+fixed": dict(method="snella", r=8, fixed_budget=True,
                                 method_kwargs={"kernel_lr_scale": 0.01}),
+    # ... with SNELL's piecewise kernel and kernel lr: snell-r8 plus the allocator moving a
+    # fixed budget between layers
+    "snella-r8+fixed+pw": dict(method="snella", r=8, fixed_budget=True, kernel="piecewise"),
 }
 
 #: ablation name -> changes to snella-r8 (run at snella-r8's selected lr)
