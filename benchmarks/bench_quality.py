@@ -110,6 +110,10 @@ VARIANTS = {
     # ... with SNELL's piecewise kernel and kernel lr: snell-r8 plus the allocator moving a
     # fixed budget between layers
     "snella-r8+fixed+pw": dict(method="snella", r=8, fixed_budget=True, kernel="piecewise"),
+    # ... with a floor: every unit keeps >= 10 % of its entries (min_density), so the allocator
+    # cannot switch a unit off for good (it did: q, k, fc1 of most blocks at the first step)
+    "snella-r8+fixed+pw+floor": dict(method="snella", r=8, fixed_budget=True, kernel="piecewise",
+                                     method_kwargs={"min_density": 0.1}),
 }
 
 #: ablation name -> changes to snella-r8 (run at snella-r8's selected lr)

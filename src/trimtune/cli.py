@@ -209,8 +209,17 @@ def target_modules_arg(values: list[str] | None) -> str | list[str] | None:
     return list(values)
 
 
-def cmd_finetune(a) -> int:
+def _snell_options(a) -> dict:
+    """The SNELL / SNELLA options of ``trimtune finetune`` (its ``method_kwargs``)."""
     from .names import SNELL_METHODS
+    if a.method not in SNELL_METHODS:
+        return {}
+    keys = ("kernel_lr_scale", "b_lr_scale", "init_scale", "b_init_scale")
+    keys += ("min_density",) if a.method == "snella" else ()
+    return {k: getattr(a, k) for k in keys}
+
+
+def cmd_finetune(a) -> int:
     from .tasks import FinetuneConfig, finetune
     _check_out(a)
     _apply_recipe(a)
@@ -220,9 +229,7 @@ def cmd_finetune(a) -> int:
                          branch_drop_path=a.branch_drop_path, drop_path_rate=a.drop_path,
                          schedule_unit=a.schedule_unit, alloc_interval=a.alloc_interval,
                          t_init=a.t_init, t_final=a.t_final, train=_train_config(a, a.out),
-                         method_kwargs={k: getattr(a, k) for k in (
-                             "kernel_lr_scale", "b_lr_scale", "init_scale", "b_init_scale")}
-                         if a.method in SNELL_METHODS else {},
+                         method_kwargs=_snell_options(a),
                          target_modules=target_modules_arg(a.target_modules), task=a.task,
                          task_options={"head": a.seg_head, "reduce_zero_label":
                                        a.reduce_zero_label} if a.task == "segmentation" else {})
@@ -578,6 +585,10 @@ def _add_recipe_flags(p) -> None:
                         "fraction of the run if < 1 (default 0)")
     g.add_argument("--t-final", type=float, default=FAST["t_final"],
                    help="snella: final phase with the allocation fixed (default 0)")
+    g.add_argument("--min-density", type=float, default=FAST.get("min_density", 0.0),
+                   help="snella: fraction of each layer's update entries that stays trainable "
+                        "whatever its score (the authors' 0 lets the allocator switch a layer "
+                        "off for good; e.g. 0.1)")
     for flag, what in (("kernel_lr_scale", "lr multiplier of the mixture kernel's scalars alpha, "
                         "gamma, beta (authors 1; a small value keeps a high lr from collapsing "
                         "the run)"),

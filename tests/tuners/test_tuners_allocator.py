@@ -121,6 +121,41 @@ def test_higher_importance_gets_lower_sparsity_and_budget_holds():
     assert alloc.history[-1] == (5, {f"units.{i}": s[i] for i in range(3)})
 
 
+def test_min_density_floor_keeps_every_unit_trainable():
+    """A unit whose gradients vanish is switched off by the authors' rule (min_density 0: its
+    sparsity reaches the one-entry cap); with a floor it keeps >= min_density of its entries,
+    and the total still matches V(t)."""
+    def final(min_density):
+        torch.manual_seed(0)
+        model = Net(((8, 8), (8, 8), (8, 32)))
+        alloc = SnellaAllocator(model, cfg(target_sparsity=0.7, init_sparsity=0.7,
+                                           min_density=min_density), total_steps=10)
+        st = state(model, total=10)
+        alloc.on_train_start(st)
+        g = torch.Generator().manual_seed(1)
+        for step in range(1, 6):
+            fake_grads(model, {0: 1e-6, 2: 10.0}, g)
+            run_step(alloc, st, step)
+        alloc.on_step_start(st)
+        return model, alloc
+
+    model, _ = final(0.0)
+    assert model.units[0].sparsity == pytest.approx(1 - 1 / 64)  # switched off
+    model, alloc = final(0.25)
+    s = [u.sparsity for u in model.units]
+    assert max(s) <= 0.75 + 1e-9 and s[0] == pytest.approx(0.75, abs=1 / 64)
+    assert s[2] < s[0]  # the competition still decides the rest
+    kept = sum((1 - u.sparsity) * u.numel_update for u in model.units)
+    assert abs(kept - alloc.budget(5, 10)) <= 3
+
+
+def test_min_density_must_fit_the_budget():
+    for bad in (-0.1, 0.31):
+        with pytest.raises(TrimtuneError, match=r"min_density=.*outside \[0, 0.3\]"):
+            cfg(target_sparsity=0.7, min_density=bad)
+    assert cfg(target_sparsity=0.7, min_density=0.3).min_density == 0.3
+
+
 def test_sparsity_stays_below_one_and_end_reaches_target():
     model = Net(((8, 8), (8, 8)))
     alloc = SnellaAllocator(model, cfg(target_sparsity=0.9), total_steps=4)

@@ -114,3 +114,21 @@ def test_cli_bad_multiplier_exits_2_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "kernel_lr_scale=0" in err and "positive multiplier" in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_cli_min_density_reaches_snella_only_and_a_bad_one_exits_2(tmp_path, capsys):
+    import argparse
+
+    from trimtune.cli import _snell_options, main
+    a = argparse.Namespace(method="snella", kernel_lr_scale=0.01, b_lr_scale=1.0,
+                           init_scale=1.0, b_init_scale=1.0, min_density=0.1)
+    assert _snell_options(a)["min_density"] == 0.1
+    assert "min_density" not in _snell_options(argparse.Namespace(**{**vars(a),
+                                                                      "method": "snell"}))
+    assert _snell_options(argparse.Namespace(**{**vars(a), "method": "lora"})) == {}
+    out = tmp_path / "run"
+    code = main(["finetune", "--model", "vit_tiny_patch16_224", "--data", "digits:40",
+                 "--out", str(out), "--min-density", "0.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "min_density=0.5 is outside [0, 0.3]" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()

@@ -138,7 +138,8 @@ class SnellaAllocator:
     ends at the optimizer step where ``state.step % state.steps_per_epoch == 0``; a later
     ``on_epoch_end`` for the same epoch is a no-op) after the
     warm-up ``t_init``, the budget ``V(t)`` (:func:`cubic_budget`) is split by
-    :func:`allocate_budget` and each unit gets
+    :func:`allocate_budget` (after setting aside each unit's floor ``config.min_density``,
+    0 by default as the authors) and each unit gets
     ``sparsity = min(clamp(1 - b_l / (m_l n_l), 0, 1), 1 - 1 / (m_l n_l))`` (at least one entry
     survives). As in AdaLoRA, the allocation made on entering the final phase
     (``t > T - t_final``) is kept fixed afterwards. During warm-up every unit keeps ``s_init``.
@@ -176,6 +177,7 @@ class SnellaAllocator:
         self.beta1 = float(config.beta1)
         self.beta2 = float(config.beta2)
         self.size_aware = bool(config.size_aware)
+        self.min_density = float(getattr(config, "min_density", 0.0))
         if self.unit not in ("step", "epoch"):
             raise TrimtuneError(f"schedule_unit={self.unit!r} is not known; use 'step' or 'epoch'")
         if self.interval < 1:
@@ -351,7 +353,11 @@ class SnellaAllocator:
         names = list(self.units)
         sc = self.scores()
         caps = [self.capacity[n] for n in names]
-        b = allocate_budget(self.budget(t, T), [sc[n] for n in names], caps)
+        # min_density: each unit's floor is set aside first, the rest competes by score
+        floor = [int(math.floor(self.min_density * c)) for c in caps]
+        b = allocate_budget(self.budget(t, T) - sum(floor), [sc[n] for n in names],
+                            [c - f for c, f in zip(caps, floor)])
+        b = [bl + f for bl, f in zip(b, floor)]
         out = {}
         for n, bl, c in zip(names, b, caps):
             s = min(max(1.0 - bl / c, 0.0), 1.0)

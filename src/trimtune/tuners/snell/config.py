@@ -179,6 +179,12 @@ class SnellaConfig(SnellConfig):
         beta1 / beta2: EMA factors of the sensitivity and uncertainty scores.
         size_aware: weight layer scores by layer size (a mean-based score otherwise gives a
             768x3072 matrix no more budget than a 768x768 one).
+        min_density: every unit keeps at least this fraction of its update's entries when the
+            budget is shared (its sparsity is at most ``1 - min_density``). ``0`` is the
+            authors' rule, under which a unit can be given no entries at all: its update is
+            then zero, its factors get no gradient, its score decays and it never wins budget
+            back (issue 22: at a fixed 70 % budget the first reallocation switches off q, k and
+            fc1 of most blocks). At most ``1 - max(init_sparsity, target_sparsity)``.
     """
 
     kernel: str = "mixture"
@@ -192,6 +198,7 @@ class SnellaConfig(SnellConfig):
     beta1: float = 0.85
     beta2: float = 0.85
     size_aware: bool = False
+    min_density: float = 0.0
 
     method = "snella"
     _peft_type = PeftType.SNELLA
@@ -214,6 +221,12 @@ class SnellaConfig(SnellConfig):
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise TrimtuneError(f"{name}={getattr(self, name)} is outside [0, 1): use 0.85")
+        densest = 1.0 - max(self.init_sparsity, self.target_sparsity)
+        if not 0.0 <= self.min_density <= densest:
+            raise TrimtuneError(
+                f"min_density={self.min_density} is outside [0, {densest:g}]: every unit's "
+                f"floor must fit in the smallest budget (1 - max(init_sparsity, "
+                f"target_sparsity)); use e.g. 0.1, or 0 for the authors' rule")
 
 
 def config_from_dict(d: dict[str, Any]) -> SnellConfig:
