@@ -114,6 +114,10 @@ VARIANTS = {
     # cannot switch a unit off for good (it did: q, k, fc1 of most blocks at the first step)
     "snella-r8+fixed+pw+floor": dict(method="snella", r=8, fixed_budget=True, kernel="piecewise",
                                      method_kwargs={"min_density": 0.1}),
+    # ... and no reallocation before 30 % of the run (t_init): the scores settle first
+    "snella-r8+fixed+pw+floor+late": dict(method="snella", r=8, fixed_budget=True,
+                                          kernel="piecewise", t_init=0.3,
+                                          method_kwargs={"min_density": 0.1}),
 }
 
 #: ablation name -> changes to snella-r8 (run at snella-r8's selected lr)
