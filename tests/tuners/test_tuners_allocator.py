@@ -150,7 +150,7 @@ def test_min_density_floor_keeps_every_unit_trainable():
 
 
 def test_min_density_must_fit_the_budget():
-    for bad in (-0.1, 0.31):
+    for bad in (-0.1, 0.31, "x", True):
         with pytest.raises(TrimtuneError, match=r"min_density=.*outside \[0, 0.3\]"):
             cfg(target_sparsity=0.7, min_density=bad)
     assert cfg(target_sparsity=0.7, min_density=0.3).min_density == 0.3

@@ -222,7 +222,8 @@ class SnellaConfig(SnellConfig):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise TrimtuneError(f"{name}={getattr(self, name)} is outside [0, 1): use 0.85")
         densest = 1.0 - max(self.init_sparsity, self.target_sparsity)
-        if not 0.0 <= self.min_density <= densest:
+        md = self.min_density
+        if isinstance(md, bool) or not isinstance(md, (int, float)) or not 0.0 <= md <= densest:
             raise TrimtuneError(
                 f"min_density={self.min_density} is outside [0, {densest:g}]: every unit's "
                 f"floor must fit in the smallest budget (1 - max(init_sparsity, "
