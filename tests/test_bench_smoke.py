@@ -251,3 +251,28 @@ def test_quality_ablation_keeps_the_base_options():
     assert cfg["method"] == "snell" and cfg["kernel"] == "inner" and cfg["target_sparsity"] == 0
     assert cfg["method_kwargs"] == {"kernel_lr_scale": 0.01, "b_init_scale": 0.0}
     assert q.lr_grid("snella-r8+klr:inner-dense-zero-b", q.DEFAULT_LRS) == q.DEFAULT_LRS["snella"]
+
+
+def test_alloc_units_off_counts_from_a_run_checkpoint(tmp_path, monkeypatch, capsys):
+    import torch
+    mod = _load("alloc_units_off")
+    assert [mod.kind(f"blocks.0.attn.qkv.snell_units.default.{i}") for i in range(3)] == \
+        ["q", "k", "v"]
+    assert mod.kind("blocks.0.mlp.fc1.snell_units.default.0") == "fc1"
+    names = ["blocks.0.attn.qkv.snell_units.default.0", "blocks.0.attn.qkv.snell_units.default.1",
+             "blocks.0.mlp.fc1.snell_units.default.0"]
+    hist = [(0, dict.fromkeys(names, 0.7)), (1, dict(zip(names, (0.995, 0.5, 0.6)))),
+            (9, dict(zip(names, (0.999, 0.995, 0.2))))]
+    run = tmp_path / "t" / "v" / "s0_0.01"
+    (run / "checkpoint").mkdir(parents=True)
+    torch.save({"callbacks": {"0": {"history": hist}}}, run / "checkpoint" / "state.pt")
+    monkeypatch.setattr(mod, "write_results",
+                        lambda stem, md, data: (tmp_path / f"{stem}.json").write_text(
+                            json.dumps(data)))
+    assert mod.main([str(run), "--tag", "t"]) == 0
+    got = json.loads((tmp_path / "alloc_units_off_t.json").read_text())["runs"]["t/v/s0_0.01"]
+    assert (got["units"], got["off_first"], got["off_end"]) == (3, 1, 2)
+    assert got["final_mean_sparsity"]["fc1"] == pytest.approx(0.2)
+    with pytest.raises(SystemExit) as e:
+        mod.main([str(tmp_path / "missing")])
+    assert e.value.code == 2

@@ -183,8 +183,8 @@ class SnellaConfig(SnellConfig):
             budget is shared (its sparsity is at most ``1 - min_density``). ``0`` is the
             authors' rule, under which a unit can be given no entries at all: its update is
             then zero, its factors get no gradient, its score decays and it never wins budget
-            back (issue 22: at a fixed 70 % budget the first reallocation switches off q, k and
-            fc1 of most blocks). At most ``1 - max(init_sparsity, target_sparsity)``.
+            back (issue 22: at a fixed 70 % budget, q, k and fc1 of every block end switched
+            off). At most ``1 - max(init_sparsity, target_sparsity)``.
     """
 
     kernel: str = "mixture"
