@@ -167,7 +167,8 @@ def _pipeline(a: QuickstartSettings, out: Path, t_start: float) -> dict:
         print(f"[{time.time() - t_start:6.0f}s] {msg}", flush=True)
 
     stage(f"backbone {a.model} at {a.img_size}px, {nc} classes")
-    teacher = create_backbone(a.model, weights=a.weights, num_classes=nc, img_size=a.img_size)
+    teacher = create_backbone(a.model, weights=a.weights, num_classes=nc, img_size=a.img_size,
+                              seed=a.seed)
     tf = build_transform(teacher, train=False)
     train_ds = load_dataset(data_name, "train", transform=tf, seed=a.seed)
     test_name, test_split = split_spec(test_spec, "test")

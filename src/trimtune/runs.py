@@ -42,7 +42,8 @@ def load_model(spec: str | nn.Module, *, num_classes: int | None = None,
                seed: int | None = None) -> nn.Module:
     """A model from a timm / zoo name, a compressed-model or merged-model folder, or a
     fine-tuning run folder (base + adapter). ``num_classes`` replaces the head when it differs;
-    ``seed`` seeds torch first, so that new head is the same on every run."""
+    ``seed`` seeds torch first, so that new head is the same on every run (``None``: seed 0,
+    drawn in a forked RNG that leaves the global one as it was)."""
     import torch
 
     if img_size is not None and img_size < 1:
@@ -64,14 +65,17 @@ def load_model(spec: str | nn.Module, *, num_classes: int | None = None,
                 "`trimtune compress/distill/merge`) nor run.json (a `trimtune finetune` run)")
         else:
             model = create_backbone(str(spec), weights=weights, num_classes=num_classes,
-                                    img_size=img_size)
+                                    img_size=img_size, seed=0 if seed is None else seed)
         have = input_size(model)
         if path.is_dir() and img_size is not None and have is not None and have != img_size:
             raise TrimtuneError(f"{path} holds a model for {have} px images, not img_size="
                                 f"{img_size}: drop img_size, or start again from the backbone "
                                 "name with the new size")
     if num_classes is not None and getattr(model, "num_classes", num_classes) != num_classes:
-        model.reset_classifier(num_classes)
+        with torch.random.fork_rng(devices=[], enabled=seed is None):
+            if seed is None:
+                torch.manual_seed(0)
+            model.reset_classifier(num_classes)
         arch = getattr(model, "trimtune_arch", None)
         if arch is not None:
             arch["kwargs"]["num_classes"] = num_classes

@@ -46,7 +46,7 @@ def build_train_step(model: str, *, method: str = "snella", r: int = 8,
         m = load_model(model, num_classes=num_classes)
     else:
         m = create_backbone(model, pretrained=pretrained, weights=weights,
-                            num_classes=num_classes, img_size=img_size)
+                            num_classes=num_classes, img_size=img_size, seed=seed)
     if compress_ratio:
         from .lowrank import compress
         m = compress(m, ratio=compress_ratio, inplace=True)

@@ -226,3 +226,26 @@ def test_offline_uses_locally_cached_hub_file(tmp_path, monkeypatch):
     monkeypatch.setattr(factory, "_local_hub_file", lambda cfg: str(path))
     model = create_backbone(ARCH, pretrained=True, num_classes=5, **TINY)
     assert same_weights(src, model, skip=("head.",))
+
+
+def test_same_call_same_model_whatever_the_global_rng():
+    """A fresh head (here: every weight, pretrained=False) is drawn from create_backbone's own
+    seed in a forked RNG: the same call gives the same model after any global RNG history, and
+    leaves the global RNG where it was; another seed gives another model; seed=None is timm's
+    behaviour (the global RNG decides)."""
+    kw = {"num_classes": 5, **TINY}
+    torch.manual_seed(123)
+    a = create_backbone(ARCH, pretrained=False, **kw)
+    torch.manual_seed(456)
+    state = torch.get_rng_state()
+    b = create_backbone(ARCH, pretrained=False, **kw)
+    assert torch.equal(torch.get_rng_state(), state), "the global RNG was advanced"
+    assert same_weights(a, b)
+    assert not same_weights(a, create_backbone(ARCH, pretrained=False, seed=1, **kw))
+    torch.manual_seed(7)
+    c = create_backbone(ARCH, pretrained=False, seed=None, **kw)
+    torch.manual_seed(8)
+    d = create_backbone(ARCH, pretrained=False, seed=None, **kw)
+    assert not same_weights(c, d)
+    with pytest.raises(TrimtuneError, match="seed=.*not an integer"):
+        create_backbone(ARCH, pretrained=False, seed="0", **kw)

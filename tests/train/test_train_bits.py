@@ -1,7 +1,9 @@
-"""Same seed, same bits on the real default path: the zoo's DINOv2-S (real weights), the built-in
-Fashion-MNIST, SNELLA, two fresh processes each, with the compiled SNELL path on and off, at
-2 threads: the adapter files are byte-identical. And the one setting that changes the bits (the
-thread count) is recorded in run.json and gives other bits, as README says."""
+"""Same seed, same bits on the real default path: the zoo's DINOv2-S (real weights; its new head
+made by create_backbone in each process after a random global RNG state), the built-in
+Fashion-MNIST, SNELLA with its mask competing from the first step, two fresh processes each,
+with the compiled SNELL path on and off, at 2 threads: the adapter files are byte-identical. And
+the one setting that changes the bits (the thread count) is recorded in run.json and gives other
+bits, as README says."""
 
 from __future__ import annotations
 
@@ -19,10 +21,10 @@ pytestmark = pytest.mark.slow
 SCRIPT = """
 import sys, torch, trimtune as tt
 out, threads = sys.argv[1], int(sys.argv[2])
-cfg = tt.FinetuneConfig(method="snella", rank=8, train=tt.TrainConfig(
+cfg = tt.FinetuneConfig(method="snella", rank=8, init_sparsity=0.7, train=tt.TrainConfig(
     lr=1e-2, epochs=1, max_steps=3, batch_size=16, seed=1, out_dir=out, progress=False,
     threads=threads))
-torch.manual_seed(0)  # not the run's seed: finetune seeds everything itself
+torch.seed()  # a random global RNG state: create_backbone draws the new head from its own seed
 model = tt.create_backbone("dinov2_small.imgfocus", num_classes=10, img_size=56)
 tt.finetune(model, "fashion-mnist:1k", cfg)
 """

@@ -38,9 +38,14 @@ def create_backbone(
     weights: str | os.PathLike | None = None,
     num_classes: int | None = None,
     img_size: int | None = None,
+    seed: int | None = 0,
     **timm_kwargs: Any,
 ) -> nn.Module:
     """Create a (pre-trained) backbone as a plain timm model.
+
+    The same call gives the same model in every process: whatever is randomly initialised (a
+    fresh classifier head; every weight with ``pretrained=False``) is drawn from
+    ``torch.manual_seed(seed)`` in a forked RNG, so the global RNG is neither read nor advanced.
 
     Args:
         name: a timm architecture (``timm.list_models()``, optionally with a ``.tag``) or an
@@ -53,6 +58,8 @@ def create_backbone(
             when ``img_size`` differs.
         num_classes: size of a fresh classifier head (``0``: no head, features only).
         img_size: input resolution (square); must be divisible by the patch size.
+        seed: seed of that random initialisation (default 0); ``None`` draws it from (and
+            advances) the global RNG, as ``timm.create_model`` does.
         **timm_kwargs: passed straight to ``timm.create_model`` (``drop_path_rate=0.1``...).
 
     Returns:
@@ -61,6 +68,20 @@ def create_backbone(
     """
     if not isinstance(name, str) or not name:
         raise TrimtuneError(f"model name must be a non-empty string, got {name!r}")
+    if seed is None:
+        return _create_backbone(name, pretrained, weights, num_classes, img_size, timm_kwargs)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TrimtuneError(f"seed={seed!r} is not an integer: give e.g. seed=0, or None for "
+                            "the global RNG")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _create_backbone(name, pretrained, weights, num_classes, img_size, timm_kwargs)
+
+
+def _create_backbone(name: str, pretrained: bool, weights: str | os.PathLike | None,
+                     num_classes: int | None, img_size: int | None,
+                     timm_kwargs: dict[str, Any]) -> nn.Module:
+    """:func:`create_backbone` under whatever RNG state is current."""
     kwargs = dict(timm_kwargs)
     if num_classes is not None:
         kwargs["num_classes"] = int(num_classes)
