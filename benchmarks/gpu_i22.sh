@@ -7,7 +7,7 @@
 # Everything it keeps lands in $OUT (at most 8 files): env.txt, profile_112.{json,md}, pool.log
 # and the groups' quality_<tag>.json; `bench_quality.py --report-only --tag <tag>` here then
 # writes their .md / .png.
-# Usage (device tool, carry [".gpu"]): bash benchmarks/gpu_i22.sh [PLAN] [DEADLINE_S] [WORKERS]
+# Usage (device tool, carry [".gpu"]): [PROFILE=0] bash benchmarks/gpu_i22.sh [PLAN] [DEADLINE_S] [WORKERS]
 # A dry run on this CPU machine: OUT=/tmp/out DEVICE=cpu bash benchmarks/gpu_i22.sh smoke 120 2
 set -u
 PLAN=${1:-i22-gpu}
@@ -30,7 +30,7 @@ print('torch', torch.__version__, 'timm', timm.__version__, 'peft', peft.__versi
       'accelerate', accelerate.__version__, 'sklearn', sklearn.__version__)"; nproc; free -g; } \
     >> "$OUT/env.txt" 2>&1
 echo "setup $(( $(date +%s) - t0 )) s"; cat "$OUT/env.txt"
-if [ "$DEVICE" = cuda ]; then
+if [ "$DEVICE" = cuda ] && [ "${PROFILE:-1}" = 1 ]; then  # PROFILE=0: skip (already measured)
     timeout 100 $PY benchmarks/profile_snell_step.py --device cuda --img-size 112 --batch 32 \
         --reps 10 --threads 4 --variants lora,snella,snella-compiled \
         --json "$OUT/profile_112.json" > "$OUT/profile_112.md" 2>&1

@@ -57,6 +57,15 @@ PLANS = {
         dict(tag="i22_112px_cuda", task="fashion-mnist:1k", img_size=112, epochs=10,
              variants=["full", "snell-r8", "linear"]),
     ],
+    # the 112 px point again after the same-seed fix (every run's head now seeded): LoRA,
+    # SNELL (the authors', the short-budget winner on the CPU), and the `full` / `linear` rows;
+    # grids centred on the earlier picks (LoRA 1e-3 on the GPU, SNELL 1e-2 at 10 CPU epochs)
+    "i22-gpu2": [
+        dict(tag="i22_112px_v2_cuda", task="fashion-mnist:1k", img_size=112, epochs=10,
+             variants=["lora-r8", "snell-r8", "full", "linear"],
+             lrs={"lora": [1 / 3000, 1e-3, 3e-3], "snell": [1 / 300, 1e-2, 1 / 30],
+                  "full": [1e-5, 3e-5, 1e-4], "linear": [3e-3, 1e-2, 3e-2]}),
+    ],
     # a few seconds on a CPU: checks the pool end to end (tests and the device script's dry run)
     "smoke": [
         dict(tag="pool_smoke", task="digits:200", img_size=28, epochs=1,
