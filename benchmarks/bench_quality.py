@@ -118,6 +118,11 @@ VARIANTS = {
     "snella-r8+fixed+pw+floor+late": dict(method="snella", r=8, fixed_budget=True,
                                           kernel="piecewise", t_init=0.3,
                                           method_kwargs={"min_density": 0.1}),
+    # ... or reallocating at epoch ends only (the authors' train_alloc.py timing) instead of
+    # after every step: each decision sees a whole epoch of scores, and the masks churn less
+    "snella-r8+fixed+pw+floor+epoch": dict(method="snella", r=8, fixed_budget=True,
+                                           kernel="piecewise", schedule_unit="epoch",
+                                           method_kwargs={"min_density": 0.1}),
 }
 
 #: ablation name -> changes to snella-r8 (run at snella-r8's selected lr)
@@ -532,6 +537,9 @@ class Study:
         joins += tuple((v, v.partition(":")[0]) for v in variants if ":" in v)
         joins += tuple((v, v.rpartition("+")[0]) for v in variants
                        if v.count("+") > 1 and v.rpartition("+")[0] in variants)
+        # every SNELLA variant against the authors' SNELL (SNELLA without its allocator)
+        joins += tuple((v, "snell-r8") for v in variants if v.startswith("snella-r8"))
+        joins = tuple(dict.fromkeys(joins))
         for t in tasks:
             for x, y in (("snella-r8", "lora-r8"), ("snella-r32", "lora-r32"), *joins,
                          ("snella-r8", "full"), ("snella-r32", "full"), ("snell-r8", "lora-r8")):
