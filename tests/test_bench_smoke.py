@@ -276,3 +276,18 @@ def test_alloc_units_off_counts_from_a_run_checkpoint(tmp_path, monkeypatch, cap
     with pytest.raises(SystemExit) as e:
         mod.main([str(tmp_path / "missing")])
     assert e.value.code == 2
+
+
+def test_count_step_ops_attributes_ops_to_parts(tmp_path, monkeypatch):
+    """count_step_ops: LoRA has no allocator ops, SNELLA's allocator shows up under callbacks,
+    every part of a SNELLA step is counted; written to step_ops_<tag>.json."""
+    monkeypatch.setenv("TRIMTUNE_RESULTS", str(tmp_path))
+    mod = _load("count_step_ops")
+    assert mod.main(["--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch", "1",
+                     "--variants", "lora,snella", "--tag", "t"]) == 0
+    data = json.loads((tmp_path / "step_ops_t.json").read_text())["variants"]
+    assert data["lora"]["kernel_ops"]["callbacks"] == 0 and data["lora"]["units"] == 0
+    snella = data["snella"]["kernel_ops"]
+    assert data["snella"]["units"] > 0 and snella["callbacks"] > 0
+    assert all(snella[p] > 0 for p in ("forward", "backward", "optimizer"))
+    assert sum(snella.values()) > sum(data["lora"]["kernel_ops"].values())

@@ -8,6 +8,7 @@ tuners and never imports them)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -70,17 +71,26 @@ def build_train_step(model: str, *, method: str = "snella", r: int = 8,
         if hasattr(cb, "on_train_start"):
             cb.on_train_start(state)
 
-    def step() -> None:
-        for cb in callbacks:
-            if hasattr(cb, "on_step_start"):
-                cb.on_step_start(state)
-        loss = loss_fn(m(x), y)
-        loss.backward()
-        opt.step()
+    def step(phase=None) -> None:
+        """One step; ``phase(name)``, if given, is a context manager entered around each part
+        (``"start"``, ``"forward"``, ``"backward"``, ``"optimizer"``, ``"callbacks"``), e.g.
+        to count or time them (``benchmarks/count_step_ops.py``)."""
+        part = phase or (lambda name: contextlib.nullcontext())
+        with part("start"):
+            for cb in callbacks:
+                if hasattr(cb, "on_step_start"):
+                    cb.on_step_start(state)
+        with part("forward"):
+            loss = loss_fn(m(x), y)
+        with part("backward"):
+            loss.backward()
+        with part("optimizer"):
+            opt.step()
         state.step += 1
-        for cb in callbacks:  # before zero_grad: the allocator reads the gradients
-            if hasattr(cb, "after_optimizer_step"):
-                cb.after_optimizer_step(state)
+        with part("callbacks"):
+            for cb in callbacks:  # before zero_grad: the allocator reads the gradients
+                if hasattr(cb, "after_optimizer_step"):
+                    cb.after_optimizer_step(state)
         opt.zero_grad(set_to_none=True)
 
     return m, step

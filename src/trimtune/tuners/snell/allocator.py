@@ -310,32 +310,55 @@ class SnellaAllocator:
     # ------------------------------------------------------------------ importance
     @torch.no_grad()
     def update_importance(self) -> None:
-        """Fold the current gradients of every unit's ``A``, ``B`` into ``Ibar`` and ``U``."""
+        """Fold the current gradients of every unit's ``A``, ``B`` into ``Ibar`` and ``U``.
+
+        All factors at once (``torch._foreach_*``: a few kernels per step instead of ~16 per
+        factor, which dominated a GPU step's launches), element for element the same
+        arithmetic as one factor at a time."""
+        keys, ps, gs = [], [], []
         for name, unit in self.units.items():
             for key, p in (("A", unit.snell_A), ("B", unit.snell_B)):
-                if p.grad is None:
-                    continue
-                ipt = (p.detach() * p.grad.detach()).abs().float()
-                ipt = torch.nan_to_num(ipt, nan=0.0, posinf=0.0, neginf=0.0)
-                ibar = self.ibar.setdefault(name, {}).get(key)
-                unc = self.unc.setdefault(name, {}).get(key)
-                if ibar is None:
-                    ibar, unc = torch.zeros_like(ipt), torch.zeros_like(ipt)
-                ibar, unc = ibar.to(ipt.device), unc.to(ipt.device)
-                ibar = self.beta1 * ibar + (1 - self.beta1) * ipt
-                unc = self.beta2 * unc + (1 - self.beta2) * (ipt - ibar).abs()
-                self.ibar[name][key], self.unc[name][key] = ibar, unc
+                if p.grad is not None:
+                    keys.append((name, key))
+                    ps.append(p.detach())
+                    gs.append(p.grad.detach())
+        if keys:
+            ipt = [torch.nan_to_num(t.float(), nan=0.0, posinf=0.0, neginf=0.0)
+                   for t in torch._foreach_abs(torch._foreach_mul(ps, gs))]
+            ibar, unc = [], []
+            for (name, key), i in zip(keys, ipt):
+                old = self.ibar.setdefault(name, {}).get(key)
+                if old is None:
+                    ibar.append(torch.zeros_like(i))
+                    unc.append(torch.zeros_like(i))
+                else:
+                    ibar.append(old.to(i.device))
+                    unc.append(self.unc.setdefault(name, {})[key].to(i.device))
+            # ibar = b1 * ibar + (1 - b1) * ipt;  unc = b2 * unc + (1 - b2) * |ipt - ibar|
+            ibar = torch._foreach_add(torch._foreach_mul(ibar, self.beta1),
+                                      torch._foreach_mul(ipt, 1 - self.beta1))
+            dev = torch._foreach_abs(torch._foreach_sub(ipt, ibar))
+            unc = torch._foreach_add(torch._foreach_mul(unc, self.beta2),
+                                     torch._foreach_mul(dev, 1 - self.beta2))
+            for (name, key), b, u in zip(keys, ibar, unc):
+                self.ibar[name][key] = b
+                self.unc.setdefault(name, {})[key] = u
         self.num_updates += 1
 
     def scores(self) -> dict[str, float]:
         """Normalised unit scores (sum 1; uniform when no finite positive score exists)."""
+        # every factor's mean(Ibar * U) in one transfer (one device sync, not one per factor)
+        parts = [(name, key) for name in self.units for key in ("A", "B")
+                 if self.ibar.get(name, {}).get(key) is not None]
+        means = dict(zip(parts, torch.stack([
+            (self.ibar[n][k] * self.unc[n][k]).mean() for n, k in parts]).tolist()
+            if parts else []))
         raw = {}
         for name in self.units:
             s = 0.0
             for key in ("A", "B"):
-                ibar = self.ibar.get(name, {}).get(key)
-                if ibar is not None:
-                    s += float((ibar * self.unc[name][key]).mean())
+                if (name, key) in means:
+                    s += means[(name, key)]
             if self.size_aware:
                 s *= self.capacity[name]
             raw[name] = s if math.isfinite(s) and s > 0 else 0.0
