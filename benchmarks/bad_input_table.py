@@ -167,9 +167,8 @@ CASES = [
 
 def _tiny(width: int = 64, classes: int = 4, seed: int = 0):
     import trimtune as tt
-    torch.manual_seed(seed)
     return tt.create_backbone("vit_tiny_patch16_224", pretrained=False, num_classes=classes,
-                              **{**TINY, "embed_dim": width})
+                              seed=seed, **{**TINY, "embed_dim": width})
 
 
 def _images(root: Path, classes: list[str], bad: str | None = None) -> str:

@@ -281,8 +281,8 @@ def test_alloc_units_off_counts_from_a_run_checkpoint(tmp_path, monkeypatch, cap
 def test_count_step_ops_attributes_ops_to_parts(tmp_path, monkeypatch):
     """count_step_ops: LoRA has no allocator ops, SNELLA's allocator shows up under callbacks,
     every part of a SNELLA step is counted; written to step_ops_<tag>.json."""
-    monkeypatch.setenv("TRIMTUNE_RESULTS", str(tmp_path))
     mod = _load("count_step_ops")
+    monkeypatch.setattr(sys.modules["_common"], "RESULTS", tmp_path)
     assert mod.main(["--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch", "1",
                      "--variants", "lora,snella", "--tag", "t"]) == 0
     data = json.loads((tmp_path / "step_ops_t.json").read_text())["variants"]
