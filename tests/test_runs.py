@@ -273,7 +273,7 @@ def test_sigterm_to_the_cli_writes_a_checkpoint_and_says_how_to_resume(tmp_path)
     assert len(lines) == 1 and "interrupted by SIGTERM at optimizer step" in lines[0], err
     assert "--resume" in lines[0] and "Traceback" not in err
     step = read_json(out / "checkpoint" / "meta.json")["step"]
-    assert step >= 4
+    assert step >= 1  # how many steps ran before the signal depends on the machine's load
     # resuming with a shorter horizon is a changed setting: refused, one line
     r = cli([*args[:-2], "--out", out, "--resume", "--epochs", "2"], {})
     assert r.returncode == 2 and "epochs=2 differs from the checkpoint's epochs=300" in r.stderr
