@@ -71,12 +71,13 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="cpu", help="results file: step_ops_<tag>.*")
     a = ap.parse_args(argv)
     from trimtune.train_step import build_train_step
+    from trimtune.tuners.snell.allocator import find_units
 
     old_compile, old_threads = os.environ.get("TRIMTUNE_COMPILE"), torch.get_num_threads()
     os.environ["TRIMTUNE_COMPILE"] = "0"
     torch.set_num_threads(1)
     try:
-        rows, data = _count_all(a, build_train_step)
+        rows, data = _count_all(a, build_train_step, find_units)
     finally:
         torch.set_num_threads(old_threads)
         if old_compile is None:
@@ -91,12 +92,12 @@ def main(argv=None) -> int:
     return finish(f"step_ops_{a.tag}", lines, info, {"args": vars(a), "variants": data})
 
 
-def _count_all(a, build_train_step) -> tuple[list, dict]:
+def _count_all(a, build_train_step, find_units) -> tuple[list, dict]:
     rows, data = [], {}
     for v in [v.strip() for v in a.variants.split(",") if v.strip()]:
         m, step = build_train_step(a.model, method=v, r=8, batch_size=a.batch,
                                    img_size=a.img_size, pretrained=False, device="cpu")
-        units = sum(1 for _, mod in m.named_modules() if hasattr(mod, "snell_A"))
+        units = len(find_units(m))
         step()
         step()
         seen = count(step)

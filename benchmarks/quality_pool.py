@@ -58,7 +58,7 @@ PLANS = {
              variants=["full", "snell-r8", "linear"]),
     ],
     # the 112 px point again after the same-seed fix (every run's head now seeded): LoRA,
-    # SNELL (the authors', the short-budget winner on the CPU), and the `full` / `linear` rows;
+    # SNELL (the authors'), and the `full` / `linear` rows;
     # grids centred on the earlier picks (LoRA 1e-3 on the GPU, SNELL 1e-2 at 10 CPU epochs)
     "i22-gpu2": [
         dict(tag="i22_112px_v2_cuda", task="fashion-mnist:1k", img_size=112, epochs=10,
