@@ -139,6 +139,9 @@ ABLATIONS = {
     # ... started at zero as LoRA (B = 0): is SNELL's random start what costs it against LoRA?
     "inner-dense-zero-b": dict(method="snell", kernel="inner", target_sparsity=0.0,
                                method_kwargs={"b_init_scale": 0.0}),
+    # SNELL's own kernel with nothing competing (KLoRA: the plain kernel update, no squaring):
+    # with ``inner-dense`` it splits snell-r8's gap to LoRA into kernel and sparsifier
+    "dense": dict(target_sparsity=0.0),
     "epoch-schedule": dict(schedule_unit="epoch"),
     "sparsity-0.5": dict(target_sparsity=0.5),
     "sparsity-0.9": dict(target_sparsity=0.9),
