@@ -49,6 +49,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -123,6 +124,12 @@ VARIANTS = {
     "snella-r8+fixed+pw+floor+epoch": dict(method="snella", r=8, fixed_budget=True,
                                            kernel="piecewise", schedule_unit="epoch",
                                            method_kwargs={"min_density": 0.1}),
+    # the competition without the squaring (sparsify "mask": dW 1[|dW| > t]): the update grows
+    # linearly in the factors as LoRA's, not as dW |dW| (tiny at init, needs a 10x higher lr)
+    "snell-r8+mask": dict(method="snell", r=8, method_kwargs={"sparsify": "mask"}),
+    "snella-r8+fixed+pw+floor+epoch+mask": dict(
+        method="snella", r=8, fixed_budget=True, kernel="piecewise", schedule_unit="epoch",
+        method_kwargs={"min_density": 0.1, "sparsify": "mask"}),
 }
 
 #: ablation name -> changes to snella-r8 (run at snella-r8's selected lr)
@@ -289,6 +296,11 @@ def variant_config(name: str, a) -> dict:
         if kw:
             cfg["method_kwargs"] = kw
     return cfg
+
+
+def _lora_of(name: str) -> str:
+    """The LoRA variant of the same rank (``snell-r8+mask:dense`` -> ``lora-r8``)."""
+    return re.sub(r"^snella?", "lora", name.partition(":")[0].partition("+")[0])
 
 
 def lr_grid(name: str, grids: dict) -> tuple[float, ...]:
@@ -534,10 +546,11 @@ class Study:
         joins = tuple((v, v.partition("@")[0]) for v in variants if "@" in v)
         # each option variant against the authors' default and against LoRA at its rank
         joins += tuple(p for v in variants if "+" in v for p in (
-            (v, v.partition("+")[0]), (v, v.partition("+")[0].replace("snella", "lora"))))
-        # an ablation given its own grid in --variants, against the variant it ablates; an
-        # option added to another (+klr+b4), against that one (+klr) when it is in the study
-        joins += tuple((v, v.partition(":")[0]) for v in variants if ":" in v)
+            (v, v.partition("+")[0]), (v, _lora_of(v))))
+        # an ablation given its own grid in --variants, against the variant it ablates and
+        # LoRA; an option added to another (+klr+b4), against that one (+klr) when in the study
+        joins += tuple(p for v in variants if ":" in v
+                       for p in ((v, v.partition(":")[0]), (v, _lora_of(v))))
         joins += tuple((v, v.rpartition("+")[0]) for v in variants
                        if v.count("+") > 1 and v.rpartition("+")[0] in variants)
         # every SNELLA variant against the authors' SNELL (SNELLA without its allocator)

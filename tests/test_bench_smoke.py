@@ -253,6 +253,19 @@ def test_quality_ablation_keeps_the_base_options():
     assert q.lr_grid("snella-r8+klr:inner-dense-zero-b", q.DEFAULT_LRS) == q.DEFAULT_LRS["snella"]
 
 
+def test_quality_mask_variants_and_their_joins_to_lora():
+    q = _load("bench_quality")
+    a = q.parse_args(["--variants", "snell-r8+mask,snella-r8+fixed+pw+floor+epoch+mask"])
+    assert q.variant_config("snell-r8+mask", a)["method_kwargs"] == {"sparsify": "mask"}
+    cfg = q.variant_config("snella-r8+fixed+pw+floor+epoch+mask", a)
+    assert cfg["method_kwargs"] == {"min_density": 0.1, "sparsify": "mask"}
+    assert cfg["init_sparsity"] == cfg["target_sparsity"] == a.sparsity
+    # every SNELL / SNELLA row and ablation is compared with the LoRA of its rank
+    assert [q._lora_of(v) for v in ("snell-r8+mask", "snella-r32", "snell-r8:dense",
+                                    "snella-r8+klr:inner-dense")] == \
+        ["lora-r8", "lora-r32", "lora-r8", "lora-r8"]
+
+
 def test_alloc_units_off_counts_from_a_run_checkpoint(tmp_path, monkeypatch, capsys):
     import torch
     mod = _load("alloc_units_off")

@@ -50,7 +50,7 @@ def qkv_layer(kernel, learnable, segments, mode, s, dtype=torch.float64, d=6, n_
 @pytest.mark.parametrize("kernel,learnable,segments", [
     ("piecewise", False, 2), ("piecewise", True, 4), ("mixture", False, 2), ("mixture", True, 1)])
 @pytest.mark.parametrize("mode,s", [("code", 0.5), ("soft", 0.5), ("code", 0.0), ("none", 0.3),
-                                    ("squared", 0.5)])
+                                    ("squared", 0.5), ("mask", 0.5), ("mask", 0.0)])
 @pytest.mark.parametrize("block", [None, 8])
 def test_compiled_path_equals_eager_closed_form(traced, monkeypatch, kernel, learnable, segments,
                                                 mode, s, block):

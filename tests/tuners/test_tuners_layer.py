@@ -20,7 +20,7 @@ def unit(d_in=6, d_out=10, rank=4, kernel="piecewise", sparsity=0.5, mode="code"
                        sparsify=mode, recompute=recompute)
 
 
-@pytest.mark.parametrize("mode", ["code", "soft"])
+@pytest.mark.parametrize("mode", ["code", "soft", "mask"])
 @pytest.mark.parametrize("s", [0.0, 0.3, 0.5, 0.75, 0.99])
 def test_number_of_zeros_is_floor_s_mn(mode, s):
     u = unit(sparsity=s, mode=mode)
@@ -37,6 +37,19 @@ def test_sparsify_forms():
     torch.testing.assert_close(sparsify(dw, t, "soft"), torch.tensor([[0.15, 0.0], [0.0, -0.63]]))
     torch.testing.assert_close(sparsify(dw, magnitude_threshold(dw, 0.0), "code"), dw * dw.abs())
     torch.testing.assert_close(sparsify(dw, t, "none"), dw)
+    torch.testing.assert_close(sparsify(dw, t, "mask"), torch.tensor([[0.5, 0.0], [0.0, -0.9]]))
+    torch.testing.assert_close(sparsify(dw, None, "mask"), dw)
+
+
+def test_mask_sparsifier_is_linear_in_the_update_with_gradient_one_on_survivors():
+    # "mask" keeps the competition but not the squaring: doubling dW doubles dW_s (code: x4),
+    # and the gradient w.r.t. dW is exactly the survivors' indicator
+    dw = torch.tensor([[0.5, -0.2], [0.1, -0.9]], requires_grad=True)
+    t = magnitude_threshold(dw, 0.5)
+    torch.testing.assert_close(sparsify(2 * dw, 2 * t, "mask"), 2 * sparsify(dw, t, "mask"))
+    torch.testing.assert_close(sparsify(2 * dw, 2 * t, "code"), 4 * sparsify(dw, t, "code"))
+    sparsify(dw, t, "mask").sum().backward()
+    assert torch.equal(dw.grad, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 1000])
@@ -175,7 +188,7 @@ def snell_pair(kernel, mode, n_units, sparsities=(0.0, 0.4, 0.7), bias=True, d_i
 
 
 @pytest.mark.parametrize("kernel", ["piecewise", "mixture"])
-@pytest.mark.parametrize("mode", ["code", "soft", "none"])
+@pytest.mark.parametrize("mode", ["code", "soft", "mask", "none"])
 @pytest.mark.parametrize("n_units,bias", [(1, True), (3, True), (1, False)])
 def test_fused_equals_unfused_outputs_and_gradients(kernel, mode, n_units, bias):
     fused, plain = snell_pair(kernel, mode, n_units, bias=bias)
@@ -203,7 +216,7 @@ def test_fused_equals_unfused_outputs_and_gradients(kernel, mode, n_units, bias)
 @pytest.mark.parametrize("kernel,learnable,segments", [
     ("piecewise", False, 2), ("piecewise", True, 4), ("mixture", False, 2), ("mixture", True, 1)])
 @pytest.mark.parametrize("mode,s", [("code", 0.5), ("soft", 0.5), ("code", 0.0), ("none", 0.3),
-                                    ("squared", 0.5)])
+                                    ("squared", 0.5), ("mask", 0.5), ("mask", 0.0)])
 @pytest.mark.parametrize("fused,block", [(True, None), (True, 8), (False, None)])
 def test_closed_form_backward_equals_autograd(monkeypatch, kernel, learnable, segments, mode, s,
                                               fused, block):

@@ -85,10 +85,12 @@ def test_b_init_scale_zero_starts_snell_at_the_base_model_and_still_trains():
     assert all(u.snell_B.grad is not None and u.snell_B.grad.abs().max() > 0 for u in units)
 
 
-@pytest.mark.parametrize("cfg", [dict(method="snella"), dict(method="snell", sparsity=0.5)])
-def test_b_init_scale_zero_with_a_squared_update_is_refused(cfg):
+@pytest.mark.parametrize("cfg", [dict(method="snella"), dict(method="snell", sparsity=0.5),
+                                 dict(method="snell", sparsity=0.5, sparsify="mask")])
+def test_b_init_scale_zero_with_a_competing_update_is_refused(cfg):
+    # at dW = 0 nothing survives a competition (and dW |dW| has no gradient): never trains
     kind = tt.SnellaConfig if cfg.pop("method") == "snella" else tt.SnellConfig
-    with pytest.raises(TrimtuneError, match="no gradient at dW = 0.*--sparsity 0"):
+    with pytest.raises(TrimtuneError, match="at dW = 0 no entry survives.*--sparsity 0"):
         kind(r=4, b_init_scale=0.0, **cfg)
     with pytest.raises(TrimtuneError, match="b_init_scale=-1.0: give a multiplier >= 0"):
         kind(r=4, b_init_scale=-1.0, **cfg)

@@ -78,8 +78,10 @@ def delta_vjp(kernel: Kernel, names: Sequence[str], cache: dict, mode: str,
     with torch.no_grad(), torch.autocast(g.device.type, enabled=False):
         dw, p = cache.pop("dw"), cache["p"]
         g = g.to(dw.dtype)
-        if mode == "none":
+        if mode == "none" or (mode == "mask" and t is None):
             gd = g
+        elif mode == "mask":  # the survivors pass the gradient unchanged
+            gd = (dw.abs() > t).to(g.dtype).mul_(g)
         else:  # in place on one new buffer (g itself may alias the weight gradient)
             gd = dw.abs()
             keep = None if t is None else gd > t
@@ -153,7 +155,9 @@ def _mode_tensors(mode: str, t: torch.Tensor | None, like: torch.Tensor) -> tupl
     tt = like.new_zeros(()) if t is None else t.to(like.dtype)
     sub = tt if mode == "soft" else like.new_zeros(())
     two = like.new_tensor(1.0 if mode == "code" else 2.0)
-    return tt, sub, two, like.new_tensor(1.0 if mode == "none" else 0.0)
+    plain = 1.0 if mode == "none" or (mode == "mask" and t is None) else \
+        2.0 if mode == "mask" else 0.0
+    return tt, sub, two, like.new_tensor(plain)
 
 
 def _compiled_forward_delta(kernel: Kernel, names: Sequence[str], a: torch.Tensor,

@@ -15,7 +15,8 @@ per step. Written here as point-wise expressions over the factors (the distance 
 
 The sparsify mode enters as tensors (``t``: threshold, 0 when nothing competes;
 ``sub``: ``t`` for "soft", else 0; ``two``: 2 for "squared" / "soft", 1 for "code";
-``plain``: 1 for "none"), and so does the threshold: a change of sparsity by the allocator
+``plain``: 1 for "none", 2 for "mask": the survivors kept as they are), and so does the
+threshold: a change of sparsity by the allocator
 never recompiles, one graph per (kernel kind, dtype, segments, rank) serves every unit
 (shapes are dynamic).
 
@@ -125,9 +126,12 @@ def _kernel(a3, bt, coeffs, alpha, gamma, beta, mixture: bool):
 
 
 def _factor(dw, t, sub, plain):
-    """``dW_s = dW * factor``: ``where(|dW| > t, |dW| - sub, 0)``, or 1 for mode "none"."""
+    """``dW_s = dW * factor``: ``where(|dW| > t, |dW| - sub, 0)``; 1 for mode "none"
+    (``plain`` 1); ``where(|dW| > t, 1, 0)`` for "mask" (``plain`` 2)."""
     a = dw.abs()
-    return torch.where(plain > 0, 1.0, torch.where(a > t, a - sub, 0.0))
+    keep = a > t
+    return torch.where(plain > 1.5, torch.where(keep, 1.0, 0.0),
+                       torch.where(plain > 0.5, 1.0, torch.where(keep, a - sub, 0.0)))
 
 
 def dense(a3, bt, coeffs, alpha, gamma, beta, mixture: bool):
@@ -156,7 +160,9 @@ def vjp(a3, bt, coeffs, alpha, gamma, beta, t, sub, two, plain, g, w, mixture: b
     dw, k, soft = _kernel(a3, bt, coeffs, alpha, gamma, beta, mixture)
     a = dw.abs()
     g = g.to(dw.dtype)
-    gd = torch.where(plain > 0, g, g * torch.where(a > t, two * a - sub, 0.0))
+    keep = a > t
+    gd = torch.where(plain > 1.5, torch.where(keep, g, 0.0),
+                     torch.where(plain > 0.5, g, g * torch.where(keep, two * a - sub, 0.0)))
     w_out = None if w is None else w + (dw * _factor(dw, t, sub, plain)).T.to(w.dtype)
     zero = gd.new_zeros(())
     if mixture:

@@ -30,7 +30,8 @@ class SnellConfig(PeftConfig):
         sparsity: fraction s in [0, 1) of every update zeroed.
         sparsify: ``"code"`` (``dW |dW| 1[|dW| > t]`` with the magnitude detached: the
             authors' forward and backward), ``"squared"`` (the same forward, full derivative),
-            ``"soft"`` (the paper, ``dW max(|dW| - t, 0)``) or ``"none"``. SNELL at
+            ``"soft"`` (the paper, ``dW max(|dW| - t, 0)``), ``"mask"`` (beyond the authors:
+            ``dW 1[|dW| > t]``, the competition without the squaring) or ``"none"``. SNELL at
             ``sparsity=0`` uses the plain kernel update (``"none"``), as the authors' code
             (``KLoRA``); SNELLA always sparsifies (squares) as theirs.
         target_modules: PEFT's rule (:mod:`trimtune.tuners.targets`): a string is a regex
@@ -123,8 +124,9 @@ class SnellConfig(PeftConfig):
         self.b_init_scale = float(v)
         if self.b_init_scale == 0 and self.unit_sparsify != "none":
             raise TrimtuneError(
-                f"b_init_scale=0 with the {self.unit_sparsify!r} sparsifier: its update dW |dW| "
-                "has no gradient at dW = 0, so the adapter would never train; use it with SNELL "
+                f"b_init_scale=0 with the {self.unit_sparsify!r} sparsifier: at dW = 0 no entry "
+                "survives the competition (and dW |dW| has no gradient), so the adapter would "
+                "never train; use it with SNELL "
                 "at sparsity 0 (--method snell --sparsity 0), or give b_init_scale > 0")
         for name in ("dropout", "drop_path"):
             v = getattr(self, name)
@@ -141,8 +143,8 @@ class SnellConfig(PeftConfig):
     def unit_sparsify(self) -> str:
         """The sparsify mode the units run: ``"none"`` for SNELL at sparsity 0 (the authors'
         ``KLoRA``: no squaring), else ``sparsify``."""
-        if self.method == "snell" and self.sparsity == 0 and self.sparsify in ("code",
-                                                                                "squared"):
+        if self.method == "snell" and self.sparsity == 0 and self.sparsify in (
+                "code", "squared", "mask"):
             return "none"
         return self.sparsify
 

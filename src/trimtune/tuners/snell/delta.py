@@ -16,6 +16,9 @@ Sparsification is a competition by magnitude, recomputed at every forward (nothi
   on the survivors;
 - ``"squared"``: the same forward, differentiated in full (``2 |dW|`` on the survivors);
 - ``"soft"`` (the paper, Eq. 5): ``dW_s = dW * max(|dW| - t, 0)`` (true derivative);
+- ``"mask"`` (an option beyond the authors): ``dW_s = dW * 1[|dW| > t]``, the survivors as
+  they are (gradient 1 on them): the competition without the squaring, so the update grows
+  linearly in the factors as LoRA's does instead of quadratically;
 - ``"none"``: ``dW_s = dW`` (plain kernel update; the authors' SNELL at s = 0, class ``KLoRA``).
 
 At ``s = 0`` "code", "squared" and "soft" give the squared form ``dW * |dW|`` (as the authors'

@@ -13,7 +13,7 @@ from torch.func import functional_call
 from ...errors import TrimtuneError
 from .kernels import Kernel
 
-SPARSIFY = ("code", "squared", "soft", "none")
+SPARSIFY = ("code", "squared", "soft", "mask", "none")
 
 
 def check_sparsity(s: float) -> float:
@@ -98,17 +98,21 @@ def sparsify(dw: torch.Tensor, threshold: torch.Tensor | None, mode: str = "code
         dw: (d_in, d_out) dense update.
         threshold: scalar t (no gradient flows through it); ``None`` means no competition
             (s = 0): ``"code"`` and ``"soft"`` then give ``dW * |dW|`` without building a mask.
-        mode: ``"code"``, ``"squared"``, ``"soft"`` or ``"none"`` (see the module docstring).
+        mode: ``"code"``, ``"squared"``, ``"soft"``, ``"mask"`` or ``"none"`` (see
+            :mod:`.delta`).
 
     Returns:
-        (d_in, d_out) with every entry ``|dW| <= t`` exactly zero (``"none"``: ``dW``).
+        (d_in, d_out) with every entry ``|dW| <= t`` exactly zero (``"none"``: ``dW``;
+        ``"mask"`` keeps the survivors' values, ``dW 1[|dW| > t]``).
         Under autograd, ``"code"`` has the authors' gradient ``|dW|`` (magnitude detached).
     """
-    if mode == "none":
+    if mode == "none" or (mode == "mask" and threshold is None):
         return dw
     if mode not in SPARSIFY:
         raise TrimtuneError(f"unknown sparsify mode {mode!r}: use one of {', '.join(SPARSIFY)}")
     a = dw.abs()
+    if mode == "mask":  # the survivors as they are: gradient 1 on them, the mask detached
+        return torch.where(a > threshold, dw, 0.0)
     mag = a.detach() if mode == "code" else a
     if threshold is None:
         return dw * mag
