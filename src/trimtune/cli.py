@@ -214,7 +214,7 @@ def _snell_options(a) -> dict:
     from .names import SNELL_METHODS
     if a.method not in SNELL_METHODS:
         return {}
-    keys = ("kernel_lr_scale", "b_lr_scale", "init_scale", "b_init_scale")
+    keys = ("sparsify", "kernel_lr_scale", "b_lr_scale", "init_scale", "b_init_scale")
     keys += ("min_density",) if a.method == "snella" else ()
     return {k: getattr(a, k) for k in keys}
 
@@ -556,6 +556,7 @@ def _add_finetune_parser(sub) -> None:
 
 def _add_recipe_flags(p) -> None:
     """finetune's SNELL / SNELLA recipe group (trimtune.recipes)."""
+    from .names import SPARSIFY
     from .recipes import FAST, RECIPES
     g = p.add_argument_group(
         "SNELL / SNELLA recipe", "A recipe sets defaults for the flags below and for rank, "
@@ -589,6 +590,12 @@ def _add_recipe_flags(p) -> None:
                    help="snella: fraction of each layer's update entries that stays trainable "
                         "whatever its score (the authors' 0 lets the allocator switch a layer "
                         "off for good; e.g. 0.1)")
+    g.add_argument("--sparsify", choices=SPARSIFY, default="code",
+                   help="snell / snella: how the competition keeps the surviving update entries: "
+                        "code (the authors': dW |dW| with |dW| detached), squared (its full "
+                        "derivative), soft (the paper: dW max(|dW| - t, 0)), mask (beyond the "
+                        "authors: dW as it is, no squaring, so the update grows as LoRA's), "
+                        "none (no competition); default code")
     for flag, what in (("kernel_lr_scale", "lr multiplier of the mixture kernel's scalars alpha, "
                         "gamma, beta (authors 1; a small value keeps a high lr from collapsing "
                         "the run)"),

@@ -24,3 +24,5 @@ TASKS = ("classification", "segmentation")
 #: segmentation decode heads (trimtune.heads): DINOv2's linear (last block) and linear4
 SEG_HEADS = ("linear", "linear4")
 KERNELS = ("piecewise", "mixture", "inner", "rbf", "sigmoid")
+#: how SNELL's competition keeps the surviving update entries (trimtune.tuners.snell.delta)
+SPARSIFY = ("code", "squared", "soft", "mask", "none")

@@ -123,8 +123,8 @@ def test_cli_min_density_reaches_snella_only_and_a_bad_one_exits_2(tmp_path, cap
 
     from trimtune.cli import _snell_options, main
     a = argparse.Namespace(method="snella", kernel_lr_scale=0.01, b_lr_scale=1.0,
-                           init_scale=1.0, b_init_scale=1.0, min_density=0.1)
-    assert _snell_options(a)["min_density"] == 0.1
+                           init_scale=1.0, b_init_scale=1.0, min_density=0.1, sparsify="mask")
+    assert _snell_options(a)["min_density"] == 0.1 and _snell_options(a)["sparsify"] == "mask"
     assert "min_density" not in _snell_options(argparse.Namespace(**{**vars(a),
                                                                       "method": "snell"}))
     assert _snell_options(argparse.Namespace(**{**vars(a), "method": "lora"})) == {}

@@ -11,9 +11,8 @@ import torch
 from torch.func import functional_call
 
 from ...errors import TrimtuneError
+from ...names import SPARSIFY
 from .kernels import Kernel
-
-SPARSIFY = ("code", "squared", "soft", "mask", "none")
 
 
 def check_sparsity(s: float) -> float:
