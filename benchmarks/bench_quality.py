@@ -298,6 +298,14 @@ def variant_config(name: str, a) -> dict:
     return cfg
 
 
+def preset_label(a) -> str:
+    """``Preset `reduced``` when every preset setting is the preset's, else the preset and
+    what was changed (``Preset `reduced` with img_size 112, epochs 10``)."""
+    changed = [f"{k} {getattr(a, k)}" for k, v in PRESETS[a.preset].items()
+               if str(getattr(a, k)) != str(v)]
+    return f"Preset `{a.preset}`" + (f" with {', '.join(changed)}" if changed else "")
+
+
 def _lora_of(name: str) -> str:
     """The LoRA variant of the same rank (``snell-r8+mask:dense`` -> ``lora-r8``)."""
     return re.sub(r"^snella?", "lora", name.partition(":")[0].partition("+")[0])
@@ -600,7 +608,7 @@ class Study:
                               for k, v in self.grids.items())
         md = [f"# Fine-tuning quality: {a.model} at {a.img_size}px, seeds {a.seed_list}"
               + ("" if final else " (PARTIAL: the run was still going or was stopped)"), "",
-              f"Preset `{a.preset}`: {a.epochs} epochs per run on `@train800`, batch "
+              f"{preset_label(a)}: {a.epochs} epochs per run on `@train800`, batch "
               f"{a.batch_size}, AdamW (wd 1e-4), 0.5-epoch warm-up then cosine to 1e-6; sparsity "
               f"{a.sparsity} for snell / snella (snella: target of its schedule, fast recipe). "
               f"lr grid per method ({grid_text})"

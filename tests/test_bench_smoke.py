@@ -253,6 +253,13 @@ def test_quality_ablation_keeps_the_base_options():
     assert q.lr_grid("snella-r8+klr:inner-dense-zero-b", q.DEFAULT_LRS) == q.DEFAULT_LRS["snella"]
 
 
+def test_quality_report_names_what_differs_from_the_preset():
+    q = _load("bench_quality")
+    assert q.preset_label(q.parse_args([])) == "Preset `reduced`"
+    a = q.parse_args(["--img-size", "112", "--epochs", "10"])
+    assert q.preset_label(a) == "Preset `reduced` with img_size 112, epochs 10"
+
+
 def test_quality_mask_variants_and_their_joins_to_lora():
     q = _load("bench_quality")
     a = q.parse_args(["--variants", "snell-r8+mask,snella-r8+fixed+pw+floor+epoch+mask"])
