@@ -470,7 +470,7 @@ class Study:
         grid = list(lr_grid(variant, grids))
         for _ in range(self.a.widen + 1):
             rows = [self.run(task, variant, seed, lr) for lr in grid]
-            best = max(rows, key=lambda r: (r["best_val_acc"], -r["lr"]))["lr"]
+            best = pick_lr(rows)
             more = widened(grid, best)
             if more is None or len(grid) >= len(lr_grid(variant, grids)) + self.a.widen:
                 break
@@ -665,6 +665,21 @@ class Study:
     def paired(self, task: str, x: str, y: str) -> list[float]:
         sx, sy = self.selected(task, x), self.selected(task, y)
         return [100 * (sx[s]["test_top1"] - sy[s]["test_top1"]) for s in sorted(sx) if s in sy]
+
+
+def failed(row: dict) -> bool:
+    """A run that never left chance (train/callbacks.py's warning): not a candidate."""
+    return any("never left chance" in w for w in row.get("warnings", ()))
+
+
+def pick_lr(rows: list[dict]) -> float:
+    """The lr of the best-val run (ties: the lower lr); runs that never left chance are not
+    candidates, and when every run failed the lowest lr is "best", so the grid widens below it
+    (a lower lr is the fix the warning names), instead of picking the luckiest chance run."""
+    ok = [r for r in rows if not failed(r)]
+    if not ok:
+        return min(r["lr"] for r in rows)
+    return max(ok, key=lambda r: (r["best_val_acc"], -r["lr"]))["lr"]
 
 
 def widened(grid: list[float], best: float) -> list[float] | None:

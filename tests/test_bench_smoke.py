@@ -260,6 +260,19 @@ def test_quality_report_names_what_differs_from_the_preset():
     assert q.preset_label(a) == "Preset `reduced` with img_size 112, epochs 10"
 
 
+def test_quality_lr_pick_skips_runs_that_never_left_chance():
+    q = _load("bench_quality")
+    chance = ["the run never left chance: val_acc 0.105 at the end (chance 0.100); ..."]
+    rows = [dict(lr=3e-3, best_val_acc=0.105, warnings=chance),
+            dict(lr=1e-2, best_val_acc=0.11, warnings=chance),
+            dict(lr=3e-2, best_val_acc=0.10, warnings=chance)]
+    assert q.pick_lr(rows) == 3e-3  # all failed: the lowest, so the grid widens below it
+    assert q.widened([3e-3, 1e-2, 3e-2], q.pick_lr(rows))[0] == pytest.approx(9e-4)
+    rows.append(dict(lr=1e-3, best_val_acc=0.6, warnings=[]))
+    rows.append(dict(lr=3e-4, best_val_acc=0.6, warnings=["the run collapsed: ... keeps"]))
+    assert q.pick_lr(rows) == 3e-4  # a kept good epoch is a candidate; ties: the lower lr
+
+
 def test_quality_mask_variants_and_their_joins_to_lora():
     q = _load("bench_quality")
     a = q.parse_args(["--variants", "snell-r8+mask,snella-r8+fixed+pw+floor+epoch+mask"])
