@@ -127,6 +127,11 @@ VARIANTS = {
     # the competition without the squaring (sparsify "mask": dW 1[|dW| > t]): the update grows
     # linearly in the factors as LoRA's, not as dW |dW| (tiny at init, needs a 10x higher lr)
     "snell-r8+mask": dict(method="snell", r=8, method_kwargs={"sparsify": "mask"}),
+    # the `fast` recipe (snella-r8+klr) with the floor and reallocation at epoch ends: the
+    # candidate for fast's new defaults (both are in +fixed+pw+floor+epoch, the best so far)
+    "snella-r8+klr+floor+epoch": dict(method="snella", r=8, schedule_unit="epoch",
+                                      method_kwargs={"kernel_lr_scale": 0.01,
+                                                     "min_density": 0.1}),
     # ... with the inner-product kernel A B^T in place of the piecewise distance kernel (the
     # ladder's snell-r8:inner-dense beat snell-r8 by 1.67 on Fashion-MNIST at 3 epochs)
     "snella-r8+fixed+inner+floor+epoch": dict(
@@ -569,8 +574,12 @@ class Study:
                        for p in ((v, v.partition(":")[0]), (v, _lora_of(v))))
         joins += tuple((v, v.rpartition("+")[0]) for v in variants
                        if v.count("+") > 1 and v.rpartition("+")[0] in variants)
-        # every SNELLA variant against the authors' SNELL (SNELLA without its allocator)
+        # every SNELLA variant against the authors' SNELL (SNELLA without its allocator) and
+        # against the `fast` recipe's SNELLA (snella-r8+klr) when it is in the study
         joins += tuple((v, "snell-r8") for v in variants if v.startswith("snella-r8"))
+        if "snella-r8+klr" in variants:
+            joins += tuple((v, "snella-r8+klr") for v in variants
+                           if v.startswith("snella-r8+") and v != "snella-r8+klr")
         joins = tuple(dict.fromkeys(joins))
         for t in tasks:
             for x, y in (("snella-r8", "lora-r8"), ("snella-r32", "lora-r32"), *joins,
