@@ -65,6 +65,7 @@ from _common import (RESULTS, Timer, log, machine_info, machine_markdown, md_tab
 import trimtune as tt  # noqa: E402
 from trimtune.data import stratified_choice  # noqa: E402
 from trimtune.measure.plots import plot_bars  # noqa: E402
+from trimtune.train.callbacks import NEVER_LEFT_CHANCE  # noqa: E402
 from trimtune.tuners.targets import DEFAULT_TARGETS  # noqa: E402
 
 DEFAULT_LRS = {  # 2-value grids, the usual ranges of each method (AdamW, batch 32)
@@ -686,7 +687,7 @@ class Study:
 
 def failed(row: dict) -> bool:
     """A run that never left chance (train/callbacks.py's warning): not a candidate."""
-    return any("never left chance" in w for w in row.get("warnings", ()))
+    return any(w.startswith(NEVER_LEFT_CHANCE) for w in row.get("warnings", ()))
 
 
 def pick_lr(rows: list[dict]) -> float:

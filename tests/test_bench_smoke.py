@@ -262,7 +262,7 @@ def test_quality_report_names_what_differs_from_the_preset():
 
 def test_quality_lr_pick_skips_runs_that_never_left_chance():
     q = _load("bench_quality")
-    chance = ["the run never left chance: val_acc 0.105 at the end (chance 0.100); ..."]
+    chance = [f"{q.NEVER_LEFT_CHANCE}: val_acc 0.105 at the end (chance 0.100); ..."]
     rows = [dict(lr=3e-3, best_val_acc=0.105, warnings=chance),
             dict(lr=1e-2, best_val_acc=0.11, warnings=chance),
             dict(lr=3e-2, best_val_acc=0.10, warnings=chance)]

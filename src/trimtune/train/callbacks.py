@@ -125,6 +125,11 @@ class LossWatch:
         self.start, self.warned = d["start"], d["warned"]
 
 
+#: how a run that ended at chance is reported (the warning starts with it; benchmarks that
+#: select on recorded warnings match it)
+NEVER_LEFT_CHANCE = "the run never left chance"
+
+
 class CollapseWatch:
     """Warns once when the validation ``metric`` (an accuracy) is near ``chance``: within
     ``margin`` x (1 - chance) of it, after having been clearly above it (collapsed) or at the
@@ -163,7 +168,7 @@ class CollapseWatch:
                          f"which best-epoch selection keeps; {fix}")
         elif last:
             self.warned = True
-            _warn(state, f"the run never left chance: {self.metric} {v:.3f} at the end (chance "
+            _warn(state, f"{NEVER_LEFT_CHANCE}: {self.metric} {v:.3f} at the end (chance "
                          f"{self.chance:.3f}); {fix}, or train longer")
 
     def state_dict(self) -> dict:
@@ -173,4 +178,4 @@ class CollapseWatch:
         self.best, self.warned = d["best"], d["warned"]
 
 
-__all__ = ["BestEpoch", "CollapseWatch", "LossWatch", "trainable_state"]
+__all__ = ["NEVER_LEFT_CHANCE", "BestEpoch", "CollapseWatch", "LossWatch", "trainable_state"]

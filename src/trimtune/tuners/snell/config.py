@@ -33,7 +33,7 @@ class SnellConfig(PeftConfig):
             ``"soft"`` (the paper, ``dW max(|dW| - t, 0)``), ``"mask"`` (beyond the authors:
             ``dW 1[|dW| > t]``, the competition without the squaring) or ``"none"``. SNELL at
             ``sparsity=0`` uses the plain kernel update (``"none"``), as the authors' code
-            (``KLoRA``); SNELLA always sparsifies (squares) as theirs.
+            (``KLoRA``); SNELLA sparsifies (with "code", squares) at every sparsity as theirs.
         target_modules: PEFT's rule (:mod:`trimtune.tuners.targets`): a string is a regex
             matched against the whole module name, a list holds names or dotted name suffixes
             (``["qkv"]`` matches ``blocks.0.attn.qkv``), ``"all-linear"`` every linear but
@@ -57,7 +57,7 @@ class SnellConfig(PeftConfig):
             full-size matmuls per layer and step instead of 5, same result and gradients.
 
     Options beyond the authors (each 1.0 = the authors' behaviour; measured in
-    ``benchmarks/results/snella_options_cpu.md``):
+    ``benchmarks/results/quality_i22_seeded_cpu.md`` and ``quality_i22_cpu.md``):
         kernel_lr_scale: learning-rate multiplier of the kernel's own parameters (SNELLA's
             scalars ``alpha``, ``gamma``, ``beta``; learnable coefficients). Adam moves a scalar
             by about lr per step whatever its gradient, and ``beta`` shifts every one of the
