@@ -301,14 +301,15 @@ def variant_config(name: str, a) -> dict:
     base, _, abl = name.partition(":")
     cfg = {"target_sparsity": a.sparsity, **VARIANTS[base]}
     cfg.pop("compressed", None)
-    if cfg.pop("fixed_budget", False):
-        cfg["init_sparsity"] = cfg["target_sparsity"]
+    fixed = cfg.pop("fixed_budget", False)
     if abl:  # one change: its method options join the base's (snella-r8+klr keeps klr)
         change = dict(ABLATIONS[abl])
         kw = {**cfg.get("method_kwargs", {}), **change.pop("method_kwargs", {})}
         cfg.update(change)
         if kw:
             cfg["method_kwargs"] = kw
+    if fixed:  # after the ablation: a fixed budget starts at the target the ablation sets
+        cfg["init_sparsity"] = cfg["target_sparsity"]
     return cfg
 
 
@@ -523,7 +524,7 @@ class Study:
             first = self.a.seed_list[0]
             if first not in by_seed:
                 return {}
-            lr = max(by_seed[first], key=lambda r: (r["best_val_acc"], -r["lr"]))["lr"]
+            lr = pick_lr(by_seed[first])  # the search's own rule (failed runs are no pick)
             sel = {s: r for s, rs in by_seed.items() for r in rs if r["lr"] == lr}
         return {s: r for s, r in sel.items() if "test_top1" in r}  # a search still going
 

@@ -280,6 +280,9 @@ def test_quality_mask_variants_and_their_joins_to_lora():
     cfg = q.variant_config("snella-r8+fixed+pw+floor+epoch+mask", a)
     assert cfg["method_kwargs"] == {"min_density": 0.1, "sparsify": "mask"}
     assert cfg["init_sparsity"] == cfg["target_sparsity"] == a.sparsity
+    # a fixed budget starts where an ablation puts the target, not at --sparsity
+    cfg = q.variant_config("snella-r8+fixed+inner+floor+epoch+mask:sparsity-0.5", a)
+    assert cfg["init_sparsity"] == cfg["target_sparsity"] == 0.5 != a.sparsity
     # every SNELL / SNELLA row and ablation is compared with the LoRA of its rank
     assert [q._lora_of(v) for v in ("snell-r8+mask", "snella-r32", "snell-r8:dense",
                                     "snella-r8+klr:inner-dense")] == \
