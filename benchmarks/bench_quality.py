@@ -235,6 +235,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "machine as recorded; e.g. after benchmarks/quality_pool.py)")
     ap.add_argument("--resume", action="store_true",
                     help="keep the runs already in quality_<tag>.json")
+    ap.add_argument("--pool-with", default="",
+                    help="comma list of other study tags run with the same protocol on other "
+                         "seeds (a replication): the report adds the paired differences pooled "
+                         "over all of them, each study's lr selected on its own first seed")
     a = ap.parse_args(argv)
     for k, v in PRESETS[a.preset].items():
         if getattr(a, k) is None:
@@ -270,6 +274,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                  f"{list(ABLATIONS)}")
     if not a.seed_list or not a.task_list:
         ap.error("give at least one seed and one task")
+    a.pool_list = [t.strip() for t in a.pool_with.split(",") if t.strip()]
+    for t in a.pool_list:
+        if not (RESULTS / f"quality_{t}.json").is_file():
+            ap.error(f"--pool-with {t}: no {RESULTS / f'quality_{t}.json'}; give the tag of a "
+                     "finished study (its quality_<tag>.json in the results folder)")
     return a
 
 
@@ -513,24 +522,12 @@ class Study:
     # ------------------------------------------------------------------ results
     def selected(self, task: str, variant: str) -> dict[int, dict]:
         """Per seed, the run whose lr was selected on val (the test figure that counts)."""
-        rows = [r for r in self.runs.values() if r["task"] == task and r["variant"] == variant]
-        by_seed: dict[int, list] = {}
-        for r in rows:
-            by_seed.setdefault(r["seed"], []).append(r)
-        if self.a.lr_select == "every-seed" or ":" in variant:
-            sel = {s: max(rs, key=lambda r: (r["best_val_acc"], -r["lr"]))
-                   for s, rs in by_seed.items()}
-        else:
-            first = self.a.seed_list[0]
-            if first not in by_seed:
-                return {}
-            lr = pick_lr(by_seed[first])  # the search's own rule (failed runs are no pick)
-            sel = {s: r for s, rs in by_seed.items() for r in rs if r["lr"] == lr}
-        return {s: r for s, r in sel.items() if "test_top1" in r}  # a search still going
+        return select_runs(self.runs, task, variant, self.a.seed_list[0], self.a.lr_select)
 
     def save(self, final: bool) -> None:
         md, groups, errors = self.report(final)
-        data = {"args": {k: v for k, v in vars(self.a).items()}, "machine": self.info,
+        data = {"args": {k: v for k, v in vars(self.a).items() if k != "replicates"},
+                "machine": self.info,
                 "runs": self.runs, "compressed_backbones": self.compressed_info,
                 "complete": final}
         write_results(f"quality_{self.a.tag}", md, data,
@@ -566,26 +563,8 @@ class Study:
                     lrs.append("—")
             rows.append([v, params, *cells, *lrs])
         diffs = []
-        joins = tuple((v, v.partition("@")[0]) for v in variants if "@" in v)
-        # each option variant against the authors' default and against LoRA at its rank
-        joins += tuple(p for v in variants if "+" in v for p in (
-            (v, v.partition("+")[0]), (v, _lora_of(v))))
-        # an ablation given its own grid in --variants, against the variant it ablates and
-        # LoRA; an option added to another (+klr+b4), against that one (+klr) when in the study
-        joins += tuple(p for v in variants if ":" in v
-                       for p in ((v, v.partition(":")[0]), (v, _lora_of(v))))
-        joins += tuple((v, v.rpartition("+")[0]) for v in variants
-                       if v.count("+") > 1 and v.rpartition("+")[0] in variants)
-        # every SNELLA variant against the authors' SNELL (SNELLA without its allocator) and
-        # against the `fast` recipe's SNELLA (snella-r8+klr) when it is in the study
-        joins += tuple((v, "snell-r8") for v in variants if v.startswith("snella-r8"))
-        if "snella-r8+klr" in variants:
-            joins += tuple((v, "snella-r8+klr") for v in variants
-                           if v.startswith("snella-r8+") and v != "snella-r8+klr")
-        joins = tuple(dict.fromkeys(joins))
         for t in tasks:
-            for x, y in (("snella-r8", "lora-r8"), ("snella-r32", "lora-r32"), *joins,
-                         ("snella-r8", "full"), ("snella-r32", "full"), ("snell-r8", "lora-r8")):
+            for x, y in joins_of(variants):
                 d = self.paired(t, x, y)
                 if d:
                     diffs.append([t, f"{x} - {y}", f"{statistics.fmean(d):+.2f}",
@@ -640,6 +619,14 @@ class Study:
               "## Paired differences (test points, per seed: same images, same seed)", "",
               md_table(["task", "difference", "mean", "std", "per seed", "n"], diffs)
               if diffs else "(not enough runs yet)", ""]
+        if getattr(a, "replicates", None):
+            studies = [(a.tag, self.runs, a.seed_list[0]), *a.replicates]
+            pooled = pooled_rows(studies, tasks, variants)
+            md += ["## Pooled with the replicate studies (paired, each study's lr selected on "
+                   "its own first seed's val)", "",
+                   md_table(["task", "difference", *(f"`{tag}`" for tag, _, _ in studies),
+                             "pooled mean ± std", "n", "x ahead"], pooled)
+                   if pooled else "(no difference measured in two studies yet)", ""]
         for t, info in self.compressed_info.items():
             md += [f"`@c{info['ratio']:g}` variants on {t}: the backbone compressed by PELA "
                    f"(ratio {info['ratio']:g}, init `{info['init']}` calibrated on "
@@ -684,6 +671,70 @@ class Study:
     def paired(self, task: str, x: str, y: str) -> list[float]:
         sx, sy = self.selected(task, x), self.selected(task, y)
         return [100 * (sx[s]["test_top1"] - sy[s]["test_top1"]) for s in sorted(sx) if s in sy]
+
+
+def joins_of(variants: list[str]) -> tuple[tuple[str, str], ...]:
+    """The (x, y) pairs whose paired difference x - y the report gives, in its order."""
+    joins = tuple((v, v.partition("@")[0]) for v in variants if "@" in v)
+    # each option variant against the authors' default and against LoRA at its rank
+    joins += tuple(p for v in variants if "+" in v for p in (
+        (v, v.partition("+")[0]), (v, _lora_of(v))))
+    # an ablation given its own grid in --variants, against the variant it ablates and
+    # LoRA; an option added to another (+klr+b4), against that one (+klr) when in the study
+    joins += tuple(p for v in variants if ":" in v
+                   for p in ((v, v.partition(":")[0]), (v, _lora_of(v))))
+    joins += tuple((v, v.rpartition("+")[0]) for v in variants
+                   if v.count("+") > 1 and v.rpartition("+")[0] in variants)
+    # every SNELLA variant against the authors' SNELL (SNELLA without its allocator) and
+    # against the `fast` recipe's SNELLA (snella-r8+klr) when it is in the study
+    joins += tuple((v, "snell-r8") for v in variants if v.startswith("snella-r8"))
+    if "snella-r8+klr" in variants:
+        joins += tuple((v, "snella-r8+klr") for v in variants
+                       if v.startswith("snella-r8+") and v != "snella-r8+klr")
+    return tuple(dict.fromkeys((("snella-r8", "lora-r8"), ("snella-r32", "lora-r32"), *joins,
+                                ("snella-r8", "full"), ("snella-r32", "full"),
+                                ("snell-r8", "lora-r8"))))
+
+
+def pooled_rows(studies: list[tuple[str, dict, int]], tasks: list[str],
+                variants: list[str]) -> list[list[str]]:
+    """Rows of paired differences pooled over replicate studies (``(tag, runs, first seed)``
+    each, lr selected within each study): per pair and task, each study's mean, the pooled
+    mean ± std over every seed, n, and on how many seeds x was ahead."""
+    rows = []
+    for t in tasks:
+        for x, y in joins_of(variants):
+            per, pooled = [], []
+            for _tag, runs, first in studies:
+                sx, sy = (select_runs(runs, t, v, first) for v in (x, y))
+                d = [100 * (sx[s]["test_top1"] - sy[s]["test_top1"]) for s in sorted(sx)
+                     if s in sy]
+                per.append(f"{statistics.fmean(d):+.2f} ({len(d)})" if d else "—")
+                pooled += d
+            if len(pooled) > 1 and sum(p != "—" for p in per) > 1:
+                rows.append([t, f"{x} - {y}", *per,
+                             f"{statistics.fmean(pooled):+.2f} ± {statistics.stdev(pooled):.2f}",
+                             str(len(pooled)), f"{sum(d > 0 for d in pooled)} of {len(pooled)}"])
+    return rows
+
+
+def select_runs(runs: dict, task: str, variant: str, first_seed: int,
+                lr_select: str = "first-seed") -> dict[int, dict]:
+    """Per seed, the tested run of ``variant`` whose lr val selected: with ``first-seed``, the
+    lr :func:`pick_lr` picks on ``first_seed``'s grid, reused by the other seeds."""
+    by_seed: dict[int, list] = {}
+    for r in runs.values():
+        if r["task"] == task and r["variant"] == variant:
+            by_seed.setdefault(r["seed"], []).append(r)
+    if lr_select == "every-seed" or ":" in variant:
+        sel = {s: max(rs, key=lambda r: (r["best_val_acc"], -r["lr"]))
+               for s, rs in by_seed.items()}
+    else:
+        if first_seed not in by_seed:
+            return {}
+        lr = pick_lr(by_seed[first_seed])  # the search's own rule (failed runs are no pick)
+        sel = {s: r for s, rs in by_seed.items() for r in rs if r["lr"] == lr}
+    return {s: r for s, r in sel.items() if "test_top1" in r}  # a search still going
 
 
 def failed(row: dict) -> bool:
@@ -734,8 +785,17 @@ def main(argv=None) -> int:
             return 2
         recorded = json.loads(prev.read_text())
         for k, v in recorded["args"].items():  # the study as it was run
-            if k not in ("report_only", "resume", "tag"):
+            if k not in ("report_only", "resume", "tag", "pool_with", "pool_list"):
                 setattr(a, k, v)
+    a.replicates = []  # (tag, runs, first seed) of each --pool-with study
+    for tag in a.pool_list:
+        rec = json.loads((RESULTS / f"quality_{tag}.json").read_text())
+        seeds = [int(x) for x in str(rec["args"]["seeds"]).split(",")]
+        if set(seeds) & set(a.seed_list):
+            print(f"--pool-with {tag}: its seeds {seeds} overlap this study's {a.seed_list} "
+                  "(a seed counted twice); pool studies run on other seeds", file=sys.stderr)
+            return 2
+        a.replicates.append((tag, rec["runs"], seeds[0]))
     grids = dict(DEFAULT_LRS)
     if a.lrs:
         grids.update({k: tuple(v) for k, v in json.loads(a.lrs).items()})

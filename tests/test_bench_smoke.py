@@ -289,6 +289,49 @@ def test_quality_mask_variants_and_their_joins_to_lora():
         ["lora-r8", "lora-r32", "lora-r8", "lora-r8"]
 
 
+def _study_json(path, seeds, picks):
+    """A finished study's JSON: per (variant, seed) one tested run; seeds[0] also runs a
+    grid value val likes less. ``picks``: variant -> [test accuracy per seed]."""
+    runs, common = {}, dict(warnings=[], trainable_params=1, train_wall_s=1.0, val_curve=[])
+    for v, accs in picks.items():
+        for s, acc in zip(seeds, accs):
+            runs[f"t|{v}|{s}|0.001"] = dict(task="t", variant=v, seed=s, lr=1e-3,
+                                             best_val_acc=0.8, test_top1=acc, **common)
+        runs[f"t|{v}|{seeds[0]}|0.01"] = dict(task="t", variant=v, seed=seeds[0], lr=1e-2,
+                                               best_val_acc=0.7, **common)
+    args = {"seeds": ",".join(map(str, seeds)), "seed_list": seeds, "task_list": ["t"],
+            "variant_list": list(picks)}  # as bench_quality records them
+    path.write_text(json.dumps({"args": args, "runs": runs, "complete": True}))
+
+
+def test_quality_pools_paired_differences_over_replicate_studies(monkeypatch, tmp_path):
+    q = _load("bench_quality")
+    monkeypatch.setattr(q, "RESULTS", tmp_path)
+    _study_json(tmp_path / "quality_one.json", [0, 1], {"lora-r8": [0.80, 0.80],
+                                                        "snell-r8": [0.81, 0.79]})
+    _study_json(tmp_path / "quality_two.json", [5, 6], {"lora-r8": [0.70, 0.70],
+                                                        "snell-r8": [0.73, 0.72]})
+    studies = [(t, json.loads((tmp_path / f"quality_{t}.json").read_text())["runs"], s)
+               for t, s in (("one", 0), ("two", 5))]
+    rows = q.pooled_rows(studies, ["t"], ["lora-r8", "snell-r8"])
+    assert rows == [["t", "snell-r8 - lora-r8", "+0.00 (2)", "+2.50 (2)", "+1.25 ± 1.71", "4",
+                     "3 of 4"]]
+    # the CLI: a tag with no results, or a study of the same seeds, is refused (exit 2)
+    with pytest.raises(SystemExit) as e:
+        q.parse_args(["--pool-with", "three"])
+    assert e.value.code == 2
+    written = {}
+    monkeypatch.setattr(q, "write_results", lambda name, md, *args, **kw: written.update(
+        {name: md}))
+    assert q.main(["--report-only", "--tag", "two", "--pool-with", "one", "--tasks", "t",
+                   "--variants", "lora-r8,snell-r8"]) == 0
+    assert "| t | snell-r8 - lora-r8 | +2.50 (2) | +0.00 (2) | +1.25 ± 1.71 | 4 | 3 of 4 |" \
+        in written["quality_two"]
+    _study_json(tmp_path / "quality_three.json", [6, 7], {"lora-r8": [0.7, 0.7]})
+    assert q.main(["--report-only", "--tag", "two", "--pool-with", "three", "--tasks", "t",
+                   "--variants", "lora-r8,snell-r8"]) == 2
+
+
 def test_alloc_units_off_counts_from_a_run_checkpoint(tmp_path, monkeypatch, capsys):
     import torch
     mod = _load("alloc_units_off")
