@@ -20,16 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, md_table  # noqa: E402
-
-
-def selected(runs: dict, task: str, variant: str, first_seed: int) -> dict[int, dict]:
-    """Per seed, the tested run at the lr selected on ``first_seed``'s val (bench_quality)."""
-    rows = [r for r in runs.values() if r["task"] == task and r["variant"] == variant]
-    firsts = [r for r in rows if r["seed"] == first_seed]
-    if not firsts:
-        return {}
-    lr = max(firsts, key=lambda r: (r["best_val_acc"], -r["lr"]))["lr"]
-    return {r["seed"]: r for r in rows if r["lr"] == lr and "test_top1" in r}
+from bench_quality import select_runs as selected  # noqa: E402  (the report's own selection)
 
 
 def main(argv=None) -> int:
