@@ -76,6 +76,9 @@ def machine_info(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return {
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
+        # the vector ISA torch's CPU kernels use (AVX2 / AVX512): element-wise-heavy updates
+        # (SNELL / SNELLA) slow down more than matmuls without AVX-512
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "gpu": gpu_info(),
         "platform": platform.platform(),
@@ -93,8 +96,10 @@ def machine_markdown(info: dict[str, Any]) -> str:
     gpus = ", ".join(f"{g['name']} ({g['memory_gib']} GiB)" for g in info.get("gpu") or [])
     vers = ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items() if v)
     return "\n".join([
-        f"- machine: {info.get('cpu')}, {info.get('cores')} cores, "
-        f"torch threads {info.get('torch_threads')}; GPU: {gpus or 'none'}",
+        f"- machine: {info.get('cpu')}"
+        + (f" ({info['cpu_capability']})" if info.get("cpu_capability") else "")
+        + f", {info.get('cores')} cores, torch threads {info.get('torch_threads')}; "
+        f"GPU: {gpus or 'none'}",
         f"- python {info.get('python')}; {vers}",
         f"- date: {info.get('date')}",
         f"- command: `{info.get('command')}`",
