@@ -39,7 +39,7 @@ def test_authors_recipe_cites_the_released_scripts():
     assert "schedule_unit" not in s  # SNELL has no allocator
     fast = recipe_values("fast", "lora")
     assert fast["branch_dropout"] == 0 and fast["schedule_unit"] == "step"
-    assert "| `--branch-drop-path` | 0.0 | 0.1 |" in recipe_table()
+    assert "| `--branch-drop-path` | 0.0 | 0.0 | 0.1 |" in recipe_table()
 
 
 def test_recipe_bad_names():
@@ -128,3 +128,30 @@ def test_cli_authors_recipe_fills_unset_flags_and_explicit_flags_win(tiny_dir, t
     layers = [lyr for _, lyr in iter_snell_layers(model)]
     assert layers and {type(lyr.snell_drop_path["default"]).__name__ for lyr in layers} == {
         "DropPath"}
+
+
+def test_short_recipe_is_snella_only_and_fixes_the_budget_at_the_given_sparsity():
+    v = recipe_values("short", "snella")
+    assert (v["kernel"], v["sparsify"], v["min_density"], v["schedule_unit"]) == (
+        "inner", "mask", 0.1, "epoch")
+    assert v["branch_dropout"] == 0 and v["kernel_lr_scale"] == 0.01  # the rest is fast's
+    assert "| `--init-sparsity` | (flag default) | = --sparsity |" in recipe_table()
+    with pytest.raises(ValueError, match="--method snella"):
+        recipe_values("short", "lora")
+
+
+def test_cli_short_recipe_fills_unset_flags_and_explicit_flags_win(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(finetune_argv(tiny_dir, out, "--recipe", "short", "--sparsity", "0.5",
+                              "--epochs", "1", "--max-steps", "2", "--min-density", "0.2"))
+    stdout = capsys.readouterr().out
+    assert code == 0, stdout
+    assert "recipe short (snella, vtab): " in stdout and "--init-sparsity 0.5" in stdout
+    cfg = read_json(out / "run.json")["config"]
+    assert (cfg["kernel"], cfg["init_sparsity"], cfg["target_sparsity"]) == ("inner", 0.5, 0.5)
+    assert cfg["method_kwargs"]["sparsify"] == "mask" and cfg["schedule_unit"] == "epoch"
+    assert cfg["method_kwargs"]["min_density"] == 0.2  # given: wins over the recipe's 0.1
+    code = main(finetune_argv(tiny_dir, tmp_path / "lora", "--recipe", "short", "--method",
+                              "lora"))
+    err = capsys.readouterr().err
+    assert code == 2 and "--method snella" in err and not (tmp_path / "lora").exists()
