@@ -146,6 +146,10 @@ VARIANTS = {
         method_kwargs={"min_density": 0.1, "sparsify": "mask"}),
 }
 
+#: the pseudo-variant of --select-among: per task, the candidate whose selected run on the first
+#: seed has the best val accuracy (a hyperparameter such as the sparsity, chosen like the lr)
+VAL_BEST = "val-best"
+
 #: ablation name -> changes to snella-r8 (run at snella-r8's selected lr)
 ABLATIONS = {
     "authors-settings": dict(branch_dropout=0.1, branch_drop_path=0.1, drop_path_rate=0.1,
@@ -235,6 +239,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "machine as recorded; e.g. after benchmarks/quality_pool.py)")
     ap.add_argument("--resume", action="store_true",
                     help="keep the runs already in quality_<tag>.json")
+    ap.add_argument("--select-among", default="",
+                    help="comma list of variants (e.g. one at two sparsities): the report adds "
+                         f"'{VAL_BEST}', per task the one whose selected run has the best val "
+                         "accuracy on the first seed (chosen like the lr, never on test), "
+                         "paired against LoRA of its rank")
     ap.add_argument("--pool-with", default="",
                     help="comma list of other study tags run with the same protocol on other "
                          "seeds (a replication): the report adds the paired differences pooled "
@@ -262,6 +271,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             ap.error(f"--lrs names unknown method(s) {unknown}: use {sorted(DEFAULT_LRS)}")
     if a.widen < 0:
         ap.error(f"--widen {a.widen}: give 0 (no widening) or more")
+    a.select_list = [v.strip() for v in a.select_among.split(",") if v.strip()]
+    if len(a.select_list) == 1:
+        ap.error(f"--select-among {a.select_among}: give two or more of the study's --variants")
     a.ablation_list = [v.strip() for v in a.ablations.split(",") if v.strip()] \
         if a.ablation else []
     # an ablation named in --variants ("snella-r8+klr:no-sparsity") gets its own lr grid
@@ -522,7 +534,8 @@ class Study:
     # ------------------------------------------------------------------ results
     def selected(self, task: str, variant: str) -> dict[int, dict]:
         """Per seed, the run whose lr was selected on val (the test figure that counts)."""
-        return select_runs(self.runs, task, variant, self.a.seed_list[0], self.a.lr_select)
+        return select_runs(self.runs, task, variant, self.a.seed_list[0], self.a.lr_select,
+                           among=self.a.select_list)
 
     def save(self, final: bool) -> None:
         md, groups, errors = self.report(final)
@@ -564,7 +577,7 @@ class Study:
             rows.append([v, params, *cells, *lrs])
         diffs = []
         for t in tasks:
-            for x, y in joins_of(variants):
+            for x, y in joins_of(variants, a.select_list):
                 d = self.paired(t, x, y)
                 if d:
                     diffs.append([t, f"{x} - {y}", f"{statistics.fmean(d):+.2f}",
@@ -619,9 +632,21 @@ class Study:
               "## Paired differences (test points, per seed: same images, same seed)", "",
               md_table(["task", "difference", "mean", "std", "per seed", "n"], diffs)
               if diffs else "(not enough runs yet)", ""]
+        if a.select_list:
+            picks = []
+            for t in tasks:
+                vals = {v: self.selected(t, v).get(a.seed_list[0], {}).get("best_val_acc")
+                        for v in a.select_list}
+                pick = val_best(self.runs, t, a.select_list, a.seed_list[0])
+                picks.append(f"{t}: `{pick or '(not all run yet)'}` (val on seed "
+                             f"{a.seed_list[0]}: " + ", ".join(
+                                 f"{v} {x:.3f}" if x is not None else f"{v} —"
+                                 for v, x in vals.items()) + ")")
+            md += [f"`{VAL_BEST}` (--select-among, chosen on the first seed's val like the lr, "
+                   "then reused for every seed): " + "; ".join(picks) + ".", ""]
         if getattr(a, "replicates", None):
             studies = [(a.tag, self.runs, a.seed_list[0]), *a.replicates]
-            pooled = pooled_rows(studies, tasks, variants)
+            pooled = pooled_rows(studies, tasks, variants, a.select_list)
             md += ["## Pooled with the replicate studies (paired, each study's lr selected on "
                    "its own first seed's val)", "",
                    md_table(["task", "difference", *(f"`{tag}`" for tag, _, _ in studies),
@@ -673,9 +698,10 @@ class Study:
         return [100 * (sx[s]["test_top1"] - sy[s]["test_top1"]) for s in sorted(sx) if s in sy]
 
 
-def joins_of(variants: list[str]) -> tuple[tuple[str, str], ...]:
+def joins_of(variants: list[str], among: list[str] = ()) -> tuple[tuple[str, str], ...]:
     """The (x, y) pairs whose paired difference x - y the report gives, in its order."""
-    joins = tuple((v, v.partition("@")[0]) for v in variants if "@" in v)
+    joins = ((VAL_BEST, _lora_of(among[0])),) if among else ()
+    joins += tuple((v, v.partition("@")[0]) for v in variants if "@" in v)
     # each option variant against the authors' default and against LoRA at its rank
     joins += tuple(p for v in variants if "+" in v for p in (
         (v, v.partition("+")[0]), (v, _lora_of(v))))
@@ -697,16 +723,16 @@ def joins_of(variants: list[str]) -> tuple[tuple[str, str], ...]:
 
 
 def pooled_rows(studies: list[tuple[str, dict, int]], tasks: list[str],
-                variants: list[str]) -> list[list[str]]:
+                variants: list[str], among: list[str] = ()) -> list[list[str]]:
     """Rows of paired differences pooled over replicate studies (``(tag, runs, first seed)``
     each, lr selected within each study): per pair and task, each study's mean, the pooled
     mean ± std over every seed, n, and on how many seeds x was ahead."""
     rows = []
     for t in tasks:
-        for x, y in joins_of(variants):
+        for x, y in joins_of(variants, among):
             per, pooled = [], []
             for _tag, runs, first in studies:
-                sx, sy = (select_runs(runs, t, v, first) for v in (x, y))
+                sx, sy = (select_runs(runs, t, v, first, among=among) for v in (x, y))
                 d = [100 * (sx[s]["test_top1"] - sy[s]["test_top1"]) for s in sorted(sx)
                      if s in sy]
                 per.append(f"{statistics.fmean(d):+.2f} ({len(d)})" if d else "—")
@@ -718,10 +744,28 @@ def pooled_rows(studies: list[tuple[str, dict, int]], tasks: list[str],
     return rows
 
 
+def val_best(runs: dict, task: str, among: list[str], first_seed: int) -> str | None:
+    """The candidate whose selected run on ``first_seed`` has the best val accuracy (ties: the
+    first given); None while a candidate has no selected run there yet."""
+    best = None
+    for v in among:
+        sel = select_runs(runs, task, v, first_seed)
+        if first_seed not in sel:
+            return None
+        if best is None or sel[first_seed]["best_val_acc"] > best[0]:
+            best = (sel[first_seed]["best_val_acc"], v)
+    return best[1] if best else None
+
+
 def select_runs(runs: dict, task: str, variant: str, first_seed: int,
-                lr_select: str = "first-seed") -> dict[int, dict]:
+                lr_select: str = "first-seed", among: list[str] = ()) -> dict[int, dict]:
     """Per seed, the tested run of ``variant`` whose lr val selected: with ``first-seed``, the
-    lr :func:`pick_lr` picks on ``first_seed``'s grid, reused by the other seeds."""
+    lr :func:`pick_lr` picks on ``first_seed``'s grid, reused by the other seeds. ``variant``
+    :data:`VAL_BEST` is the candidate of ``among`` that :func:`val_best` picks."""
+    if variant == VAL_BEST:
+        variant = val_best(runs, task, among, first_seed)
+        if variant is None:
+            return {}
     by_seed: dict[int, list] = {}
     for r in runs.values():
         if r["task"] == task and r["variant"] == variant:
@@ -785,8 +829,14 @@ def main(argv=None) -> int:
             return 2
         recorded = json.loads(prev.read_text())
         for k, v in recorded["args"].items():  # the study as it was run
-            if k not in ("report_only", "resume", "tag", "pool_with", "pool_list"):
+            if k not in ("report_only", "resume", "tag", "pool_with", "pool_list",
+                         "select_among", "select_list"):
                 setattr(a, k, v)
+    if set(a.select_list) - set(a.variant_list):
+        print(f"--select-among {a.select_among}: "
+              f"{sorted(set(a.select_list) - set(a.variant_list))} not in the study's variants "
+              f"{a.variant_list}; give two or more of them", file=sys.stderr)
+        return 2
     a.replicates = []  # (tag, runs, first seed) of each --pool-with study
     for tag in a.pool_list:
         rec = json.loads((RESULTS / f"quality_{tag}.json").read_text())

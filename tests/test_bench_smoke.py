@@ -332,6 +332,26 @@ def test_quality_pools_paired_differences_over_replicate_studies(monkeypatch, tm
                    "--variants", "lora-r8,snell-r8"]) == 2
 
 
+def test_quality_val_best_picks_a_candidate_on_the_first_seeds_val_never_on_test():
+    q = _load("bench_quality")
+
+    def run(v, seed, val, test):
+        return {f"t|{v}|{seed}|0.001": dict(task="t", variant=v, seed=seed, lr=1e-3,
+                                            best_val_acc=val, test_top1=test, warnings=[])}
+    runs = {**run("lora-r8", 0, 0.8, 0.80), **run("lora-r8", 1, 0.8, 0.80),
+            **run("snell-r8", 0, 0.7, 0.99), **run("snell-r8", 1, 0.7, 0.99),  # best on test
+            **run("snella-r8", 0, 0.9, 0.82), **run("snella-r8", 1, 0.5, 0.78)}
+    among = ["snell-r8", "snella-r8"]
+    assert q.val_best(runs, "t", among, 0) == "snella-r8"  # seed 0's val, not the test figure
+    sel = q.select_runs(runs, "t", q.VAL_BEST, 0, among=among)
+    assert {s: r["test_top1"] for s, r in sel.items()} == {0: 0.82, 1: 0.78}
+    assert (q.VAL_BEST, "lora-r8") in q.joins_of(["lora-r8"], among)
+    assert q.val_best(runs, "t", [*among, "snella-r32"], 0) is None  # a candidate not run yet
+    with pytest.raises(SystemExit) as e:
+        q.parse_args(["--select-among", "snell-r8"])
+    assert e.value.code == 2
+
+
 def test_alloc_units_off_counts_from_a_run_checkpoint(tmp_path, monkeypatch, capsys):
     import torch
     mod = _load("alloc_units_off")
