@@ -111,14 +111,20 @@ def test_cli_unknown_choice_exits_2(tiny_dir, tmp_path, capsys, extra):
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_cli_authors_recipe_fills_unset_flags_and_explicit_flags_win(tiny_dir, tmp_path, capsys):
-    out = tmp_path / "run"
-    code = main(finetune_argv(tiny_dir, out, "--recipe", "authors", "--epochs", "2",
-                              "--max-steps", "2", "--lr", "3e-3", "--r", "4"))
+def run_recipe(tiny_dir, out, capsys, recipe, *flags) -> tuple[str, dict]:
+    """``finetune --recipe RECIPE FLAGS`` on the tiny model: its stdout and saved config."""
+    code = main(finetune_argv(tiny_dir, out, "--recipe", recipe, *flags))
     stdout = capsys.readouterr().out
     assert code == 0, stdout
-    assert "recipe authors (snella, vtab): " in stdout and "--branch-dropout 0.1" in stdout
-    cfg = read_json(out / "run.json")["config"]
+    assert f"recipe {recipe} (snella, vtab): " in stdout
+    return stdout, read_json(out / "run.json")["config"]
+
+
+def test_cli_authors_recipe_fills_unset_flags_and_explicit_flags_win(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    stdout, cfg = run_recipe(tiny_dir, out, capsys, "authors", "--epochs", "2", "--max-steps",
+                             "2", "--lr", "3e-3", "--r", "4")
+    assert "--branch-dropout 0.1" in stdout
     assert (cfg["branch_dropout"], cfg["branch_drop_path"], cfg["drop_path_rate"]) == (
         0.1, 0.1, 0.1)
     assert (cfg["schedule_unit"], cfg["init_sparsity"]) == ("epoch", 0.01)
@@ -141,13 +147,9 @@ def test_short_recipe_is_snella_only_and_fixes_the_budget_at_the_given_sparsity(
 
 
 def test_cli_short_recipe_fills_unset_flags_and_explicit_flags_win(tiny_dir, tmp_path, capsys):
-    out = tmp_path / "run"
-    code = main(finetune_argv(tiny_dir, out, "--recipe", "short", "--sparsity", "0.5",
-                              "--epochs", "1", "--max-steps", "2", "--min-density", "0.2"))
-    stdout = capsys.readouterr().out
-    assert code == 0, stdout
-    assert "recipe short (snella, vtab): " in stdout and "--init-sparsity 0.5" in stdout
-    cfg = read_json(out / "run.json")["config"]
+    stdout, cfg = run_recipe(tiny_dir, tmp_path / "run", capsys, "short", "--sparsity", "0.5",
+                             "--epochs", "1", "--max-steps", "2", "--min-density", "0.2")
+    assert "--init-sparsity 0.5" in stdout
     assert (cfg["kernel"], cfg["init_sparsity"], cfg["target_sparsity"]) == ("inner", 0.5, 0.5)
     assert cfg["method_kwargs"]["sparsify"] == "mask" and cfg["schedule_unit"] == "epoch"
     assert cfg["method_kwargs"]["min_density"] == 0.2  # given: wins over the recipe's 0.1
